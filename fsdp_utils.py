@@ -1,0 +1,286 @@
+"""Distributed setup, FSDP2 sharding, sharded loading and Hugging Face-format saving.
+
+The same functions run on CUDA (nccl) and on CPU (gloo), under torchrun or as a plain
+single process, so the CPU tests exercise the exact code used on an 8-GPU node.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+# -----------------------------------------------------------------------------
+# process group and device
+
+
+def init_distributed():
+    """Return (rank, world_size, device, mesh) from torchrun's environment.
+
+    cuda + nccl when GPUs exist, cpu + gloo otherwise. A plain `python wrpo.py` becomes a
+    world of one so that the training code has a single path.
+    """
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    return rank, world, device, mesh
+
+
+def is_master():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# sharded loading: every rank reads only its own slices of the safetensors files
+
+
+def _checkpoint_tensors(path):
+    """Map each tensor name to the safetensors file holding it (single file or sharded)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / fname for name, fname in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(
+            f"{path}: no model.safetensors or model.safetensors.index.json "
+            "(only safetensors checkpoints are loaded, never pickled .bin files)"
+        )
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _shard_rows(dtensor):
+    """Row range [start, end) of dim 0 held by this rank (FSDP2 shards dim 0 like torch.chunk)."""
+    assert all(isinstance(p, Shard) and p.dim == 0 for p in dtensor.placements), dtensor.placements
+    mesh = dtensor.device_mesh
+    rows, world, rank = dtensor.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = math.ceil(rows / world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+def _init_nonpersistent_buffers(model):
+    """Recompute buffers that are not stored in checkpoints (rotary inverse frequencies).
+
+    They were created on the meta device, so `to_empty` left them uninitialised.
+    """
+    for module in model.modules():
+        names = getattr(module, "_non_persistent_buffers_set", set())
+        if not names:
+            continue
+        if "RotaryEmbedding" not in type(module).__name__:
+            raise NotImplementedError(
+                f"{type(module).__name__} has non-persistent buffers {sorted(names)} that "
+                "sharded loading does not know how to rebuild"
+            )
+        with torch.no_grad():
+            model._init_weights(module)
+
+
+@torch.no_grad()
+def load_sharded_weights(model, path):
+    """Fill a meta-initialised, fully_shard-ed model from a safetensors checkpoint.
+
+    Each rank reads only the rows of each tensor that it owns (safetensors slices are
+    memory-mapped), so host memory stays near one copy of the model per node instead of
+    one per rank.
+    """
+    files = _checkpoint_tensors(path)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    handles = {}
+    try:
+        for name, param in model.state_dict().items():
+            if name not in files:
+                if tied and name.endswith("lm_head.weight"):
+                    continue  # shares storage with the embedding, filled through it
+                raise KeyError(f"{path}: checkpoint has no tensor '{name}'")
+            fname = files[name]
+            if fname not in handles:
+                handles[fname] = safe_open(fname, framework="pt", device="cpu")
+            src = handles[fname].get_slice(name)
+            if isinstance(param, DTensor):
+                start, end = _shard_rows(param)
+                local = param.to_local()
+                if end > start:
+                    local.copy_(src[start:end])
+            else:
+                param.copy_(src[:])
+    finally:
+        handles.clear()
+
+
+# -----------------------------------------------------------------------------
+# FSDP2
+
+
+def apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True):
+    """fully_shard each decoder layer, then the root (embedding, final norm, lm_head).
+
+    Parameters stay in fp32 (the optimizer's master weights); FSDP casts them to
+    `param_dtype` for compute. Gradients are reduced in fp32: summing bf16 gradients across
+    many ranks loses the low bits of small updates, which at lr 3e-7 are most of them.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def decoder_layers(model):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: expected decoder layers at model.model.layers")
+    return list(layers)
+
+
+def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_checkpointing=False,
+               trust_remote_code=False, attn_implementation="sdpa"):
+    """Build a causal LM on the meta device, shard it, then load this rank's slices.
+
+    `path` is a local folder or a hub id (resolved to a local snapshot first).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    local = resolve_model_path(path)
+    config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
+    if activation_checkpointing:
+        # non-reentrant checkpointing recomputes each layer in backward and composes with FSDP2
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True)
+    model.to_empty(device=device)
+    _init_nonpersistent_buffers(model)
+    load_sharded_weights(model, local)
+    if trainable:
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def resolve_model_path(path):
+    """A local folder as is; otherwise download the hub snapshot's safetensors and configs."""
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise NotADirectoryError(f"model path {path} is a file; pass the checkpoint folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        # on a multi-rank job the first rank downloads; the rest find the cache
+        if is_master():
+            snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        if dist.is_initialized():
+            dist.barrier()
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:
+        raise FileNotFoundError(f"model '{path}' is neither a local folder nor a reachable hub id: {e}") from e
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face-format saving
+
+
+def save_hf_checkpoint(model, out, *, tokenizer=None, train_config=None, dtype=torch.bfloat16,
+                       max_shard_bytes=5 * 2**30):
+    """Gather the full state dict on rank 0 (CPU-offloaded) and write an HF checkpoint.
+
+    Written into `out.tmp` and renamed, so a crash mid-save never leaves a half-written
+    folder under the final name. Collective: every rank must call it.
+    """
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_master():
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if getattr(model.config, "tie_word_embeddings", False):
+            state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+        state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+        _write_safetensors(state, tmp, max_shard_bytes)
+        config = model.config
+        # FSDP2 renames the class (FSDPLlamaForCausalLM); record the real one
+        config.architectures = [type(model).__mro__[1].__name__ if type(model).__name__.startswith("FSDP")
+                                else type(model).__name__]
+        config.dtype = dtype
+        config.use_cache = True
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if train_config is not None:
+            (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        model.config.use_cache = False
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_safetensors(state, folder, max_shard_bytes):
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
