@@ -251,7 +251,7 @@ def collate(examples, pad_id):
     """Right-padded tensors holding every response of every row (prompt repeated per response).
 
     Returns input_ids, attention_mask, labels [N, T] (labels are IGNORE outside responses) and
-    index tensors ws, wt, l [B] selecting each row's source-chosen, target-chosen and rejected
+    index tensors ws, wt, rej [B] selecting each row's source-chosen, target-chosen and rejected
     sequence; for DPO rows ws == wt.
     """
     seqs, labels, ws, wt, rej = [], [], [], [], []
@@ -273,4 +273,4 @@ def collate(examples, pad_id):
         attention_mask[i, : len(s)] = 1
     index = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=label_t,
-                ws=index(ws), wt=index(wt), l=index(rej))
+                ws=index(ws), wt=index(wt), rej=index(rej))

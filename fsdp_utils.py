@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -242,9 +242,8 @@ def save_hf_checkpoint(model, out, *, tokenizer=None, train_config=None, dtype=t
         state = {k: v.to(dtype).contiguous() for k, v in state.items()}
         _write_safetensors(state, tmp, max_shard_bytes)
         config = model.config
-        # FSDP2 renames the class (FSDPLlamaForCausalLM); record the real one
-        config.architectures = [type(model).__mro__[1].__name__ if type(model).__name__.startswith("FSDP")
-                                else type(model).__name__]
+        # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
+        config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
         config.dtype = dtype
         config.use_cache = True
         config.save_pretrained(tmp)

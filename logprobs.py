@@ -15,11 +15,11 @@ def token_logps(logits, labels):
 
     logits [N, T, V]: position t predicts token t + 1. labels [N, T]: IGNORE where no loss.
     Returns logps [N, T - 1] (0 where ignored) and mask [N, T - 1] (True on response tokens).
-    The softmax runs in float32: bf16 log-sum-exp over 128k classes is off by ~1e-2 per token.
+    The softmax runs in float32 at least: bf16 log-sum-exp over 128k classes is off by ~1e-2 per token.
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     picked = torch.gather(logits, -1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
     logps = picked - torch.logsumexp(logits, dim=-1)
     return logps * mask, mask

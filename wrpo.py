@@ -10,7 +10,6 @@ Settings: `--config=file.json` (optional), then `--key=value` overrides; see Con
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ class Config:
     data: str = "demo/data/train.jsonl"  # WRPO rows: .jsonl, .json, .parquet or a folder of them
     eval_data: str = ""  # held-out WRPO rows for reward accuracy; empty = no evaluation
     out_dir: str = "out/wrpo"  # metrics.jsonl, config.json and checkpoints go here
+    overwrite: bool = False  # replace a finished or failed run already in out_dir
     trust_remote_code: bool = False  # only for models whose code you trust
     # WRPO objective
     beta: float = 0.01  # scale of the implicit reward beta * log(pi / pi_ref)
@@ -82,7 +82,7 @@ def parse_config(cls, argv):
             try:
                 raw = json.loads(raw)
             except json.JSONDecodeError:
-                raise SystemExit(f"{source}: {key}={raw!r} is not a valid {want.__name__}") from None
+                raise SystemExit(f"{source}: {key} must be {want.__name__}, got {raw!r}") from None
         if want is float and isinstance(raw, int) and not isinstance(raw, bool):
             raw = float(raw)
         if type(raw) is not want:
@@ -192,11 +192,11 @@ def preference_forward(policy, ref, batch, alpha, beta):
     policy_logps, _ = model_sequence_logps(policy, batch)
     with torch.no_grad():
         ref_logps, _ = model_sequence_logps(ref, batch)
-    ws, wt, l = batch["ws"], batch["wt"], batch["l"]
-    losses, rewards = wrpo_loss(policy_logps[ws], policy_logps[wt], policy_logps[l],
-                                ref_logps[ws], ref_logps[wt], ref_logps[l], alpha=alpha, beta=beta)
+    ws, wt, rej = batch["ws"], batch["wt"], batch["rej"]
+    losses, rewards = wrpo_loss(policy_logps[ws], policy_logps[wt], policy_logps[rej],
+                                ref_logps[ws], ref_logps[wt], ref_logps[rej], alpha=alpha, beta=beta)
     logps = {"source_chosen": policy_logps[ws].detach(), "target_chosen": policy_logps[wt].detach(),
-             "rejected": policy_logps[l].detach()}
+             "rejected": policy_logps[rej].detach()}
     return losses, rewards, logps
 
 
@@ -273,16 +273,25 @@ def main(argv):
     checkpointing = cfg.activation_checkpointing == "true" or (
         cfg.activation_checkpointing == "auto" and device.type == "cuda")
     out_dir = Path(cfg.out_dir)
+    if (out_dir / "metrics.jsonl").exists() and not cfg.overwrite:
+        raise SystemExit(f"out_dir {out_dir} already holds a run; pass another --out_dir, or --overwrite=true "
+                         "to replace it")
+    try:
+        model_path = resolve_model_path(cfg.model)
+        ref_path = resolve_model_path(cfg.ref_model) if cfg.ref_model else model_path
+    except OSError as e:
+        raise SystemExit(f"model error: {e}") from None
     if is_master():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise SystemExit(f"out_dir {out_dir} is not writable")
-        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        except OSError as e:
+            raise SystemExit(f"out_dir {out_dir} is not writable: {e}") from None
 
     # --- data: every row validated before any model is loaded
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     load = lambda path: data.load_dataset(path, tokenizer, max_length=cfg.max_length,  # noqa: E731
                                           max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
@@ -303,9 +312,9 @@ def main(argv):
 
     # --- models: sharded policy (fp32 master weights) and frozen sharded reference
     load_kw = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
-    policy = load_model(cfg.model, mesh, device, param_dtype, trainable=True,
+    policy = load_model(model_path, mesh, device, param_dtype, trainable=True,
                         activation_checkpointing=checkpointing, **load_kw)
-    ref = load_model(cfg.ref_model or cfg.model, mesh, device, param_dtype, trainable=False, **load_kw)
+    ref = load_model(ref_path, mesh, device, param_dtype, trainable=False, **load_kw)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     n_params = sum(p.numel() for p in policy.parameters())
@@ -334,7 +343,8 @@ def main(argv):
     bar = None
     if is_master():
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, desc="wrpo", dynamic_ncols=True)
+        # a live bar on a terminal; in a log file only the `log_every` lines
+        bar = tqdm(total=total_steps, desc="wrpo", dynamic_ncols=True, disable=not sys.stderr.isatty())
     step, t_start = 0, time.time()
     for epoch in range(cfg.epochs):
         batches = data.step_batches(len(train_rows), epoch=epoch, seed=cfg.seed, global_batch=cfg.global_batch_size,

@@ -49,10 +49,11 @@ def task(rng):
                 f"In increasing order the numbers are {right}.", " ".join(map(str, shuffled)))
     if kind == "upper":
         w = rng.choice(WORDS)
-        return f"Write '{w}' in capital letters.", w.upper(), f"In capitals, '{w}' is {w.upper()}.", w.capitalize()
+        upper = w.upper()
+        return f"Write '{w}' in capital letters.", upper, f"In capitals, '{w}' is {upper}.", w.capitalize()
     w = rng.choice(WORDS)
-    n = len(w)
-    return f"How many letters are in '{w}'?", str(n), f"The word '{w}' has {n} letters.", str(n + rng.choice([-2, -1, 1, 2]))
+    n, off = len(w), rng.choice([-2, -1, 1, 2])
+    return f"How many letters are in '{w}'?", str(n), f"The word '{w}' has {n} letters.", str(n + off)
 
 
 def row(rng, i):

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from wrpo import Config, check_config, parse_config
+
+
+def test_defaults_are_the_papers():
+    c = Config()
+    assert (c.beta, c.alpha, c.alpha_schedule, c.lr, c.warmup_ratio) == (0.01, 0.1, "linear", 3e-7, 0.1)
+    assert (c.global_batch_size, c.epochs, c.max_length, c.max_prompt_length, c.seed) == (128, 1, 2048, 1800, 42)
+    assert (c.grad_clip, c.dtype) == (1.0, "bfloat16")
+
+
+def test_overrides_are_typed(tmp_path):
+    c = parse_config(Config, ["--beta=0.05", "--epochs=2", "--trust_remote_code=true", "--lr=1", "--out_dir=x"])
+    assert c.beta == 0.05 and c.epochs == 2 and c.trust_remote_code is True and c.lr == 1.0 and c.out_dir == "x"
+    assert isinstance(c.lr, float)
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"beta": 0.2, "epochs": 3, "data": "d.jsonl"}))
+    c = parse_config(Config, [f"--config={cfg_file}", "--epochs=4"])  # the command line wins
+    assert (c.beta, c.epochs, c.data) == (0.2, 4, "d.jsonl")
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--epochs=1.5"], "epochs must be int"),
+    (["--beta=high"], "beta must be float"),
+    (["--trust_remote_code=maybe"], "trust_remote_code must be bool"),
+    (["--nope=1"], "unknown setting 'nope'"),
+    (["beta=1"], "expected --key=value"),
+    (["--config=/no/such.json"], "cannot read JSON config"),
+])
+def test_bad_overrides(args, msg):
+    with pytest.raises(SystemExit, match=msg):
+        parse_config(Config, args)
+
+
+def test_bad_json_config_value(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"epochs": "two"}))
+    with pytest.raises(SystemExit, match=r"c\.json: epochs must be int"):
+        parse_config(Config, [f"--config={cfg_file}"])
+
+
+@pytest.mark.parametrize("overrides,world,msg", [
+    ({"beta": 0.0}, 1, "beta must be > 0"),
+    ({"alpha": 1.5}, 1, r"alpha must be in \[0, 1\]"),
+    ({"alpha_schedule": "cosine"}, 1, "alpha_schedule must be"),
+    ({"global_batch_size": 12, "micro_batch_size": 4}, 2, "must be a multiple of micro_batch_size 4 x world size 2"),
+    ({"dtype": "fp8"}, 1, "dtype must be one of"),
+    ({"activation_checkpointing": "yes"}, 1, "activation_checkpointing must be"),
+])
+def test_check_config(overrides, world, msg):
+    with pytest.raises(SystemExit, match=msg):
+        check_config(Config(**overrides), world)
+    check_config(Config(global_batch_size=16, micro_batch_size=4), 2)  # fine
+
+
+def test_readme_documents_every_setting():
+    import dataclasses
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(Config) if f"`{f.name}`" not in readme]
+    assert not missing, f"README settings table lacks {missing}"
