@@ -4,9 +4,11 @@ The same functions run on CUDA (nccl) and on CPU (gloo), under torchrun or as a 
 single process, so the CPU tests exercise the exact code used on an 8-GPU node.
 """
 
+import copy
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -207,13 +209,14 @@ def resolve_model_path(path):
         raise NotADirectoryError(f"model path {path} is a file; pass the checkpoint folder")
     from huggingface_hub import snapshot_download
 
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # never pickled *.bin weights
     try:
-        # on a multi-rank job the first rank downloads; the rest find the cache
-        if is_master():
-            snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        # the first rank of each node downloads into the node's cache; the others then find it there
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            snapshot_download(path, allow_patterns=patterns)
         if dist.is_initialized():
             dist.barrier()
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(path, allow_patterns=patterns)
     except Exception as e:
         raise FileNotFoundError(f"model '{path}' is neither a local folder nor a reachable hub id: {e}") from e
 
@@ -233,19 +236,18 @@ def save_hf_checkpoint(model, out, *, tokenizer=None, train_config=None, dtype=t
     if is_master():
         out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            import shutil
+        if tmp.exists():  # left by a save that crashed
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         if getattr(model.config, "tie_word_embeddings", False):
             state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
         state = {k: v.to(dtype).contiguous() for k, v in state.items()}
         _write_safetensors(state, tmp, max_shard_bytes)
-        config = model.config
+        config = copy.deepcopy(model.config)
         # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
         config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
         config.dtype = dtype
-        config.use_cache = True
+        config.use_cache = True  # training turned it off; generation wants it
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -254,10 +256,8 @@ def save_hf_checkpoint(model, out, *, tokenizer=None, train_config=None, dtype=t
         if train_config is not None:
             (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
         if out.exists():
-            import shutil
             shutil.rmtree(out)
         os.replace(tmp, out)
-        model.config.use_cache = False
     if dist.is_initialized():
         dist.barrier()
 

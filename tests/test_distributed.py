@@ -87,9 +87,13 @@ def _plain(*args):
 
 def test_plain_python_single_process_and_user_errors(tmp_path):
     out = tmp_path / "plain"
-    ok = _plain(*SHORT_RUN, "--max_steps=2", f"--out_dir={out}")
+    ok = _plain(*SHORT_RUN, "--max_steps=2", "--save_every=1", f"--out_dir={out}")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "final", "metrics.jsonl", "step_000001"]
+    assert json.loads((out / "step_000001" / "train_config.json").read_text())["step"] == 1
+    step1, final = (load_file(out / name / "model.safetensors") for name in ("step_000001", "final"))
+    assert any(not torch.equal(step1[k], final[k]) for k in final)
     before = (out / "final" / "model.safetensors").read_bytes()
 
     again = _plain(*SHORT_RUN, f"--out_dir={out}")  # never clobber an earlier run
