@@ -223,16 +223,15 @@ class MetricSum:
     def __init__(self):
         self.sums, self.rows = {}, 0.0
 
-    def add(self, metrics, weight=None):
+    def add(self, metrics, weight):
+        """metrics: name -> [B] tensor; weight: [B], 0 for rows that only pad a batch."""
         for k, v in metrics.items():
-            v = v.float() if weight is None else v.float() * weight
-            self.sums[k] = self.sums.get(k, 0.0) + v.sum()
-        self.rows += float(len(next(iter(metrics.values())))) if weight is None else weight.sum().item()
+            self.sums[k] = self.sums.get(k, 0.0) + (v.float() * weight).sum()
+        self.rows = self.rows + weight.sum()
 
-    def mean(self, device):
+    def mean(self):
         keys = sorted(self.sums)
-        t = torch.stack([torch.as_tensor(self.sums[k], device=device).float() for k in keys]
-                        + [torch.tensor(self.rows, device=device)])
+        t = torch.stack([self.sums[k] for k in keys] + [self.rows])
         dist.all_reduce(t)
         return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
@@ -255,7 +254,7 @@ def evaluate(policy, ref, examples, cfg, alpha, pad_id, device, rank, world):
         losses, rewards, logps = preference_forward(policy, ref, batch, alpha, cfg.beta)
         acc.add(row_metrics(losses, rewards, logps), weight)
     policy.train()
-    return {f"eval/{k}": v for k, v in acc.mean(device).items()}
+    return {f"eval/{k}": v for k, v in acc.mean().items()}
 
 
 # -----------------------------------------------------------------------------
@@ -366,7 +365,7 @@ def main(argv):
                 # FSDP averages gradients over ranks, so dividing by this rank's rows per step
                 # yields the gradient of the mean loss over the global batch
                 (losses.sum() / rows_per_rank).backward()
-                sums.add(row_metrics(losses, rewards, logps))
+                sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip or float("inf"))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             optimizer.step()
@@ -374,7 +373,7 @@ def main(argv):
             step += 1
 
             # --- log
-            m = sums.mean(device)
+            m = sums.mean()
             tok = torch.tensor(float(tokens), device=device)
             dist.all_reduce(tok)
             dt = time.time() - t0
