@@ -10,6 +10,7 @@ Settings: `--config=file.json` (optional), then `--key=value` overrides; see Con
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -66,6 +67,10 @@ class Config:
     save_dtype: str = "bfloat16"  # dtype of saved weights
 
 
+class ConfigError(ValueError):
+    """A user-facing problem with settings, paths or the output folder."""
+
+
 def parse_config(cls, argv):
     """`--config=file.json` first, then `--key=value` overrides, each checked against the field type."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -73,7 +78,7 @@ def parse_config(cls, argv):
 
     def convert(key, raw, source):
         if key not in fields:
-            raise SystemExit(f"{source}: unknown setting '{key}' (valid: {', '.join(fields)})")
+            raise ConfigError(f"{source}: unknown setting '{key}' (valid: {', '.join(fields)})")
         want = fields[key].type
         if isinstance(raw, str) and want is not str:
             low = raw.lower()
@@ -82,11 +87,11 @@ def parse_config(cls, argv):
             try:
                 raw = json.loads(raw)
             except json.JSONDecodeError:
-                raise SystemExit(f"{source}: {key} must be {want.__name__}, got {raw!r}") from None
+                raise ConfigError(f"{source}: {key} must be {want.__name__}, got {raw!r}") from None
         if want is float and isinstance(raw, int) and not isinstance(raw, bool):
             raw = float(raw)
         if type(raw) is not want:
-            raise SystemExit(f"{source}: {key} must be {want.__name__}, got {raw!r}")
+            raise ConfigError(f"{source}: {key} must be {want.__name__}, got {raw!r}")
         return raw
 
     args = list(argv)
@@ -96,13 +101,13 @@ def parse_config(cls, argv):
             try:
                 loaded = json.loads(Path(path).read_text())
             except (OSError, json.JSONDecodeError) as e:
-                raise SystemExit(f"--config={path}: cannot read JSON config: {e}") from None
+                raise ConfigError(f"--config={path}: cannot read JSON config: {e}") from None
             values.update({k: convert(k, v, path) for k, v in loaded.items()})
     for arg in args:
         if arg.startswith("--config="):
             continue
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"expected --key=value, got '{arg}'")
+            raise ConfigError(f"expected --key=value, got '{arg}'")
         key, raw = arg[2:].split("=", 1)
         values[key] = convert(key, raw, "command line")
     return cls(**values)
@@ -127,7 +132,7 @@ def check_config(cfg, world):
     if cfg.activation_checkpointing not in ("auto", "true", "false"):
         problems.append(f"activation_checkpointing must be auto, true or false, got '{cfg.activation_checkpointing}'")
     if problems:
-        raise SystemExit("bad config:\n  " + "\n  ".join(problems))
+        raise ConfigError("bad config:\n  " + "\n  ".join(problems))
 
 
 # -----------------------------------------------------------------------------
@@ -273,19 +278,19 @@ def main(argv):
         cfg.activation_checkpointing == "auto" and device.type == "cuda")
     out_dir = Path(cfg.out_dir)
     if (out_dir / "metrics.jsonl").exists() and not cfg.overwrite:
-        raise SystemExit(f"out_dir {out_dir} already holds a run; pass another --out_dir, or --overwrite=true "
+        raise ConfigError(f"out_dir {out_dir} already holds a run; pass another --out_dir, or --overwrite=true "
                          "to replace it")
     try:
         model_path = resolve_model_path(cfg.model)
         ref_path = resolve_model_path(cfg.ref_model) if cfg.ref_model else model_path
     except OSError as e:
-        raise SystemExit(f"model error: {e}") from None
-    if is_master():
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        except OSError as e:
-            raise SystemExit(f"out_dir {out_dir} is not writable: {e}") from None
+        raise ConfigError(f"model error: {e}") from None
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError("permission denied")
+    except OSError as e:
+        raise ConfigError(f"out_dir {out_dir} is not writable: {e}") from None
 
     # --- data: every row validated before any model is loaded
     from transformers import AutoTokenizer
@@ -294,20 +299,22 @@ def main(argv):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     load = lambda path: data.load_dataset(path, tokenizer, max_length=cfg.max_length,  # noqa: E731
                                           max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
-    try:
-        train_rows = load(cfg.data)
-        eval_rows = load(cfg.eval_data) if cfg.eval_data else []
-    except data.DataError as e:
-        raise SystemExit(f"data error: {e}") from None
+    train_rows = load(cfg.data)
+    eval_rows = load(cfg.eval_data) if cfg.eval_data else []
     steps_per_epoch = len(train_rows) // cfg.global_batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"{cfg.data} has {len(train_rows)} rows, fewer than global_batch_size {cfg.global_batch_size}")
+        raise data.DataError(f"{cfg.data} has {len(train_rows)} rows, "
+                             f"fewer than global_batch_size {cfg.global_batch_size}")
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
     print0(f"{len(train_rows)} training rows, {len(eval_rows)} held-out rows; world {world} on {device.type}, "
            f"global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {grad_accum} accum x {world} ranks; "
            f"{total_steps} optimizer steps")
+
+    dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
+    if is_master():
+        (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     # --- models: sharded policy (fp32 master weights) and frozen sharded reference
     load_kw = dict(trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
@@ -413,4 +420,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ConfigError, data.DataError) as e:
+        # user error: one clear message (from rank 0 only), no traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

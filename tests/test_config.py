@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from wrpo import Config, check_config, parse_config
+from wrpo import Config, ConfigError, check_config, parse_config
 
 
 def test_defaults_are_the_papers():
@@ -31,14 +31,14 @@ def test_overrides_are_typed(tmp_path):
     (["--config=/no/such.json"], "cannot read JSON config"),
 ])
 def test_bad_overrides(args, msg):
-    with pytest.raises(SystemExit, match=msg):
+    with pytest.raises(ConfigError, match=msg):
         parse_config(Config, args)
 
 
 def test_bad_json_config_value(tmp_path):
     cfg_file = tmp_path / "c.json"
     cfg_file.write_text(json.dumps({"epochs": "two"}))
-    with pytest.raises(SystemExit, match=r"c\.json: epochs must be int"):
+    with pytest.raises(ConfigError, match=r"c\.json: epochs must be int"):
         parse_config(Config, [f"--config={cfg_file}"])
 
 
@@ -51,7 +51,7 @@ def test_bad_json_config_value(tmp_path):
     ({"activation_checkpointing": "yes"}, 1, "activation_checkpointing must be"),
 ])
 def test_check_config(overrides, world, msg):
-    with pytest.raises(SystemExit, match=msg):
+    with pytest.raises(ConfigError, match=msg):
         check_config(Config(**overrides), world)
     check_config(Config(global_batch_size=16, micro_batch_size=4), 2)  # fine
 

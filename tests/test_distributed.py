@@ -97,16 +97,16 @@ def test_plain_python_single_process_and_user_errors(tmp_path):
     before = (out / "final" / "model.safetensors").read_bytes()
 
     again = _plain(*SHORT_RUN, f"--out_dir={out}")  # never clobber an earlier run
-    assert again.returncode != 0 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
     assert (out / "final" / "model.safetensors").read_bytes() == before
 
     bad_model = _plain("--model=/no/such/model", f"--out_dir={tmp_path / 'x'}")
-    assert bad_model.returncode != 0 and "model error" in bad_model.stderr and "Traceback" not in bad_model.stderr
+    assert bad_model.returncode == 2 and "model error" in bad_model.stderr and "Traceback" not in bad_model.stderr
 
     (tmp_path / "bad.jsonl").write_text('{"prompt": "hi", "chosen": ["a", "b"], "rejected": []}\n')
     bad_data = _plain(f"--data={tmp_path / 'bad.jsonl'}", f"--out_dir={tmp_path / 'y'}")
-    assert bad_data.returncode != 0 and "Traceback" not in bad_data.stderr
+    assert bad_data.returncode == 2 and "Traceback" not in bad_data.stderr
     assert f"{tmp_path / 'bad.jsonl'}:1: rejected must be a list of exactly 1 response" in bad_data.stderr
 
     bad_batch = _plain("--global_batch_size=10", "--micro_batch_size=4", f"--out_dir={tmp_path / 'z'}")
-    assert bad_batch.returncode != 0 and "must be a multiple of micro_batch_size" in bad_batch.stderr
+    assert bad_batch.returncode == 2 and "must be a multiple of micro_batch_size" in bad_batch.stderr
