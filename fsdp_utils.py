@@ -180,9 +180,12 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
 
     local = resolve_model_path(path)
     config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
+    # a trained model keeps fp32 master weights; a frozen one is stored directly in the compute
+    # dtype (the same values FSDP would cast to on every forward, at half the memory)
+    storage_dtype = torch.float32 if trainable else param_dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            config, dtype=storage_dtype, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
         )
     if activation_checkpointing:
@@ -241,7 +244,8 @@ def save_hf_checkpoint(model, out, *, tokenizer=None, train_config=None, dtype=t
         tmp.mkdir(parents=True)
         if getattr(model.config, "tie_word_embeddings", False):
             state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
-        state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+        for k in list(state):  # one tensor at a time, so fp32 and save-dtype copies never coexist whole
+            state[k] = state[k].to(dtype).contiguous()
         _write_safetensors(state, tmp, max_shard_bytes)
         config = copy.deepcopy(model.config)
         # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
