@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from wrpo import Config, ConfigError, check_config, parse_config
+from training import ConfigError, config_problems, parse_config
+from wrpo import Config, wrpo_problems
 
 
 def test_defaults_are_the_papers():
@@ -50,10 +51,14 @@ def test_bad_json_config_value(tmp_path):
     ({"dtype": "fp8"}, 1, "dtype must be one of"),
     ({"activation_checkpointing": "yes"}, 1, "activation_checkpointing must be"),
 ])
-def test_check_config(overrides, world, msg):
-    with pytest.raises(ConfigError, match=msg):
-        check_config(Config(**overrides), world)
-    check_config(Config(global_batch_size=16, micro_batch_size=4), 2)  # fine
+def test_config_problems(overrides, world, msg):
+    import re
+
+    cfg = Config(**overrides)
+    problems = wrpo_problems(cfg) + config_problems(cfg, world)
+    assert len(problems) == 1 and re.search(msg, problems[0]), problems
+    fine = Config(global_batch_size=16, micro_batch_size=4)
+    assert wrpo_problems(fine) + config_problems(fine, 2) == []
 
 
 def test_readme_documents_every_setting():

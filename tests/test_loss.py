@@ -3,7 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from wrpo import get_alpha, get_lr, row_metrics, wrpo_loss
+from training import get_lr
+from wrpo import get_alpha, row_metrics, wrpo_loss
 
 
 def _dpo(pc, pr, rc, rr, beta):
