@@ -8,11 +8,19 @@ A row (the released `AALF/ultrafeedback_wrpo` shape, see README):
                   {"role": "assistant", "content": y_wt}], # target response (weight 1 - alpha)
      "rejected": [{"role": "assistant", "content": y_l}]}
 
-A row whose `chosen` has one element is a plain DPO pair (chosen, rejected).
-Every row is validated before training starts; all bad rows are reported as file:line.
+A row whose `chosen` has one element is a plain DPO pair (chosen, rejected). SFT also reads
+chat rows {"messages": [...]}. Every row is validated before training starts; all bad rows are
+reported as file:line.
+
+    python data.py split --data=rows.jsonl --out_dir=DIR   # 1/3 SFT rows, 2/3 WRPO rows
 """
 
+import argparse
+import hashlib
 import json
+import os
+import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +156,34 @@ def validate_row(row):
     return messages, texts, len(chosen), str(prompt_id)
 
 
+def validate_chat(row):
+    """A chat row {"messages": [...]} for SFT: valid roles, non-empty turns, at least one assistant turn."""
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise RowError("messages must be a non-empty list")
+    out = []
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict):
+            raise RowError(f"messages[{i}] must be a {{'role', 'content'}} dict, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise RowError(f"messages[{i}] has role {role!r}, expected one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": _content(msg, "messages", i, role)})
+    if not any(m["role"] == "assistant" for m in out):
+        raise RowError("messages has no assistant turn to learn from")
+    return out
+
+
+def sft_messages(row):
+    """SFT conversation of a row: a chat row's messages, or a WRPO row's prompt + chosen[0] (y_ws)."""
+    if not isinstance(row, dict):
+        raise RowError(f"row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        return validate_chat(row)
+    messages, texts, _, _ = validate_row(row)
+    return messages + [{"role": "assistant", "content": texts[0]}]
+
+
 # -----------------------------------------------------------------------------
 # tokenization and truncation
 
@@ -178,6 +214,27 @@ def encode(tokenizer, messages, responses):
     return prompt, out
 
 
+def encode_chat(tokenizer, messages):
+    """Tokens of a whole conversation and a mask of its assistant tokens.
+
+    Rendered turn by turn: each assistant turn is what template(messages[:k + 1]) adds to
+    template(messages[:k], add_generation_prompt=True), i.e. the reply and its end-of-turn
+    token, never the header before it.
+    """
+    ids, mask = [], []
+    for k, msg in enumerate(messages):
+        before = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=msg["role"] == "assistant",
+                                               tokenize=False) if k else ""
+        after = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        head, full = tokenizer([before, after], add_special_tokens=False)["input_ids"]
+        if full[: len(ids)] != ids or full[: len(head)] != head:
+            raise RowError(f"the chat template does not render messages[:{k}] as a prefix of messages[:{k + 1}]")
+        is_reply = msg["role"] == "assistant"
+        mask += [False] * (len(head) - len(ids)) + [is_reply] * (len(full) - len(head))
+        ids = full
+    return ids, mask
+
+
 def truncate(prompt, responses, max_length, max_prompt_length):
     """The reference code's rule, joint over all responses of the row.
 
@@ -191,6 +248,13 @@ def truncate(prompt, responses, max_length, max_prompt_length):
     if len(prompt) + longest > max_length:
         responses = [r[: max_length - max_prompt_length] for r in responses]
     return prompt, responses
+
+
+def _report(errors, path):
+    if errors:
+        shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
+        more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
+        raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}")
 
 
 def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end"):
@@ -218,13 +282,95 @@ def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, tr
             examples.append(Example(prompt, responses, n_chosen, where, prompt_id))
         except RowError as e:
             errors.append(f"{where}: {e}")
-    if errors:
-        shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
-        more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}")
+    _report(errors, path)
     if not examples:
         raise DataError(f"{path}: no rows")
     return examples
+
+
+@dataclass
+class SFTExample:
+    ids: list  # the whole conversation
+    labels: list  # ids where the loss applies, IGNORE elsewhere (always IGNORE at position 0)
+    where: str
+
+
+def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start"):
+    """Read, validate and tokenize SFT rows (chat rows, or WRPO rows trained on prompt + y_ws).
+
+    loss_on: "assistant" scores every assistant turn (end-of-turn token included); "all" scores
+    every token after the first, the paper's setting. truncation: "keep_start" cuts an example
+    to its first max_length tokens; "error" reports longer examples as bad rows.
+    """
+    if loss_on not in ("assistant", "all"):
+        raise DataError(f"loss_on must be 'assistant' or 'all', got '{loss_on}'")
+    if truncation not in ("keep_start", "error"):
+        raise DataError(f"truncation must be 'keep_start' or 'error', got '{truncation}'")
+    check_tokenizer(tokenizer)
+    examples, errors = [], []
+    for where, rec in read_records(path):
+        try:
+            if isinstance(rec, RowError):
+                raise rec
+            ids, mask = encode_chat(tokenizer, sft_messages(rec))
+            if len(ids) > max_length:
+                if truncation == "error":
+                    raise RowError(f"conversation is {len(ids)} tokens, over max_length {max_length}")
+                ids, mask = ids[:max_length], mask[:max_length]
+            labels = [t if (m or loss_on == "all") else IGNORE for t, m in zip(ids, mask)]
+            labels[0] = IGNORE  # nothing predicts an example's first token
+            if all(t == IGNORE for t in labels):
+                raise RowError(f"no assistant token within max_length {max_length}")
+            examples.append(SFTExample(ids, labels, where))
+        except RowError as e:
+            errors.append(f"{where}: {e}")
+    _report(errors, path)
+    if not examples:
+        raise DataError(f"{path}: no rows")
+    return examples
+
+
+def pack(lengths, max_length, seed):
+    """Group examples into rows of at most max_length tokens (next-fit after a seeded shuffle).
+
+    Returns a list of rows, each a list of example indices. Examples are never split.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    rows, current, used = [], [], 0
+    for i in order:
+        if current and used + lengths[i] > max_length:
+            rows.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        rows.append(current)
+    return rows
+
+
+def collate_packed(rows, pad_id):
+    """Rows of several examples each -> input_ids, position_ids, labels [R, T].
+
+    Position ids restart at 0 for every example, and no attention mask is passed: transformers
+    then builds a block-causal mask, so tokens never attend across an example boundary. This
+    only holds with use_cache=False (with a cache the examples attend to each other). Padding at
+    the end of a row is one more segment, with labels IGNORE.
+    """
+    T = max(sum(len(ex.ids) for ex in row) for row in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for ex in row:
+            n = len(ex.ids)
+            input_ids[r, at : at + n] = torch.tensor(ex.ids)
+            labels[r, at : at + n] = torch.tensor(ex.labels)
+            position_ids[r, at : at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(T - at)
+    return dict(input_ids=input_ids, position_ids=position_ids, labels=labels)
 
 
 # -----------------------------------------------------------------------------
@@ -274,3 +420,80 @@ def collate(examples, pad_id):
     index = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=label_t,
                 ws=index(ws), wt=index(wt), rej=index(rej))
+
+
+# -----------------------------------------------------------------------------
+# command line: python data.py split ...
+
+
+def prompt_id_of(row):
+    """The row's prompt_id, or one derived from its prompt text (the same on every machine)."""
+    pid = row.get("prompt_id")
+    if pid not in (None, ""):
+        return str(pid)
+    text = json.dumps(row.get("prompt"), sort_keys=True, ensure_ascii=False)
+    return "sha256-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def in_sft_part(prompt_id, fraction, seed):
+    """A seeded hash of the prompt id decides, so the split ignores row order and file layout."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
+    """Write out_dir/sft.jsonl (about sft_fraction of the prompts) and out_dir/wrpo.jsonl (the rest).
+
+    The paper fine-tunes on y_ws for one third of the prompts and runs WRPO on the other two
+    thirds. Rows keep their content; rows without a prompt_id get the derived one.
+    """
+    if not 0 < sft_fraction < 1:
+        raise DataError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
+    records, errors = read_records(path), []
+    for where, rec in records:
+        try:
+            if isinstance(rec, RowError):
+                raise rec
+            validate_row(rec)
+        except RowError as e:
+            errors.append(f"{where}: {e}")
+    _report(errors, path)
+    out_dir = Path(out_dir)
+    targets = {"sft": out_dir / "sft.jsonl", "wrpo": out_dir / "wrpo.jsonl"}
+    if not overwrite and any(t.exists() for t in targets.values()):
+        raise DataError(f"{out_dir} already holds a split; pass --overwrite to replace it")
+    parts = {"sft": [], "wrpo": []}
+    for _, rec in records:
+        rec = {"prompt_id": prompt_id_of(rec), **{k: v for k, v in rec.items() if k != "prompt_id"}}
+        parts["sft" if in_sft_part(rec["prompt_id"], sft_fraction, seed) else "wrpo"].append(rec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, target in targets.items():
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in parts[name]:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)  # never a half-written file under the final name
+    print(f"{len(records)} rows -> {len(parts['sft'])} SFT rows ({targets['sft']}), "
+          f"{len(parts['wrpo'])} WRPO rows ({targets['wrpo']})")
+    return {name: len(rows) for name, rows in parts.items()}
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="data.py", description="WRPO data tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("split", help="split WRPO rows into an SFT part and a preference part by prompt_id")
+    p.add_argument("--data", required=True, help="WRPO rows (.jsonl, .json, .parquet or a folder)")
+    p.add_argument("--out_dir", required=True, help="writes sft.jsonl and wrpo.jsonl here")
+    p.add_argument("--sft_fraction", type=float, default=1 / 3, help="share of prompts for SFT (paper: 1/3)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the hash that assigns prompts")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing split in out_dir")
+    args = parser.parse_args(argv)
+    try:
+        split(args.data, args.out_dir, sft_fraction=args.sft_fraction, seed=args.seed, overwrite=args.overwrite)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -32,6 +32,12 @@ def sequence_logps(logits, labels):
 
 
 def model_sequence_logps(model, batch):
-    """Run a causal LM on a collated batch; summed response log-probs [N] and token counts [N]."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    """Run a causal LM on a collated batch; summed label log-probs [N] and token counts [N].
+
+    A padded batch carries an attention_mask; a packed one carries position_ids that restart
+    per example and no mask (see data.collate_packed). use_cache=False matters for packing:
+    with a cache, transformers lets packed examples attend to each other.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), use_cache=False)
     return sequence_logps(out.logits, batch["labels"])
