@@ -66,6 +66,9 @@ def test_readme_documents_every_setting():
 
     from conftest import REPO
 
+    import sft
+
     readme = (REPO / "README.md").read_text()
-    missing = [f.name for f in dataclasses.fields(Config) if f"`{f.name}`" not in readme]
+    fields = dataclasses.fields(Config) + dataclasses.fields(sft.Config)
+    missing = [f.name for f in fields if f"`{f.name}`" not in readme]
     assert not missing, f"README settings table lacks {missing}"

@@ -17,7 +17,8 @@ CHAT = {"messages": [
     {"role": "assistant", "content": "6"},
 ]}
 WRPO_ROW = {"prompt_id": "a", "prompt": [{"role": "user", "content": "Reverse 'cat'."}],
-            "chosen": [{"role": "assistant", "content": "Backwards it is tac."}, {"role": "assistant", "content": "tac"}],
+            "chosen": [{"role": "assistant", "content": "Backwards it is tac."},
+                       {"role": "assistant", "content": "tac"}],
             "rejected": [{"role": "assistant", "content": "cat"}]}
 
 
