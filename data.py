@@ -250,11 +250,23 @@ def truncate(prompt, responses, max_length, max_prompt_length):
     return prompt, responses
 
 
-def _report(errors, path):
+def convert_rows(path, convert):
+    """convert(record) for every record of `path`; every bad row is reported, as file:line: reason."""
+    out, errors = [], []
+    for where, rec in read_records(path):
+        try:
+            if isinstance(rec, RowError):
+                raise rec
+            out.append(convert(rec, where))
+        except RowError as e:
+            errors.append(f"{where}: {e}")
     if errors:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
         raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}")
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
 
 
 def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end"):
@@ -268,24 +280,17 @@ def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, tr
     if truncation not in ("keep_end", "error"):
         raise DataError(f"truncation must be 'keep_end' or 'error', got '{truncation}'")
     check_tokenizer(tokenizer)
-    examples, errors = [], []
-    for where, rec in read_records(path):
-        try:
-            if isinstance(rec, RowError):
-                raise rec
-            messages, texts, n_chosen, prompt_id = validate_row(rec)
-            prompt, responses = encode(tokenizer, messages, texts)
-            length = len(prompt) + max(len(r) for r in responses)
-            if truncation == "error" and length > max_length:
-                raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
-            prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
-            examples.append(Example(prompt, responses, n_chosen, where, prompt_id))
-        except RowError as e:
-            errors.append(f"{where}: {e}")
-    _report(errors, path)
-    if not examples:
-        raise DataError(f"{path}: no rows")
-    return examples
+
+    def convert(rec, where):
+        messages, texts, n_chosen, prompt_id = validate_row(rec)
+        prompt, responses = encode(tokenizer, messages, texts)
+        length = len(prompt) + max(len(r) for r in responses)
+        if truncation == "error" and length > max_length:
+            raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
+        prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
+        return Example(prompt, responses, n_chosen, where, prompt_id)
+
+    return convert_rows(path, convert)
 
 
 @dataclass
@@ -307,27 +312,20 @@ def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", t
     if truncation not in ("keep_start", "error"):
         raise DataError(f"truncation must be 'keep_start' or 'error', got '{truncation}'")
     check_tokenizer(tokenizer)
-    examples, errors = [], []
-    for where, rec in read_records(path):
-        try:
-            if isinstance(rec, RowError):
-                raise rec
-            ids, mask = encode_chat(tokenizer, sft_messages(rec))
-            if len(ids) > max_length:
-                if truncation == "error":
-                    raise RowError(f"conversation is {len(ids)} tokens, over max_length {max_length}")
-                ids, mask = ids[:max_length], mask[:max_length]
-            labels = [t if (m or loss_on == "all") else IGNORE for t, m in zip(ids, mask)]
-            labels[0] = IGNORE  # nothing predicts an example's first token
-            if all(t == IGNORE for t in labels):
-                raise RowError(f"no assistant token within max_length {max_length}")
-            examples.append(SFTExample(ids, labels, where))
-        except RowError as e:
-            errors.append(f"{where}: {e}")
-    _report(errors, path)
-    if not examples:
-        raise DataError(f"{path}: no rows")
-    return examples
+
+    def convert(rec, where):
+        ids, mask = encode_chat(tokenizer, sft_messages(rec))
+        if len(ids) > max_length:
+            if truncation == "error":
+                raise RowError(f"conversation is {len(ids)} tokens, over max_length {max_length}")
+            ids, mask = ids[:max_length], mask[:max_length]
+        labels = [t if (m or loss_on == "all") else IGNORE for t, m in zip(ids, mask)]
+        labels[0] = IGNORE  # nothing predicts an example's first token
+        if all(t == IGNORE for t in labels):
+            raise RowError(f"no assistant token within max_length {max_length}")
+        return SFTExample(ids, labels, where)
+
+    return convert_rows(path, convert)
 
 
 def pack(lengths, max_length, seed):
@@ -449,21 +447,17 @@ def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
     """
     if not 0 < sft_fraction < 1:
         raise DataError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
-    records, errors = read_records(path), []
-    for where, rec in records:
-        try:
-            if isinstance(rec, RowError):
-                raise rec
-            validate_row(rec)
-        except RowError as e:
-            errors.append(f"{where}: {e}")
-    _report(errors, path)
+    def checked(rec, where):
+        validate_row(rec)
+        return rec
+
+    records = convert_rows(path, checked)
     out_dir = Path(out_dir)
     targets = {"sft": out_dir / "sft.jsonl", "wrpo": out_dir / "wrpo.jsonl"}
     if not overwrite and any(t.exists() for t in targets.values()):
         raise DataError(f"{out_dir} already holds a split; pass --overwrite to replace it")
     parts = {"sft": [], "wrpo": []}
-    for _, rec in records:
+    for rec in records:
         rec = {"prompt_id": prompt_id_of(rec), **{k: v for k, v in rec.items() if k != "prompt_id"}}
         parts["sft" if in_sft_part(rec["prompt_id"], sft_fraction, seed) else "wrpo"].append(rec)
     out_dir.mkdir(parents=True, exist_ok=True)

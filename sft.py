@@ -12,7 +12,6 @@ One 8-GPU node, the paper's setup:
 Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below.
 """
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,9 +20,9 @@ import torch
 import data
 from fsdp_utils import cleanup, print0
 from logprobs import model_sequence_logps
-from training import MetricSum, StepLogger, TrainConfig, get_lr, global_sum, load_policy, optimizer_step, \
-    parse_config, run_main, save_checkpoint, set_lr, start_run, to_device, total_steps_for, training_steps, \
-    write_run_config
+from training import MetricSum, StepLogger, TrainConfig, end_step, eval_batches, finish_run, get_lr, global_sum, \
+    load_policy, optimizer_step, parse_config, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
+    training_steps, write_run_config
 
 
 @dataclass
@@ -64,16 +63,13 @@ def token_nll(policy, batch):
 
 @torch.no_grad()
 def evaluate(policy, examples, seqs, cfg, run):
-    """Mean per-token loss on held-out examples; ranks short of sequences repeat one with weight 0."""
+    """Mean per-token loss on held-out examples."""
     policy.eval()
-    per_rank = math.ceil(len(seqs) / run.world)
     sums = MetricSum()
-    for start in range(0, per_rank, cfg.micro_batch_size):
-        idx = [run.rank * per_rank + start + j for j in range(min(cfg.micro_batch_size, per_rank - start))]
-        real = torch.tensor([1.0 if i < len(seqs) else 0.0 for i in idx], device=run.device)
-        groups = [[examples[e] for e in seqs[i if i < len(seqs) else 0]] for i in idx]
+    for idx, weight in eval_batches(len(seqs), cfg.micro_batch_size, run):
+        groups = [[examples[e] for e in seqs[i]] for i in idx]
         nll, counts = token_nll(policy, to_device(data.collate_packed(groups, run.pad_id), run.device))
-        sums.add({"loss": nll / counts.clamp(min=1)}, counts * real)
+        sums.add({"loss": nll / counts.clamp(min=1)}, counts * weight)
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
 
@@ -128,26 +124,16 @@ def main(argv):
             sums.add({"loss": nll.detach() / counts.clamp(min=1)}, counts)
         grad_norm = optimizer_step(policy, optimizer, cfg.grad_clip)
 
-        # --- log
+        # --- log, evaluate, checkpoint
         tokens = sum(len(ex.ids) for g in groups for seq in g for ex in seq)
-        m = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **sums.mean()}
-        m["tokens_per_s"] = global_sum(tokens, run.device) / (time.time() - t0)
-        m["step_time_s"] = time.time() - t0
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-            m.update(run_eval(step + 1))
-        logger.log(m)
-
-        # --- checkpoint
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(run, cfg, policy, f"step_{step + 1:06d}", step + 1)
+        m = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **sums.mean(),
+             **throughput(tokens, t0, run.device)}
+        end_step(run, cfg, policy, logger, m, run_eval, total_steps)
 
     # --- final evaluation and checkpoint
-    eval_after = run_eval(total_steps)
+    eval_after = finish_run(run, cfg, policy, logger, run_eval, total_steps)
     if eval_examples:
-        logger.log({"step": total_steps, **eval_after})
         print0(f"held-out loss: {eval_before['eval/loss']:.4f} before -> {eval_after['eval/loss']:.4f} after")
-    logger.close()
-    save_checkpoint(run, cfg, policy, "final", total_steps)
     cleanup()
 
 

@@ -221,6 +221,19 @@ def training_steps(n_examples, cfg, run, total_steps):
             step += 1
 
 
+def eval_batches(n_items, micro_batch, run):
+    """This rank's share of n held-out items, in micro-batches of (indices, weights [B]).
+
+    Every rank yields the same number of micro-batches (FSDP's collectives need it); ranks short
+    of items repeat item 0 with weight 0.
+    """
+    per_rank = math.ceil(n_items / run.world)
+    for start in range(0, per_rank, micro_batch):
+        idx = [run.rank * per_rank + start + j for j in range(min(micro_batch, per_rank - start))]
+        weight = torch.tensor([float(i < n_items) for i in idx], device=run.device)
+        yield [i if i < n_items else 0 for i in idx], weight
+
+
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -306,6 +319,33 @@ class StepLogger:
             self.bar.close()
             self.file.close()
             print0(f"trained {self.total} steps in {self.t_last - self.t_start:.1f}s")
+
+
+def throughput(tokens, t0, device):
+    """Tokens per second over all ranks since t0, and the step time."""
+    total = global_sum(tokens, device)
+    dt = time.time() - t0
+    return {"tokens_per_s": total / dt, "step_time_s": dt}
+
+
+def end_step(run, cfg, policy, logger, m, run_eval, total_steps):
+    """After optimizer step m["step"]: periodic evaluation, the metrics row, periodic checkpoint."""
+    step = m["step"]
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        m.update(run_eval(step))
+    logger.log(m)
+    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+        save_checkpoint(run, cfg, policy, f"step_{step:06d}", step)
+
+
+def finish_run(run, cfg, policy, logger, run_eval, total_steps):
+    """Final evaluation (logged), then the final checkpoint; returns the evaluation's metrics."""
+    final = run_eval(total_steps)
+    if final:
+        logger.log({"step": total_steps, **final})
+    logger.close()
+    save_checkpoint(run, cfg, policy, "final", total_steps)
+    return final
 
 
 def save_checkpoint(run, cfg, policy, name, step):

@@ -7,7 +7,6 @@ One 8-GPU node, the paper's setup (policy and reference = the SFT model):
 Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below.
 """
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 import data
 from fsdp_utils import DTYPES, cleanup, load_model, print0
 from logprobs import model_sequence_logps
-from training import MetricSum, StepLogger, TrainConfig, get_lr, global_sum, load_policy, optimizer_step, \
-    parse_config, resolve, run_main, save_checkpoint, set_lr, start_run, to_device, total_steps_for, \
+from training import MetricSum, StepLogger, TrainConfig, end_step, eval_batches, finish_run, get_lr, load_policy, \
+    optimizer_step, parse_config, resolve, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
     training_steps, write_run_config
 
 
@@ -129,16 +128,11 @@ def row_metrics(losses, rewards, logps):
 def evaluate(policy, ref, examples, cfg, run, alpha):
     """Held-out implicit-reward metrics (accuracy = the weighted chosen reward beats the rejected).
 
-    Every rank runs the same number of forward passes (FSDP's collectives need it): ranks
-    short of rows repeat row 0 with weight 0.
     """
     policy.eval()
-    per_rank = math.ceil(len(examples) / run.world)
     sums = MetricSum()
-    for start in range(0, per_rank, cfg.micro_batch_size):
-        idx = [run.rank * per_rank + start + j for j in range(min(cfg.micro_batch_size, per_rank - start))]
-        weight = torch.tensor([1.0 if i < len(examples) else 0.0 for i in idx], device=run.device)
-        batch = to_device(data.collate([examples[i if i < len(examples) else 0] for i in idx], run.pad_id), run.device)
+    for idx, weight in eval_batches(len(examples), cfg.micro_batch_size, run):
+        batch = to_device(data.collate([examples[i] for i in idx], run.pad_id), run.device)
         losses, rewards, logps = preference_forward(policy, ref, batch, alpha, cfg.beta)
         sums.add(row_metrics(losses, rewards, logps), weight)
     policy.train()
@@ -204,26 +198,16 @@ def main(argv):
             sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
         grad_norm = optimizer_step(policy, optimizer, cfg.grad_clip)
 
-        # --- log
-        m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **sums.mean()}
-        m["tokens_per_s"] = global_sum(tokens, run.device) / (time.time() - t0)
-        m["step_time_s"] = time.time() - t0
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-            m.update(run_eval(step + 1))
-        logger.log(m)
-
-        # --- checkpoint
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(run, cfg, policy, f"step_{step + 1:06d}", step + 1)
+        # --- log, evaluate, checkpoint
+        m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **sums.mean(),
+             **throughput(tokens, t0, run.device)}
+        end_step(run, cfg, policy, logger, m, run_eval, total_steps)
 
     # --- final evaluation and checkpoint
-    eval_after = run_eval(total_steps)
+    eval_after = finish_run(run, cfg, policy, logger, run_eval, total_steps)
     if eval_rows:
-        logger.log({"step": total_steps, **eval_after})
         print0(f"held-out reward accuracy: {eval_before['eval/rewards/accuracies']:.3f} before -> "
                f"{eval_after['eval/rewards/accuracies']:.3f} after")
-    logger.close()
-    save_checkpoint(run, cfg, policy, "final", total_steps)
     cleanup()
 
 
