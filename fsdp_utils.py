@@ -20,6 +20,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from logprobs import attach_label_logprobs
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 # -----------------------------------------------------------------------------
@@ -171,10 +173,11 @@ def decoder_layers(model):
 
 
 def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_checkpointing=False,
-               trust_remote_code=False, attn_implementation="sdpa"):
+               trust_remote_code=False, attn_implementation="sdpa", logprobs="auto"):
     """Build a causal LM on the meta device, shard it, then load this rank's slices.
 
-    `path` is a local folder or a hub id (resolved to a local snapshot first).
+    `path` is a local folder or a hub id (resolved to a local snapshot first). The model gets
+    a `label_logprobs` forward method (logprobs.py) computed with the `logprobs` path.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -193,6 +196,7 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True)
+    attach_label_logprobs(model, logprobs)
     model.to_empty(device=device)
     _init_nonpersistent_buffers(model)
     load_sharded_weights(model, local)

@@ -1,43 +1,202 @@
-"""Log-probabilities of response tokens.
+"""Log-probabilities of label tokens, without materialising the full logits.
 
-WRPO needs, for each response y, log pi(y|x) SUMMED over the response tokens (prompt and
-padding masked out). This is the readable reference; a fused path that never builds the
-full logits plugs in here.
+WRPO and SFT need, for each scored token, log p(y_t) = logit(y_t) - logsumexp(logits): one
+number per token. For Llama-3 the logits of one 2048-token sequence are 2048 x 128256 floats
+(1 GB in fp32), and the readable path (matmul, log_softmax, gather) keeps several such tensors
+alive for backward. `token_logprobs` computes the same numbers three ways:
+
+  naive    lm_head matmul -> float32 log_softmax -> gather. The reference.
+  chunked  an autograd.Function over chunks of the vocabulary: the forward keeps only the
+           per-token log-sum-exp and target logit; the backward recomputes each chunk's logits.
+           Extra memory O(tokens x chunk), a fixed budget (CHUNK_BYTES). CPU and CUDA.
+  triton   (CUDA) a kernel computes the online log-sum-exp and the target logit tile by tile,
+           never writing logits to memory; the backward is the chunked one.
+
+`auto` picks triton on CUDA when it is installed, chunked otherwise. Positions labelled IGNORE
+are dropped before any matmul. Sequence log-probs are the per-token values SUMMED.
 """
+
+import types
 
 import torch
 
 from data import IGNORE
 
+IMPLS = ("auto", "naive", "chunked", "triton")
+CHUNK_BYTES = 32 * 2**20  # fp32 logits of one vocabulary chunk; bounds the chunked path's extra memory
+POISON = False  # tests set it: outputs start as NaN, so an element that is never written shows up
 
-def token_logps(logits, labels):
-    """Per-token log p(label) for next-token prediction.
+
+def new_output(shape, dtype, device):
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# -----------------------------------------------------------------------------
+# the three implementations: hidden [N, H], weight [V, H], labels [N] -> log p(labels) [N] fp32
+
+
+def _acc(t):
+    """float32, or float64 for float64 inputs (gradient checks): the dtype softmax math runs in."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def naive_logprobs(hidden, weight, labels):
+    logits = (hidden @ weight.T).to(_acc(hidden))
+    return torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+def vocab_chunk(n_tokens, vocab, chunk=None):
+    """Vocabulary columns per chunk: `chunk`, or as many as keep one chunk's fp32 logits in CHUNK_BYTES."""
+    return min(vocab, chunk or max(128, CHUNK_BYTES // (4 * max(1, n_tokens))))
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, never stored.
+
+    Forward: an online log-sum-exp over the chunks, and the target logit from the chunk that holds
+    it. Backward: with z = h W^T, p = softmax(z) and upstream grad g, dz = g (onehot(y) - p);
+    each chunk of columns gives its rows of grad_W = dz^T h in one matmul (written once, never
+    accumulated) and adds dz W to grad_h.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk=None, lse_target=None):
+        cols = vocab_chunk(hidden.shape[0], weight.shape[0], chunk)
+        if lse_target is None:  # the triton path computes these itself
+            lse = torch.full((hidden.shape[0],), float("-inf"), dtype=_acc(hidden), device=hidden.device)
+            target = torch.zeros_like(lse)
+            for v in range(0, weight.shape[0], cols):
+                z = (hidden @ weight[v : v + cols].T).to(lse.dtype)
+                lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
+                here = (labels >= v) & (labels < v + z.shape[1])
+                picked = z.gather(-1, (labels - v).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1)
+                target += torch.where(here, picked, 0.0)
+        else:
+            lse, target = lse_target
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.cols = cols
+        return target - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        g = grad.to(lse.dtype)
+        grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
+        grad_w = new_output(weight.shape, weight.dtype, weight.device)
+        for v in range(0, weight.shape[0], ctx.cols):
+            w = weight[v : v + ctx.cols]
+            dz = (hidden @ w.T).to(lse.dtype).sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g p, in place
+            rows = torch.nonzero((labels >= v) & (labels < v + w.shape[0])).squeeze(-1)
+            dz[rows, labels[rows] - v] += g[rows]  # + g onehot(y)
+            dz = dz.to(hidden.dtype)
+            torch.mm(dz.T, hidden, out=grad_w[v : v + ctx.cols])
+            if dz.dtype == grad_h.dtype:
+                grad_h.addmm_(dz, w)
+            else:
+                grad_h += dz @ w
+        return grad_h.to(hidden.dtype), grad_w, None, None, None
+
+
+def chunked_logprobs(hidden, weight, labels, chunk=None):
+    return ChunkedLogProbs.apply(hidden, weight, labels, chunk)
+
+
+def triton_logprobs(hidden, weight, labels, chunk=None):
+    from triton_logprobs import lse_and_target
+
+    lse, target = lse_and_target(hidden, weight, labels)
+    return ChunkedLogProbs.apply(hidden, weight, labels, chunk, (lse, target))
+
+
+def resolve_impl(impl, device):
+    if impl not in IMPLS:
+        raise ValueError(f"logprobs impl must be one of {', '.join(IMPLS)}, got '{impl}'")
+    if impl != "auto":
+        return impl
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+
+            return "triton"
+        except ImportError:
+            pass
+    return "chunked"
+
+
+def token_logprobs(hidden, weight, labels, impl="auto", chunk=None):
+    """log p(labels) under logits = hidden @ weight.T; 0 where labels == IGNORE.
+
+    hidden [..., H] (compute dtype), weight [V, H], labels [...]. Returns float32 [...].
+    Ignored positions are dropped before the matmul, so prompt and padding tokens cost nothing.
+    """
+    impl = resolve_impl(impl, hidden.device)
+    mask = labels != IGNORE
+    out = torch.zeros(labels.shape, dtype=_acc(hidden), device=hidden.device)
+    if mask.any():
+        h, y = hidden[mask], labels[mask]
+        fn = {"naive": naive_logprobs, "chunked": chunked_logprobs, "triton": triton_logprobs}[impl]
+        out = out.masked_scatter(mask, fn(h, weight, y) if impl == "naive" else fn(h, weight, y, chunk))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# causal LMs: label log-probs straight from the decoder's hidden states
+
+
+def _fusable(model):
+    head = getattr(model, "lm_head", None)
+    cfg = model.config
+    return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
+            and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) in (None, 1))
+
+
+def attach_label_logprobs(model, impl="auto"):
+    """Give `model` a `label_logprobs(input_ids, labels, attention_mask, position_ids)` method.
+
+    It runs the decoder for hidden states and scores the labels with `token_logprobs`, so the full
+    logits are never built. Registered as an FSDP forward method, so the root unit's parameters
+    (embedding, final norm, lm_head) are gathered for it and their gradients reduce-scattered,
+    exactly as for `forward`. Heads the fused path cannot express (a bias, logit soft-capping or
+    scaling) fall back to the model's own logits.
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    def label_logprobs(self, input_ids, labels, attention_mask=None, position_ids=None):
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if not _fusable(self):
+            return logits_token_logps(self(**kwargs).logits, labels)
+        hidden = self.model(**kwargs).last_hidden_state
+        return token_logprobs(hidden[:, :-1], self.lm_head.weight, labels[:, 1:], impl=impl)
+
+    model.label_logprobs = types.MethodType(label_logprobs, model)
+    register_fsdp_forward_method(model, "label_logprobs")
+    return model
+
+
+def logits_token_logps(logits, labels):
+    """The readable reference from full logits: per-token log p(label), shifted for next-token prediction.
 
     logits [N, T, V]: position t predicts token t + 1. labels [N, T]: IGNORE where no loss.
-    Returns logps [N, T - 1] (0 where ignored) and mask [N, T - 1] (True on response tokens).
-    The softmax runs in float32 at least: bf16 log-sum-exp over 128k classes is off by ~1e-2 per token.
+    Returns [N, T - 1] float32 (at least), 0 where ignored.
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     picked = torch.gather(logits, -1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
-    logps = picked - torch.logsumexp(logits, dim=-1)
-    return logps * mask, mask
-
-
-def sequence_logps(logits, labels):
-    """Summed response log-probs per sequence: logps [N] and the token counts [N]."""
-    logps, mask = token_logps(logits, labels)
-    return logps.sum(-1), mask.sum(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * mask
 
 
 def model_sequence_logps(model, batch):
-    """Run a causal LM on a collated batch; summed label log-probs [N] and token counts [N].
+    """Summed label log-probs per sequence [N] and the scored-token counts [N].
 
     A padded batch carries an attention_mask; a packed one carries position_ids that restart
     per example and no mask (see data.collate_packed). use_cache=False matters for packing:
     with a cache, transformers lets packed examples attend to each other.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), use_cache=False)
-    return sequence_logps(out.logits, batch["labels"])
+    if not hasattr(model, "label_logprobs"):
+        attach_label_logprobs(model)
+    logps = model.label_logprobs(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                                 batch.get("position_ids"))
+    return logps.sum(-1), (batch["labels"][:, 1:] != IGNORE).sum(-1)

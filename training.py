@@ -19,6 +19,7 @@ import torch.distributed as dist
 import data
 from fsdp_utils import DTYPES, init_distributed, is_master, load_model, print0, resolve_model_path, \
     save_hf_checkpoint
+from logprobs import IMPLS, resolve_impl
 
 
 @dataclass
@@ -43,6 +44,7 @@ class TrainConfig:
     dtype: str = "bfloat16"  # compute dtype under FSDP mixed precision; master weights stay fp32
     activation_checkpointing: str = "auto"  # auto: on with CUDA (as in the paper), off on CPU
     attn_implementation: str = "sdpa"
+    logprobs: str = "auto"  # label log-prob path: auto (triton on CUDA, else chunked), chunked, triton, naive
     # logging and checkpoints
     log_every: int = 10  # print a line every N steps (metrics.jsonl gets every step)
     eval_every: int = 0  # held-out evaluation every N steps (0: only before and after training)
@@ -106,6 +108,8 @@ def config_problems(cfg, world):
     for key in ("dtype", "save_dtype"):
         if getattr(cfg, key) not in DTYPES:
             problems.append(f"{key} must be one of {', '.join(DTYPES)}, got '{getattr(cfg, key)}'")
+    if cfg.logprobs not in IMPLS:
+        problems.append(f"logprobs must be one of {', '.join(IMPLS)}, got '{cfg.logprobs}'")
     if cfg.activation_checkpointing not in ("auto", "true", "false"):
         problems.append(f"activation_checkpointing must be auto, true or false, got '{cfg.activation_checkpointing}'")
     return problems
@@ -195,12 +199,13 @@ def load_policy(run, cfg):
         cfg.activation_checkpointing == "auto" and run.device.type == "cuda")
     policy = load_model(run.model_path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=True,
                         activation_checkpointing=checkpointing, trust_remote_code=cfg.trust_remote_code,
-                        attn_implementation=cfg.attn_implementation)
+                        attn_implementation=cfg.attn_implementation, logprobs=cfg.logprobs)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     n_params = sum(p.numel() for p in policy.parameters())
     print0(f"policy: {n_params / 1e6:.2f}M parameters, compute {cfg.dtype}, "
-           f"activation checkpointing {'on' if checkpointing else 'off'}")
+           f"activation checkpointing {'on' if checkpointing else 'off'}, "
+           f"log-probs {resolve_impl(cfg.logprobs, run.device)}")
     return policy, optimizer
 
 

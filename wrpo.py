@@ -169,7 +169,8 @@ def main(argv):
     # --- models: sharded policy (fp32 master weights) and frozen sharded reference
     policy, optimizer = load_policy(run, cfg)
     ref = load_model(ref_path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=False,
-                     trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+                     trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                     logprobs=cfg.logprobs)
 
     def run_eval(step):
         if not eval_rows:

@@ -1,10 +1,108 @@
+import pytest
 import torch
 
+import logprobs
 from data import IGNORE
-from logprobs import sequence_logps, token_logps
+from logprobs import (attach_label_logprobs, chunked_logprobs, logits_token_logps, model_sequence_logps,
+                      naive_logprobs, token_logprobs, triton_logprobs)
+
+# the kernel tests run where the kernels do: on the GPU when there is one, else on CPU (interpreter)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+SHAPES = [  # tokens, hidden, vocab, vocab chunk
+    (1, 8, 17, None),  # a batch of one token
+    (37, 24, 101, 32),  # odd sizes, vocab not a multiple of the chunk
+    (64, 16, 300, 128),
+    (5, 40, 1000, 999),  # a last chunk of one column
+]
 
 
-def test_summed_logps_equal_naive_loop():
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(logprobs, "POISON", True)
+
+
+def inputs(tokens, hidden, vocab, dtype=torch.float64, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    h = torch.randn(tokens, hidden, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=g, dtype=dtype).to(DEVICE).requires_grad_()
+    y = torch.randint(0, vocab, (tokens,), generator=g).to(DEVICE)
+    up = torch.randn(tokens, generator=g, dtype=torch.float32).to(DEVICE)
+    return h, w, y, up
+
+
+def value_and_grads(fn, h, w, y, up):
+    h.grad = w.grad = None
+    out = fn(h, w, y)
+    (out * up).sum().backward()
+    return out.detach(), h.grad.clone(), w.grad.clone()
+
+
+@pytest.mark.parametrize("tokens,hidden,vocab,chunk", SHAPES)
+def test_chunked_matches_naive_fp32(tokens, hidden, vocab, chunk):
+    h, w, y, up = inputs(tokens, hidden, vocab, torch.float32)
+    want = value_and_grads(naive_logprobs, h, w, y, up)
+    got = value_and_grads(lambda *a: chunked_logprobs(*a, chunk), h, w, y, up)
+    for a, b in zip(got, want):
+        assert not a.isnan().any()  # every element written (outputs start as NaN)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,hidden,vocab,chunk", SHAPES)
+def test_triton_matches_naive_fp32(tokens, hidden, vocab, chunk):
+    """Under TRITON_INTERPRET=1 on CPU (fp32 only there); on a GPU the same test runs the real kernel."""
+    h, w, y, up = inputs(tokens, hidden, vocab, torch.float32)
+    want = value_and_grads(naive_logprobs, h, w, y, up)
+    got = value_and_grads(lambda *a: triton_logprobs(*a, chunk), h, w, y, up)
+    for a, b in zip(got, want):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_bf16_matches_naive_bf16():
+    h, w, y, up = inputs(48, 32, 500, torch.float32)
+    h, w = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    want = value_and_grads(naive_logprobs, h, w, y, up)
+    got = value_and_grads(lambda *a: chunked_logprobs(*a, 96), h, w, y, up)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-2)  # logits rounded to bf16 in both
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_float64_gradcheck_of_chunked():
+    h, w, y, _ = inputs(6, 5, 23)
+    assert torch.autograd.gradcheck(lambda h, w: chunked_logprobs(h, w, y, 7), (h, w))
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked", "triton"])
+def test_ignored_positions_cost_nothing_and_score_zero(impl):
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    hidden = torch.randn(3, 9, 16, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(50, 16, generator=g).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, 50, (3, 9), generator=g).to(DEVICE)
+    labels[0, :4] = IGNORE
+    labels[2] = IGNORE  # a row with nothing to score
+    out = token_logprobs(hidden, w, labels, impl=impl)
+    assert out.shape == labels.shape and (out[labels == IGNORE] == 0).all()
+    want = naive_logprobs(hidden[labels != IGNORE], w, labels[labels != IGNORE])
+    torch.testing.assert_close(out[labels != IGNORE], want, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert (hidden.grad[labels == IGNORE] == 0).all() and hidden.grad[labels != IGNORE].abs().sum() > 0
+    none = token_logprobs(hidden, w, torch.full_like(labels, IGNORE), impl=impl)
+    assert (none == 0).all()
+
+
+def test_chunked_under_torch_compile():
+    h, w, y, up = inputs(20, 16, 200, torch.float32)
+    want = value_and_grads(naive_logprobs, h, w, y, up)
+    compiled = torch.compile(lambda h, w, y: chunked_logprobs(h, w, y, 64), backend="aot_eager")
+    got = value_and_grads(compiled, h, w, y, up)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_reference_equals_naive_loop():
     g = torch.Generator().manual_seed(0)
     N, T, V = 3, 11, 37
     logits = torch.randn(N, T, V, generator=g, dtype=torch.float64)
@@ -12,24 +110,33 @@ def test_summed_logps_equal_naive_loop():
     labels[0, :4] = IGNORE  # prompt
     labels[1, 7:] = IGNORE  # padding
     labels[2, :] = IGNORE  # nothing to score
-    got, counts = sequence_logps(logits, labels)
+    got = logits_token_logps(logits, labels).sum(-1)
     for n in range(N):
-        total, count = 0.0, 0
+        total = 0.0
         for t in range(1, T):  # logits at t - 1 predict token t
             if labels[n, t] != IGNORE:
-                probs = torch.softmax(logits[n, t - 1], dim=-1)
-                total += torch.log(probs[labels[n, t]]).item()
-                count += 1
+                total += torch.log(torch.softmax(logits[n, t - 1], dim=-1)[labels[n, t]]).item()
         assert abs(got[n].item() - total) < 1e-9
-        assert counts[n].item() == count
     assert got[2].item() == 0.0
 
 
-def test_bf16_logits_are_scored_in_float32():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 6, 50, generator=g).bfloat16()
-    labels = torch.randint(0, 50, (2, 6), generator=g)
-    logps, mask = token_logps(logits, labels)
-    assert logps.dtype == torch.float32 and mask.all()
-    ref = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, labels[:, 1:, None]).squeeze(-1)
-    torch.testing.assert_close(logps.double(), ref, rtol=0, atol=1e-5)
+@pytest.mark.parametrize("impl", ["naive", "chunked", "triton"])
+def test_model_label_logprobs_equal_full_logits(impl):
+    """The decoder + fused head path equals log_softmax of the model's own logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    attach_label_logprobs(model, impl)
+    ids = torch.randint(0, 97, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    labels[1, 9:] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    summed, counts = model_sequence_logps(model, batch)
+    want = logits_token_logps(model(input_ids=ids, attention_mask=mask).logits, labels).sum(-1)
+    torch.testing.assert_close(summed, want, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == [7, 4]

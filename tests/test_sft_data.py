@@ -7,7 +7,7 @@ import torch
 import data
 from conftest import DEMO_MODEL
 from data import IGNORE, DataError, collate_packed, load_sft_dataset, pack, split
-from logprobs import model_sequence_logps, token_logps
+from logprobs import logits_token_logps, model_sequence_logps
 
 CHAT = {"messages": [
     {"role": "system", "content": "Answer briefly."},
@@ -99,19 +99,21 @@ def test_packed_forward_equals_unpacked(tokenizer):
     assert batch["input_ids"].shape == (2, 27)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        logps, mask = token_logps(packed, batch["labels"])
+        logps = logits_token_logps(packed, batch["labels"])
+        mask = batch["labels"][:, 1:] != IGNORE
         for r, row in enumerate(rows):
             at = 0
             for ex in row:
                 n = len(ex.ids)
                 alone = model(input_ids=torch.tensor([ex.ids]), use_cache=False).logits
-                want, _ = token_logps(alone, torch.tensor([ex.labels]))
+                want = logits_token_logps(alone, torch.tensor([ex.labels]))
                 # position at + t - 1 of the packed row predicts the example's token t
                 torch.testing.assert_close(logps[r, at:at + n - 1], want[0], rtol=0, atol=1e-5)
                 at += n
         assert mask.sum() == sum(len(ex.ids) - 1 for ex in examples)  # no cross-example predictions
-        summed, counts = model_sequence_logps(model, batch)
-        torch.testing.assert_close(summed, logps.sum(-1))
+        summed, counts = model_sequence_logps(model, batch)  # the fused path, straight from hidden states
+        torch.testing.assert_close(summed, logps.sum(-1), rtol=1e-5, atol=1e-5)
+        assert counts.tolist() == mask.sum(-1).tolist()
         # pinned: with a cache, transformers lets packed examples attend to each other
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits
         assert (leaky[0, 9:] - packed[0, 9:]).abs().max() > 1e-3
