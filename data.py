@@ -294,8 +294,8 @@ def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, tr
 
 
 @dataclass
-class SFTExample:
-    ids: list  # the whole conversation
+class Sequence:
+    ids: list  # one whole sequence (an SFT conversation, or a prompt + one response)
     labels: list  # ids where the loss applies, IGNORE elsewhere (always IGNORE at position 0)
     where: str
 
@@ -323,7 +323,7 @@ def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", t
         labels[0] = IGNORE  # nothing predicts an example's first token
         if all(t == IGNORE for t in labels):
             raise RowError(f"no assistant token within max_length {max_length}")
-        return SFTExample(ids, labels, where)
+        return Sequence(ids, labels, where)
 
     return convert_rows(path, convert)
 
@@ -347,18 +347,22 @@ def pack(lengths, max_length, seed):
     return rows
 
 
-def collate_packed(rows, pad_id):
-    """Rows of several examples each -> input_ids, position_ids, labels [R, T].
+def collate_packed(rows, pad_id, segments=False):
+    """Rows of several sequences each -> input_ids, position_ids, labels [R, T].
 
-    Position ids restart at 0 for every example, and no attention mask is passed: transformers
-    then builds a block-causal mask, so tokens never attend across an example boundary. This
-    only holds with use_cache=False (with a cache the examples attend to each other). Padding at
-    the end of a row is one more segment, with labels IGNORE.
+    Position ids restart at 0 for every sequence, and no attention mask is passed: transformers
+    then builds a block-causal mask, so tokens never attend across a sequence boundary. This
+    only holds with use_cache=False (with a cache the sequences attend to each other). Padding at
+    the end of a row is one more segment, with labels IGNORE. With segments=True, `segments`
+    [R, T] numbers the sequences 0, 1, ... across all rows (-1 on padding) and `n_seqs` counts
+    them, so that log-probs are summed per sequence rather than per row.
     """
     T = max(sum(len(ex.ids) for ex in row) for row in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    seg_ids = torch.full((len(rows), T), -1, dtype=torch.long)
+    seq = 0
     for r, row in enumerate(rows):
         at = 0
         for ex in row:
@@ -366,9 +370,69 @@ def collate_packed(rows, pad_id):
             input_ids[r, at : at + n] = torch.tensor(ex.ids)
             labels[r, at : at + n] = torch.tensor(ex.labels)
             position_ids[r, at : at + n] = torch.arange(n)
-            at += n
+            seg_ids[r, at : at + n] = seq
+            at, seq = at + n, seq + 1
         position_ids[r, at:] = torch.arange(T - at)
-    return dict(input_ids=input_ids, position_ids=position_ids, labels=labels)
+    out = dict(input_ids=input_ids, position_ids=position_ids, labels=labels)
+    return {**out, "segments": seg_ids, "n_seqs": seq} if segments else out
+
+
+def row_sequences(ex):
+    """A preference row as its sequences: prompt + each response, scored on the response."""
+    return [Sequence(ex.prompt_ids + r, [IGNORE] * len(ex.prompt_ids) + r, ex.where) for r in ex.responses]
+
+
+def row_length(ex):
+    return sum(len(ex.prompt_ids) + len(r) for r in ex.responses)
+
+
+def collate(examples, pad_id, packed=False):
+    """The sequences of a micro-batch of preference rows, and where each row's three are.
+
+    packed: one row holding every sequence back to back (no padding, see collate_packed);
+    otherwise one right-padded row per sequence with an attention_mask. Either way the index
+    tensors ws, wt, rej [B] select each row's source-chosen, target-chosen and rejected
+    sequence; for DPO rows ws == wt.
+    """
+    ws, wt, rej, n = [], [], [], 0
+    for ex in examples:
+        ws.append(n)
+        wt.append(n + ex.n_chosen - 1)
+        rej.append(n + ex.n_chosen)
+        n += len(ex.responses)
+    index = dict(ws=torch.tensor(ws), wt=torch.tensor(wt), rej=torch.tensor(rej))
+    if packed:
+        return {**collate_packed([[s for ex in examples for s in row_sequences(ex)]], pad_id, segments=True), **index}
+    return {**collate_padded([s for ex in examples for s in row_sequences(ex)], pad_id), **index}
+
+
+def collate_padded(seqs, pad_id):
+    """One right-padded row per sequence: input_ids, attention_mask, labels [N, T]."""
+    T = max(len(s.ids) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s.ids)] = torch.tensor(s.ids)
+        labels[i, : len(s.ids)] = torch.tensor(s.labels)
+        attention_mask[i, : len(s.ids)] = 1
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def token_budget_batches(rows, lengths, budget):
+    """Split one rank's rows into micro-batches of at most `budget` tokens (longest rows first).
+
+    Grouping rows of similar length fills each budget well; a row longer than the budget gets a
+    micro-batch of its own.
+    """
+    batches, current, used = [], [], 0
+    for i in sorted(rows, key=lambda i: -lengths[i]):
+        if current and used + lengths[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + [current] if current else batches
 
 
 # -----------------------------------------------------------------------------
@@ -391,33 +455,6 @@ def step_batches(n_rows, *, epoch, seed, global_batch, micro_batch, rank, world)
         yield [rows[i : i + micro_batch] for i in range(0, per_rank, micro_batch)]
 
 
-def collate(examples, pad_id):
-    """Right-padded tensors holding every response of every row (prompt repeated per response).
-
-    Returns input_ids, attention_mask, labels [N, T] (labels are IGNORE outside responses) and
-    index tensors ws, wt, rej [B] selecting each row's source-chosen, target-chosen and rejected
-    sequence; for DPO rows ws == wt.
-    """
-    seqs, labels, ws, wt, rej = [], [], [], [], []
-    for ex in examples:
-        base = len(seqs)
-        for r in ex.responses:
-            seqs.append(ex.prompt_ids + r)
-            labels.append([IGNORE] * len(ex.prompt_ids) + r)
-        ws.append(base)
-        wt.append(base + ex.n_chosen - 1)
-        rej.append(base + ex.n_chosen)
-    T = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    label_t = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (s, lab) in enumerate(zip(seqs, labels)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        label_t[i, : len(s)] = torch.tensor(lab)
-        attention_mask[i, : len(s)] = 1
-    index = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=label_t,
-                ws=index(ws), wt=index(wt), rej=index(rej))
 
 
 # -----------------------------------------------------------------------------

@@ -192,11 +192,20 @@ def model_sequence_logps(model, batch):
     """Summed label log-probs per sequence [N] and the scored-token counts [N].
 
     A padded batch carries an attention_mask; a packed one carries position_ids that restart
-    per example and no mask (see data.collate_packed). use_cache=False matters for packing:
+    per sequence and no mask (see data.collate_packed), and `segments` when the sums are per
+    sequence rather than per row. use_cache=False matters for packing:
     with a cache, transformers lets packed examples attend to each other.
     """
     if not hasattr(model, "label_logprobs"):
         attach_label_logprobs(model)
     logps = model.label_logprobs(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                                  batch.get("position_ids"))
-    return logps.sum(-1), (batch["labels"][:, 1:] != IGNORE).sum(-1)
+    scored = batch["labels"][:, 1:] != IGNORE
+    if "segments" not in batch:  # one sequence per row
+        return logps.sum(-1), scored.sum(-1)
+    # several sequences per row: sum each token into its sequence (label-aligned, like logps)
+    seg = batch["segments"][:, 1:].clamp(min=0).flatten()  # padding scores 0, so any bin will do
+    sums = logps.new_zeros(batch["n_seqs"]).index_add(0, seg, logps.flatten())
+    counts = torch.zeros(batch["n_seqs"], dtype=torch.long, device=seg.device)
+    counts.index_add_(0, seg, scored.flatten().long())
+    return sums, counts

@@ -239,8 +239,23 @@ def eval_batches(n_items, micro_batch, run):
         yield [i if i < n_items else 0 for i in idx], weight
 
 
+def same_count_on_all_ranks(batches, run):
+    """Split the largest micro-batches until every rank has as many as the rank with the most.
+
+    FSDP gathers parameters in every forward pass, so all ranks must run the same number of
+    them. Ranks hold equally many rows, so splitting down to one row each always suffices.
+    """
+    most = torch.tensor(len(batches), device=run.device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    batches = list(batches)
+    while len(batches) < most.item():
+        big = batches.pop(max(range(len(batches)), key=lambda i: len(batches[i])))
+        batches += [big[: len(big) // 2], big[len(big) // 2 :]]
+    return batches
+
+
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def set_lr(optimizer, lr):

@@ -17,8 +17,8 @@ import data
 from fsdp_utils import DTYPES, cleanup, load_model, print0
 from logprobs import model_sequence_logps
 from training import MetricSum, StepLogger, TrainConfig, end_step, eval_batches, finish_run, get_lr, load_policy, \
-    optimizer_step, parse_config, resolve, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
-    training_steps, write_run_config
+    optimizer_step, parse_config, resolve, run_main, same_count_on_all_ranks, set_lr, start_run, throughput, \
+    to_device, total_steps_for, training_steps, write_run_config
 
 
 @dataclass
@@ -34,7 +34,9 @@ class Config(TrainConfig):
     alpha: float = 0.1  # weight of the source response y_ws (the paper's alpha_max)
     alpha_schedule: str = "linear"  # linear: 0 -> alpha over the run; constant: alpha throughout
     lr: float = 3e-7  # peak learning rate (AdamW)
-    # sequences (global_batch_size and micro_batch_size count rows; each row is 3 sequences)
+    # sequences (global_batch_size counts rows; each row is 3 sequences)
+    packing: bool = True  # all sequences of a micro-batch in one row, no padding; micro-batches by token budget
+    max_tokens_per_micro_batch: int = 0  # with packing: tokens per forward pass (0: 3 x max_length, one full row)
     max_prompt_length: int = 1800  # prompt tokens kept (from the end) when a row is too long
     truncation: str = "keep_end"  # keep_end: the paper's rule; error: reject over-long rows
 
@@ -132,7 +134,7 @@ def evaluate(policy, ref, examples, cfg, run, alpha):
     policy.eval()
     sums = MetricSum()
     for idx, weight in eval_batches(len(examples), cfg.micro_batch_size, run):
-        batch = to_device(data.collate([examples[i] for i in idx], run.pad_id), run.device)
+        batch = to_device(data.collate([examples[i] for i in idx], run.pad_id, cfg.packing), run.device)
         losses, rewards, logps = preference_forward(policy, ref, batch, alpha, cfg.beta)
         sums.add(row_metrics(losses, rewards, logps), weight)
     policy.train()
@@ -160,10 +162,12 @@ def main(argv):
     train_rows = load(cfg.data)
     eval_rows = load(cfg.eval_data) if cfg.eval_data else []
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
-    grad_accum = rows_per_rank // cfg.micro_batch_size
+    lengths = [data.row_length(ex) for ex in train_rows]
+    budget = cfg.max_tokens_per_micro_batch or 3 * cfg.max_length
+    micro = f"micro-batches of <= {budget} tokens" if cfg.packing else f"micro-batches of {cfg.micro_batch_size} rows"
     print0(f"{len(train_rows)} training rows, {len(eval_rows)} held-out rows; world {run.world} on "
-           f"{run.device.type}, global batch {cfg.global_batch_size} = {cfg.micro_batch_size} x {grad_accum} accum "
-           f"x {run.world} ranks; {total_steps} optimizer steps")
+           f"{run.device.type}; {total_steps} optimizer steps of {cfg.global_batch_size} rows "
+           f"({rows_per_rank} per rank, in {micro})")
     write_run_config(run, cfg)
 
     # --- models: sharded policy (fp32 master weights) and frozen sharded reference
@@ -188,10 +192,13 @@ def main(argv):
         t0 = time.time()
         lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
         alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
+        if cfg.packing:  # regroup this rank's rows by token budget instead of row count
+            rows = [i for mb in micro_batches for i in mb]
+            micro_batches = same_count_on_all_ranks(data.token_budget_batches(rows, lengths, budget), run)
         sums, tokens = MetricSum(), 0
         for rows in micro_batches:
-            batch = to_device(data.collate([train_rows[i] for i in rows], run.pad_id), run.device)
-            tokens += int(batch["attention_mask"].sum())
+            batch = to_device(data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing), run.device)
+            tokens += sum(lengths[i] for i in rows)
             losses, rewards, logps = preference_forward(policy, ref, batch, alpha, cfg.beta)
             # FSDP averages gradients over ranks, so dividing by this rank's rows per step
             # yields the gradient of the mean loss over the global batch

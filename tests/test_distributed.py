@@ -38,12 +38,15 @@ def _run(tmp_path, world, dtype, *extra):
 # of their bf16 copies. The losses (~0.6, where one bf16 ulp is 2^-8 * 0.5 ~ 2e-3) must agree
 # within that ulp; weights within 5e-3, a few Adam steps of lr 1e-3 (Adam's normalised update can
 # change sign where a gradient is near zero, so one step can differ by up to 2 * lr).
-# The 1-rank run scores with the naive full-logits path, the 2-rank run with the fused chunked
-# path (the lm_head gathered by FSDP for it) and activation checkpointing: neither may change the math.
+# The 1-rank run is the plain baseline: padded micro-batches of 2 rows, the naive full-logits
+# path. The 2-rank run is the fast path: packed micro-batches of at most 200 tokens (so ranks
+# run uneven splits and must even out their counts), the fused chunked log-probs (the lm_head
+# gathered by FSDP for it) and activation checkpointing. None of it may change the math.
 @pytest.mark.parametrize("dtype,loss_tol,weight_tol", [("float32", 1e-5, 1e-6), ("bfloat16", 2e-3, 5e-3)])
 def test_two_ranks_match_one_rank(tmp_path, dtype, loss_tol, weight_tol):
-    m1, w1 = _run(tmp_path, 1, dtype, "--logprobs=naive")
-    m2, w2 = _run(tmp_path, 2, dtype, "--logprobs=chunked", "--activation_checkpointing=true")
+    m1, w1 = _run(tmp_path, 1, dtype, "--logprobs=naive", "--packing=false")
+    m2, w2 = _run(tmp_path, 2, dtype, "--logprobs=chunked", "--activation_checkpointing=true",
+                  "--max_tokens_per_micro_batch=200")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3, 4, 5]
     for a, b in zip(m1, m2):
         assert abs(a["loss"] - b["loss"]) <= loss_tol, (a["step"], a["loss"], b["loss"])

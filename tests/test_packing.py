@@ -1,0 +1,64 @@
+"""Padding-free packing of preference rows: same log-probs and gradients as padded batches."""
+
+import json
+
+import torch
+
+import data
+from conftest import DEMO_MODEL
+from logprobs import model_sequence_logps
+from wrpo import wrpo_loss
+
+
+def rows(tmp_path, tokenizer, n=5):
+    lines = [json.loads(x) for x in (DEMO_MODEL.parent / "data" / "heldout.jsonl").read_text().splitlines()[:n]]
+    lines[1]["chosen"] = lines[1]["chosen"][:1]  # a DPO row among WRPO rows
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return data.load_dataset(path, tokenizer)
+
+
+def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    examples = rows(tmp_path, tokenizer)
+    results = {}
+    for packed in (False, True):
+        batch = data.collate(examples, tokenizer.pad_token_id, packed=packed)
+        assert ("attention_mask" in batch) != packed
+        model.zero_grad()
+        logps, counts = model_sequence_logps(model, batch)
+        ref = logps.detach() - 1.0  # any fixed reference
+        i = batch["ws"], batch["wt"], batch["rej"]
+        losses, _ = wrpo_loss(*(logps[j] for j in i), *(ref[j] for j in i), alpha=0.3, beta=0.5)
+        losses.sum().backward()
+        results[packed] = (logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (lp_pad, c_pad, g_pad), (lp_pack, c_pack, g_pack) = results[False], results[True]
+    assert lp_pad.shape == (14,) and c_pad.tolist() == c_pack.tolist()
+    torch.testing.assert_close(lp_pack, lp_pad, rtol=1e-5, atol=1e-5)
+    for name in g_pad:
+        torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=name)
+    packed_batch = data.collate(examples, tokenizer.pad_token_id, packed=True)
+    assert packed_batch["input_ids"].shape == (1, sum(data.row_length(ex) for ex in examples))  # no padding
+
+
+def test_token_budget_batches():
+    lengths = [50, 10, 300, 40, 40, 90, 5]
+    batches = data.token_budget_batches(list(range(7)), lengths, budget=100)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert [2] in batches  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in b) <= 100 for b in batches if len(b) > 1)
+    # longest first, each budget filled in turn: 300 | 90 | 50 + 40 | 40 + 10 + 5
+    assert batches == [[2], [5], [0, 3], [4, 1, 6]]
+
+
+def test_same_count_on_all_ranks_splits_the_largest(monkeypatch):
+    from types import SimpleNamespace
+
+    import training
+
+    monkeypatch.setattr(training.dist, "all_reduce", lambda t, op=None: t.fill_(5))  # another rank has 5
+    out = training.same_count_on_all_ranks([[1, 2, 3, 4], [5], [6, 7]], SimpleNamespace(device=torch.device("cpu")))
+    assert len(out) == 5 and sorted(i for b in out for i in b) == [1, 2, 3, 4, 5, 6, 7]
+    assert all(b for b in out)
