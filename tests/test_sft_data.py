@@ -93,7 +93,7 @@ def test_packed_forward_equals_unpacked(tokenizer):
     examples = []
     for n in (9, 5, 13, 7, 4):
         ids = torch.randint(0, len(tokenizer), (n,), generator=g).tolist()
-        examples.append(data.SFTExample(ids, [IGNORE] + ids[1:], "x"))
+        examples.append(data.Sequence(ids, [IGNORE] + ids[1:], "x"))
     rows = [examples[:3], examples[3:]]  # two packed rows of different fill, so the second is padded
     batch = collate_packed(rows, tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, 27)
