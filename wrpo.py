@@ -7,14 +7,23 @@ One 8-GPU node, the paper's setup (policy and reference = the SFT model):
 Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below.
 """
 
+import hashlib
+import math
+import os
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 import data
-from fsdp_utils import DTYPES, cleanup, load_model, print0
+from fsdp_utils import DTYPES, cleanup, is_master, load_model, print0
 from logprobs import model_sequence_logps
 from training import MetricSum, StepLogger, TrainConfig, end_step, eval_batches, finish_run, get_lr, load_policy, \
     optimizer_step, parse_config, resolve, run_main, same_count_on_all_ranks, set_lr, start_run, throughput, \
@@ -26,6 +35,8 @@ class Config(TrainConfig):
     # model and data (shared settings such as batch size and dtype: TrainConfig in training.py)
     model: str = "demo/model"  # policy init: local folder or hub id (the paper: the SFT model)
     ref_model: str = ""  # frozen reference; empty = the same checkpoint as `model`
+    ref_logps: str = "precompute"  # precompute: one pass of the reference before training, cached; live: every step
+    ref_cache_dir: str = ""  # where precomputed reference log-probs are cached; empty = next to the data file
     data: str = "demo/data/train.jsonl"  # WRPO rows: .jsonl, .json, .parquet or a folder of them
     eval_data: str = ""  # held-out WRPO rows for reward accuracy; empty = no evaluation
     out_dir: str = "out/wrpo"  # metrics.jsonl, config.json and checkpoints go here
@@ -49,6 +60,8 @@ def wrpo_problems(cfg):
         problems.append(f"alpha must be in [0, 1], got {cfg.alpha}")
     if cfg.alpha_schedule not in ("linear", "constant"):
         problems.append(f"alpha_schedule must be 'linear' or 'constant', got '{cfg.alpha_schedule}'")
+    if cfg.ref_logps not in ("precompute", "live"):
+        problems.append(f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'")
     return problems
 
 
@@ -96,16 +109,17 @@ def get_alpha(step, total_steps, alpha, schedule):
 # one micro-batch, metrics, evaluation
 
 
-def preference_forward(policy, ref, batch, alpha, beta):
-    """Log-probs of every sequence under policy (with grad) and reference, then the WRPO loss."""
-    policy_logps, _ = model_sequence_logps(policy, batch)
-    with torch.no_grad():
-        ref_logps, _ = model_sequence_logps(ref, batch)
-    ws, wt, rej = batch["ws"], batch["wt"], batch["rej"]
-    losses, rewards = wrpo_loss(policy_logps[ws], policy_logps[wt], policy_logps[rej],
-                                ref_logps[ws], ref_logps[wt], ref_logps[rej], alpha=alpha, beta=beta)
-    logps = {"source_chosen": policy_logps[ws].detach(), "target_chosen": policy_logps[wt].detach(),
-             "rejected": policy_logps[rej].detach()}
+def row_logps(model, batch):
+    """Summed log-probs of each row's (source chosen, target chosen, rejected) responses: [B, 3]."""
+    logps, _ = model_sequence_logps(model, batch)
+    return torch.stack([logps[batch["ws"]], logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
+
+
+def preference_forward(policy, batch, ref_logps, alpha, beta):
+    """Policy log-probs (with grad) of every sequence, then the WRPO loss against ref_logps [B, 3]."""
+    pol = row_logps(policy, batch)
+    losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=beta)
+    logps = dict(zip(("source_chosen", "target_chosen", "rejected"), pol.detach().unbind(-1)))
     return losses, rewards, logps
 
 
@@ -127,18 +141,86 @@ def row_metrics(losses, rewards, logps):
 
 
 @torch.no_grad()
-def evaluate(policy, ref, examples, cfg, run, alpha):
-    """Held-out implicit-reward metrics (accuracy = the weighted chosen reward beats the rejected).
-
-    """
+def evaluate(policy, reference, examples, cfg, run, alpha):
+    """Held-out implicit-reward metrics (accuracy = the weighted chosen reward beats the rejected)."""
     policy.eval()
     sums = MetricSum()
     for idx, weight in eval_batches(len(examples), cfg.micro_batch_size, run):
         batch = to_device(data.collate([examples[i] for i in idx], run.pad_id, cfg.packing), run.device)
-        losses, rewards, logps = preference_forward(policy, ref, batch, alpha, cfg.beta)
+        losses, rewards, logps = preference_forward(policy, batch, reference(batch, idx), alpha, cfg.beta)
         sums.add(row_metrics(losses, rewards, logps), weight)
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
+
+
+# -----------------------------------------------------------------------------
+# reference log-probs: one pass before training (cached), or the live model every step
+
+
+def reference_cache_path(cfg, ref_path, examples, data_path):
+    """Cache file for the reference log-probs of `examples`, named by a hash of all they depend on.
+
+    That is the reference checkpoint (its files' names, sizes and modification times), the
+    tokenized rows themselves (so the data, tokenizer, chat template and truncation settings)
+    and the compute settings. Any change gives a new name, so a stale cache is never read.
+    """
+    h = hashlib.sha256()
+    ref = Path(ref_path)
+    for f in sorted(ref.glob("*.safetensors")) + sorted(ref.glob("*.json")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    for ex in examples:
+        flat = [ex.n_chosen, -1, *ex.prompt_ids] + [t for r in ex.responses for t in (-1, *r)] + [-2]
+        h.update(np.asarray(flat, dtype=np.int64).tobytes())
+    h.update(f"{cfg.dtype}:{cfg.attn_implementation}".encode())
+    data_path = Path(data_path)
+    folder = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else (data_path if data_path.is_dir() else data_path.parent)
+    return folder / f"{data_path.name}.ref-logps-{h.hexdigest()[:20]}.safetensors"
+
+
+@torch.no_grad()
+def compute_reference(ref, examples, cfg, run, desc):
+    """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks."""
+    per_rank = math.ceil(len(examples) / run.world)
+    mine = torch.zeros(per_rank, 3, device=run.device)
+    at = 0
+    for idx, _ in tqdm(list(eval_batches(len(examples), cfg.micro_batch_size, run)), desc=desc,
+                       disable=not is_master() or not sys.stderr.isatty()):
+        batch = to_device(data.collate([examples[i] for i in idx], run.pad_id, cfg.packing), run.device)
+        mine[at : at + len(idx)] = row_logps(ref, batch).float()
+        at += len(idx)
+    parts = [torch.zeros_like(mine) for _ in range(run.world)]
+    dist.all_gather(parts, mine)  # rank r holds rows [r * per_rank, (r + 1) * per_rank)
+    return torch.cat(parts)[: len(examples)].cpu()
+
+
+def precomputed_reference(load_ref, ref_path, datasets, cfg, run):
+    """Reference log-probs [n_rows, 3] for each (data path, rows), from the cache or one pass.
+
+    The reference model is loaded only when a cache is missing, and freed afterwards.
+    """
+    tables, ref = [], None
+    for data_path, examples in datasets:
+        path = reference_cache_path(cfg, ref_path, examples, data_path)
+        if path.exists():
+            print0(f"reference log-probs: {path} (cached)")
+            tables.append(load_file(path)["logps"])
+            continue
+        ref = ref or load_ref()
+        t0 = time.time()
+        table = compute_reference(ref, examples, cfg, run, f"reference {Path(data_path).name}")
+        if is_master():
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".tmp")
+                save_file({"logps": table}, tmp, metadata={"data": str(data_path), "reference": str(ref_path)})
+                os.replace(tmp, path)  # never a half-written cache under the final name
+                print0(f"reference log-probs: {path} ({len(examples)} rows in {time.time() - t0:.1f}s)")
+            except OSError as e:
+                print0(f"reference log-probs: computed, not cached ({path.parent} not writable: {e})")
+        tables.append(table)
+    del ref  # the reference is never needed again
+    return tables
 
 
 # -----------------------------------------------------------------------------
@@ -170,16 +252,30 @@ def main(argv):
            f"({rows_per_rank} per rank, in {micro})")
     write_run_config(run, cfg)
 
-    # --- models: sharded policy (fp32 master weights) and frozen sharded reference
+    # --- models: frozen sharded reference (or its cached log-probs), sharded policy (fp32 master weights)
+    def load_ref():
+        return load_model(ref_path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=False,
+                          trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                          logprobs=cfg.logprobs)
+
+    if cfg.ref_logps == "live":
+        ref = load_ref()
+
+        def reference(batch, rows, table=None):
+            with torch.no_grad():
+                return row_logps(ref, batch)
+        train_ref = eval_ref = reference
+    else:
+        datasets = [(cfg.data, train_rows)] + ([(cfg.eval_data, eval_rows)] if eval_rows else [])
+        tables = precomputed_reference(load_ref, ref_path, datasets, cfg, run)
+        train_ref = lambda batch, rows: tables[0][rows].to(run.device)  # noqa: E731
+        eval_ref = lambda batch, rows: tables[-1][rows].to(run.device)  # noqa: E731
     policy, optimizer = load_policy(run, cfg)
-    ref = load_model(ref_path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=False,
-                     trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-                     logprobs=cfg.logprobs)
 
     def run_eval(step):
         if not eval_rows:
             return {}
-        m = evaluate(policy, ref, eval_rows, cfg, run, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule))
+        m = evaluate(policy, eval_ref, eval_rows, cfg, run, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule))
         print0(f"step {step}: held-out reward accuracy {m['eval/rewards/accuracies']:.3f} "
                f"(source {m['eval/rewards/source_accuracies']:.3f}, target {m['eval/rewards/target_accuracies']:.3f}), "
                f"margin {m['eval/rewards/margins']:.4f}")
@@ -199,7 +295,7 @@ def main(argv):
         for rows in micro_batches:
             batch = to_device(data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing), run.device)
             tokens += sum(lengths[i] for i in rows)
-            losses, rewards, logps = preference_forward(policy, ref, batch, alpha, cfg.beta)
+            losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta)
             # FSDP averages gradients over ranks, so dividing by this rank's rows per step
             # yields the gradient of the mean loss over the global batch
             (losses.sum() / rows_per_rank).backward()

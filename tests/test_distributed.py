@@ -28,7 +28,8 @@ def test_sharded_loading_and_hf_checkpoints(tmp_path):
 
 def _run(tmp_path, world, dtype, *extra):
     out = tmp_path / f"{dtype}_{world}"
-    torchrun(world, REPO / "wrpo.py", *SHORT_RUN, f"--dtype={dtype}", f"--out_dir={out}", *extra)
+    torchrun(world, REPO / "wrpo.py", *SHORT_RUN, f"--dtype={dtype}", f"--out_dir={out}",
+             f"--ref_cache_dir={tmp_path / 'cache'}", *extra)
     return read_jsonl(out / "metrics.jsonl"), load_file(out / "final" / "model.safetensors")
 
 
@@ -38,13 +39,14 @@ def _run(tmp_path, world, dtype, *extra):
 # of their bf16 copies. The losses (~0.6, where one bf16 ulp is 2^-8 * 0.5 ~ 2e-3) must agree
 # within that ulp; weights within 5e-3, a few Adam steps of lr 1e-3 (Adam's normalised update can
 # change sign where a gradient is near zero, so one step can differ by up to 2 * lr).
-# The 1-rank run is the plain baseline: padded micro-batches of 2 rows, the naive full-logits
-# path. The 2-rank run is the fast path: packed micro-batches of at most 200 tokens (so ranks
-# run uneven splits and must even out their counts), the fused chunked log-probs (the lm_head
-# gathered by FSDP for it) and activation checkpointing. None of it may change the math.
+# The 1-rank run is the plain baseline: the live reference model, padded micro-batches of 2 rows,
+# the naive full-logits path. The 2-rank run is the fast path: precomputed reference log-probs,
+# packed micro-batches of at most 200 tokens (so ranks run uneven splits and must even out their
+# counts), the fused chunked log-probs (the lm_head gathered by FSDP for it) and activation
+# checkpointing. None of it may change the math.
 @pytest.mark.parametrize("dtype,loss_tol,weight_tol", [("float32", 1e-5, 1e-6), ("bfloat16", 2e-3, 5e-3)])
 def test_two_ranks_match_one_rank(tmp_path, dtype, loss_tol, weight_tol):
-    m1, w1 = _run(tmp_path, 1, dtype, "--logprobs=naive", "--packing=false")
+    m1, w1 = _run(tmp_path, 1, dtype, "--ref_logps=live", "--logprobs=naive", "--packing=false")
     m2, w2 = _run(tmp_path, 2, dtype, "--logprobs=chunked", "--activation_checkpointing=true",
                   "--max_tokens_per_micro_batch=200")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3, 4, 5]
@@ -64,7 +66,8 @@ def test_two_ranks_match_one_rank(tmp_path, dtype, loss_tol, weight_tol):
 def test_demo_command_trains_and_improves_heldout_accuracy(tmp_path):
     """The README's demo command, shortened to one epoch."""
     out = tmp_path / "demo"
-    stdout = torchrun(2, REPO / "wrpo.py", "--config=demo/wrpo.json", "--epochs=1", f"--out_dir={out}")
+    stdout = torchrun(2, REPO / "wrpo.py", "--config=demo/wrpo.json", "--epochs=1", f"--out_dir={out}",
+                      f"--ref_cache_dir={tmp_path / 'cache'}")
     assert "held-out reward accuracy: 0.500 before" in stdout
     final = read_jsonl(out / "metrics.jsonl")[-1]
     assert final["eval/rewards/accuracies"] > 0.7, final
@@ -91,8 +94,12 @@ def _plain(*args):
 
 def test_plain_python_single_process_and_user_errors(tmp_path):
     out = tmp_path / "plain"
-    ok = _plain(*SHORT_RUN, "--max_steps=2", "--save_every=1", f"--out_dir={out}")
+    cache = f"--ref_cache_dir={tmp_path / 'cache'}"
+    ok = _plain(*SHORT_RUN, "--max_steps=2", "--save_every=1", f"--out_dir={out}", cache)
     assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "(cached)" not in ok.stdout and len(list((tmp_path / "cache").glob("*.ref-logps-*.safetensors"))) == 1
+    rerun = _plain(*SHORT_RUN, "--max_steps=1", f"--out_dir={tmp_path / 'plain2'}", cache)
+    assert rerun.returncode == 0 and "(cached)" in rerun.stdout  # the second run reads the cache
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "final", "metrics.jsonl", "step_000001"]
     assert json.loads((out / "step_000001" / "train_config.json").read_text())["step"] == 1

@@ -62,3 +62,31 @@ def test_same_count_on_all_ranks_splits_the_largest(monkeypatch):
     out = training.same_count_on_all_ranks([[1, 2, 3, 4], [5], [6, 7]], SimpleNamespace(device=torch.device("cpu")))
     assert len(out) == 5 and sorted(i for b in out for i in b) == [1, 2, 3, 4, 5, 6, 7]
     assert all(b for b in out)
+
+
+def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenizer):
+    import copy
+    import os
+    import shutil
+
+    from wrpo import Config, reference_cache_path
+
+    ref = tmp_path / "ref"
+    shutil.copytree(DEMO_MODEL, ref)
+    cfg = Config(ref_cache_dir=str(tmp_path / "cache"))
+    examples = rows(tmp_path, tokenizer)
+    path = lambda c=cfg, ex=examples: reference_cache_path(c, ref, ex, tmp_path / "rows.jsonl")  # noqa: E731
+    base = path()
+    assert base == path() and base.parent == tmp_path / "cache" and base.name.startswith("rows.jsonl.ref-logps-")
+    assert path(ex=examples[:-1]) != base  # other data
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = tok.chat_template.replace("<|eot_id|>", "<|end_of_text|>")
+    retokenized = data.load_dataset(tmp_path / "rows.jsonl", tok)
+    assert path(ex=retokenized) != base  # other tokenizer or chat template
+    truncated = data.load_dataset(tmp_path / "rows.jsonl", tokenizer, max_length=24, max_prompt_length=16)
+    assert path(ex=truncated) != base  # other truncation settings
+    assert path(c=Config(ref_cache_dir=cfg.ref_cache_dir, dtype="float32")) != base  # other compute dtype
+    weights = ref / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert path() != base  # other reference weights
+    assert reference_cache_path(Config(), ref, examples, tmp_path / "rows.jsonl").parent == tmp_path  # beside data

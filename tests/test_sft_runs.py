@@ -45,7 +45,8 @@ def test_demo_pipeline_split_sft_wrpo(tmp_path):
     assert json.loads((sft_dir / "final" / "train_config.json").read_text())["packing"] is True
 
     out = torchrun(2, REPO / "wrpo.py", "--config=demo/wrpo_after_sft.json", f"--model={sft_dir / 'final'}",
-                   f"--data={split_dir / 'wrpo.jsonl'}", f"--out_dir={wrpo_dir}", "--epochs=1")
+                   f"--data={split_dir / 'wrpo.jsonl'}", f"--out_dir={wrpo_dir}", "--epochs=1",
+                   f"--ref_cache_dir={tmp_path / 'cache'}")
     # policy and reference both start as the SFT model: every implicit reward is exactly 0
     assert "step 0: held-out reward accuracy 0.500 (source 0.500, target 0.500), margin 0.0000" in out
     final = read_jsonl(wrpo_dir / "metrics.jsonl")[-1]
