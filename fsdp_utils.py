@@ -173,7 +173,7 @@ def decoder_layers(model):
 
 
 def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_checkpointing=False,
-               trust_remote_code=False, attn_implementation="sdpa", logprobs="auto"):
+               trust_remote_code=False, attn_implementation="sdpa", logprobs="auto", compile=False):
     """Build a causal LM on the meta device, shard it, then load this rank's slices.
 
     `path` is a local folder or a hub id (resolved to a local snapshot first). The model gets
@@ -195,6 +195,9 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
         # non-reentrant checkpointing recomputes each layer in backward and composes with FSDP2
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if compile:  # per layer, before sharding: every layer has the same code, so one compiled graph serves all
+        for layer in decoder_layers(model):
+            layer.compile()
     apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True)
     attach_label_logprobs(model, logprobs)
     model.to_empty(device=device)

@@ -75,7 +75,7 @@ def evaluate(policy, examples, seqs, cfg, run):
 
 
 LOG_FIELDS = [("loss", "loss", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad norm", ".3g"),
-              ("tokens_per_s", "tok/s", ".0f")]
+              ("tokens_per_s", "tok/s", ".0f"), ("mfu", "MFU", ".1%")]
 
 
 def main(argv):
@@ -127,7 +127,7 @@ def main(argv):
         # --- log, evaluate, checkpoint
         tokens = sum(len(ex.ids) for g in groups for seq in g for ex in seq)
         m = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **sums.mean(),
-             **throughput(tokens, t0, run.device)}
+             **throughput(tokens, t0, run)}
         end_step(run, cfg, policy, logger, m, run_eval, total_steps)
 
     # --- final evaluation and checkpoint

@@ -45,6 +45,7 @@ class TrainConfig:
     activation_checkpointing: str = "auto"  # auto: on with CUDA (as in the paper), off on CPU
     attn_implementation: str = "sdpa"
     logprobs: str = "auto"  # label log-prob path: auto (triton on CUDA, else chunked), chunked, triton, naive
+    compile: bool = False  # torch.compile each decoder layer: faster GPU steps after a compile of minutes
     # logging and checkpoints
     log_every: int = 10  # print a line every N steps (metrics.jsonl gets every step)
     eval_every: int = 0  # held-out evaluation every N steps (0: only before and after training)
@@ -142,6 +143,7 @@ class Run:
     model_path: str  # resolved local folder of cfg.model
     tokenizer: object
     pad_id: int
+    n_params: int = 0  # of the trained model, for MFU
 
 
 def start_run(cfg, problems=()):
@@ -199,10 +201,10 @@ def load_policy(run, cfg):
         cfg.activation_checkpointing == "auto" and run.device.type == "cuda")
     policy = load_model(run.model_path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=True,
                         activation_checkpointing=checkpointing, trust_remote_code=cfg.trust_remote_code,
-                        attn_implementation=cfg.attn_implementation, logprobs=cfg.logprobs)
+                        attn_implementation=cfg.attn_implementation, logprobs=cfg.logprobs, compile=cfg.compile)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
-    n_params = sum(p.numel() for p in policy.parameters())
+    run.n_params = n_params = sum(p.numel() for p in policy.parameters())
     print0(f"policy: {n_params / 1e6:.2f}M parameters, compute {cfg.dtype}, "
            f"activation checkpointing {'on' if checkpointing else 'off'}, "
            f"log-probs {resolve_impl(cfg.logprobs, run.device)}")
@@ -341,11 +343,40 @@ class StepLogger:
             print0(f"trained {self.total} steps in {self.t_last - self.t_start:.1f}s")
 
 
-def throughput(tokens, t0, device):
-    """Tokens per second over all ranks since t0, and the step time."""
-    total = global_sum(tokens, device)
+# dense bf16 peak FLOP/s by device name, for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device):
+    """This rank's peak so far: allocated GPU memory, or the CPU process's resident-set high-water mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def throughput(tokens, t0, run):
+    """Tokens per second over all ranks since t0, the step time, and on GPU the MFU.
+
+    MFU = 6 x parameters x tokens/s over the devices' peak bf16 rate: the trained model's
+    forward and backward only (recomputation and the reference's forward are not counted).
+    """
+    total = global_sum(tokens, run.device)
     dt = time.time() - t0
-    return {"tokens_per_s": total / dt, "step_time_s": dt}
+    out = {"tokens_per_s": total / dt, "step_time_s": dt, "peak_memory_gib": peak_memory_gib(run.device)}
+    peak = peak_flops(run.device)
+    if peak and run.n_params:
+        out["mfu"] = 6 * run.n_params * total / dt / (peak * run.world)
+    return out
 
 
 def end_step(run, cfg, policy, logger, m, run_eval, total_steps):

@@ -228,7 +228,7 @@ def precomputed_reference(load_ref, ref_path, datasets, cfg, run):
 
 LOG_FIELDS = [("loss", "loss", ".4f"), ("rewards/accuracies", "acc", ".3f"), ("rewards/margins", "margin", ".4g"),
               ("alpha", "alpha", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad norm", ".3g"),
-              ("tokens_per_s", "tok/s", ".0f")]
+              ("tokens_per_s", "tok/s", ".0f"), ("mfu", "MFU", ".1%")]
 
 
 def main(argv):
@@ -304,7 +304,7 @@ def main(argv):
 
         # --- log, evaluate, checkpoint
         m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **sums.mean(),
-             **throughput(tokens, t0, run.device)}
+             **throughput(tokens, t0, run)}
         end_step(run, cfg, policy, logger, m, run_eval, total_steps)
 
     # --- final evaluation and checkpoint

@@ -121,3 +121,14 @@ def test_plain_python_single_process_and_user_errors(tmp_path):
 
     bad_batch = _plain("--global_batch_size=10", "--micro_batch_size=4", f"--out_dir={tmp_path / 'z'}")
     assert bad_batch.returncode == 2 and "must be a multiple of micro_batch_size" in bad_batch.stderr
+
+
+def test_compiled_layers_give_the_same_losses(tmp_path):
+    """--compile=true (torch.compile per decoder layer) changes speed, not the numbers (fp32)."""
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"compile_{flag}"
+        torchrun(1, REPO / "wrpo.py", *SHORT_RUN, "--max_steps=3", "--dtype=float32", f"--compile={flag}",
+                 f"--out_dir={out}", f"--ref_cache_dir={tmp_path / 'cache'}")
+        runs[flag] = [m["loss"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert len(runs["true"]) == 3 and max(abs(a - b) for a, b in zip(runs["true"], runs["false"])) <= 1e-5
