@@ -389,8 +389,10 @@ def row_length(ex):
 def collate(examples, pad_id, packed=False):
     """The sequences of a micro-batch of preference rows, and where each row's three are.
 
-    packed: one row holding every sequence back to back (no padding, see collate_packed);
-    otherwise one right-padded row per sequence with an attention_mask. Either way the index
+    packed: the sequences back to back in rows as wide as the longest of them (first fit,
+    longest first: rows come out nearly full, and attention, which the block mask still
+    computes over a whole row, stays near the cost of the sequences alone; see collate_packed).
+    Otherwise one right-padded row per sequence with an attention_mask. Either way the index
     tensors ws, wt, rej [B] select each row's source-chosen, target-chosen and rejected
     sequence; for DPO rows ws == wt.
     """
@@ -400,10 +402,23 @@ def collate(examples, pad_id, packed=False):
         wt.append(n + ex.n_chosen - 1)
         rej.append(n + ex.n_chosen)
         n += len(ex.responses)
-    index = dict(ws=torch.tensor(ws), wt=torch.tensor(wt), rej=torch.tensor(rej))
-    if packed:
-        return {**collate_packed([[s for ex in examples for s in row_sequences(ex)]], pad_id, segments=True), **index}
-    return {**collate_padded([s for ex in examples for s in row_sequences(ex)], pad_id), **index}
+    seqs = [s for ex in examples for s in row_sequences(ex)]
+    if not packed:
+        return {**collate_padded(seqs, pad_id), "ws": torch.tensor(ws), "wt": torch.tensor(wt),
+                "rej": torch.tensor(rej)}
+    width = max(len(s.ids) for s in seqs)
+    rows, fill = [], []
+    for k in sorted(range(len(seqs)), key=lambda k: -len(seqs[k].ids)):
+        r = next((r for r in range(len(rows)) if fill[r] + len(seqs[k].ids) <= width), len(rows))
+        if r == len(rows):
+            rows.append([])
+            fill.append(0)
+        rows[r].append(k)
+        fill[r] += len(seqs[k].ids)
+    segment = {k: i for i, k in enumerate(k for row in rows for k in row)}  # collate_packed's numbering
+    remap = lambda idx: torch.tensor([segment[k] for k in idx])  # noqa: E731
+    return {**collate_packed([[seqs[k] for k in row] for row in rows], pad_id, segments=True),
+            "ws": remap(ws), "wt": remap(wt), "rej": remap(rej)}
 
 
 def collate_padded(seqs, pad_id):

@@ -146,7 +146,8 @@ def evaluate(policy, reference, examples, cfg, run, alpha):
     policy.eval()
     sums = MetricSum()
     for idx, weight in eval_batches(len(examples), cfg.micro_batch_size, run):
-        batch = to_device(data.collate([examples[i] for i in idx], run.pad_id, cfg.packing), run.device)
+        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing)
+        batch = to_device(batch, run.device)
         losses, rewards, logps = preference_forward(policy, batch, reference(batch, idx), alpha, cfg.beta)
         sums.add(row_metrics(losses, rewards, logps), weight)
     policy.train()
@@ -186,7 +187,8 @@ def compute_reference(ref, examples, cfg, run, desc):
     at = 0
     for idx, _ in tqdm(list(eval_batches(len(examples), cfg.micro_batch_size, run)), desc=desc,
                        disable=not is_master() or not sys.stderr.isatty()):
-        batch = to_device(data.collate([examples[i] for i in idx], run.pad_id, cfg.packing), run.device)
+        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing)
+        batch = to_device(batch, run.device)
         mine[at : at + len(idx)] = row_logps(ref, batch).float()
         at += len(idx)
     parts = [torch.zeros_like(mine) for _ in range(run.world)]
@@ -293,7 +295,8 @@ def main(argv):
             micro_batches = same_count_on_all_ranks(data.token_budget_batches(rows, lengths, budget), run)
         sums, tokens = MetricSum(), 0
         for rows in micro_batches:
-            batch = to_device(data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing), run.device)
+            batch = data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing)
+            batch = to_device(batch, run.device)
             tokens += sum(lengths[i] for i in rows)
             losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta)
             # FSDP averages gradients over ranks, so dividing by this rank's rows per step

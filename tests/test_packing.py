@@ -33,14 +33,19 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
         i = batch["ws"], batch["wt"], batch["rej"]
         losses, _ = wrpo_loss(*(logps[j] for j in i), *(ref[j] for j in i), alpha=0.3, beta=0.5)
         losses.sum().backward()
-        results[packed] = (logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()})
+        by_row = lambda t: torch.stack([t[j] for j in i], -1)  # noqa: E731  [B, 3], whatever the sequence order
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[packed] = (by_row(logps.detach()), by_row(counts), grads)
     (lp_pad, c_pad, g_pad), (lp_pack, c_pack, g_pack) = results[False], results[True]
-    assert lp_pad.shape == (14,) and c_pad.tolist() == c_pack.tolist()
+    assert lp_pad.shape == (5, 3) and c_pad.tolist() == c_pack.tolist()
     torch.testing.assert_close(lp_pack, lp_pad, rtol=1e-5, atol=1e-5)
     for name in g_pad:
         torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=name)
     packed_batch = data.collate(examples, tokenizer.pad_token_id, packed=True)
-    assert packed_batch["input_ids"].shape == (1, sum(data.row_length(ex) for ex in examples))  # no padding
+    n_rows, width = packed_batch["input_ids"].shape
+    longest = max(len(ex.prompt_ids) + len(r) for ex in examples for r in ex.responses)
+    assert width == longest and n_rows <= 14  # rows as wide as the longest sequence
+    assert int((packed_batch["segments"] >= 0).sum()) == sum(data.row_length(ex) for ex in examples)
 
 
 def test_token_budget_batches():
