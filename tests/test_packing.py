@@ -95,3 +95,18 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert path() != base  # other reference weights
     assert reference_cache_path(Config(), ref, examples, tmp_path / "rows.jsonl").parent == tmp_path  # beside data
+
+
+def test_packed_rows_combine_sequences_and_index_them_right():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rand = lambda n: torch.randint(10, 99, (n,), generator=g).tolist()  # noqa: E731
+    examples = [data.Example(rand(p), [rand(a), rand(b), rand(c)], 2, f"x:{i}")
+                for i, (p, a, b, c) in enumerate([(5, 40, 3, 2), (3, 4, 30, 6), (8, 2, 2, 20), (4, 7, 5, 9)])]
+    batch = data.collate(examples, pad_id=0, packed=True)
+    width = batch["input_ids"].shape[1]
+    assert width == 45 and batch["input_ids"].shape[0] < 12  # short sequences share rows
+    for i, ex in enumerate(examples):
+        for key, response in zip(("ws", "wt", "rej"), ex.responses):
+            where = batch["segments"] == batch[key][i]
+            assert batch["input_ids"][where].tolist() == ex.prompt_ids + response
+            assert (batch["position_ids"][where] == torch.arange(len(ex.prompt_ids) + len(response))).all()
