@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS = {
     # model (Llama), data and batch settings
     # a decoder-dominated profile like a real Llama's (the head is ~19% of the FLOPs; Llama-3-8B: ~7%)
-    "cpu": dict(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=688, vocab=4096, scale=4, rows=48,
-                global_batch=8, micro_batch=2, max_length=512, max_prompt_length=128, dtype="float32", steps=5),
+    "cpu": dict(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=688, vocab=4096, scale=4, rows=96,
+                global_batch=8, micro_batch=2, max_length=512, max_prompt_length=128, dtype="float32", steps=9),
     # the same data with a head-dominated tiny model (the head is ~84% of the FLOPs)
     "cpu-wide-head": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352, vocab=16384, scale=4,
                           rows=48, global_batch=8, micro_batch=2, max_length=512, max_prompt_length=128,
