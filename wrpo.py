@@ -208,7 +208,8 @@ def precomputed_reference(load_ref, ref_path, datasets, cfg, run):
             print0(f"reference log-probs: {path} (cached)")
             tables.append(load_file(path)["logps"])
             continue
-        ref = ref or load_ref()
+        if ref is None:
+            ref = load_ref()
         t0 = time.time()
         table = compute_reference(ref, examples, cfg, run, f"reference {Path(data_path).name}")
         if is_master():
@@ -263,10 +264,10 @@ def main(argv):
     if cfg.ref_logps == "live":
         ref = load_ref()
 
-        def reference(batch, rows, table=None):
-            with torch.no_grad():
-                return row_logps(ref, batch)
-        train_ref = eval_ref = reference
+        @torch.no_grad()
+        def train_ref(batch, rows):
+            return row_logps(ref, batch)
+        eval_ref = train_ref
     else:
         datasets = [(cfg.data, train_rows)] + ([(cfg.eval_data, eval_rows)] if eval_rows else [])
         tables = precomputed_reference(load_ref, ref_path, datasets, cfg, run)
