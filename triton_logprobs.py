@@ -50,8 +50,8 @@ def lse_and_target(hidden, weight, labels, block_n=64, block_v=128, block_d=64):
     n, d = hidden.shape
     lse = new_output((n,), torch.float32, hidden.device)
     target = new_output((n,), torch.float32, hidden.device)
-    # fp32 inputs: exact fp32 products (tl.dot would otherwise use tf32 on GPU)
-    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    # fp32 inputs: exact fp32 products (tl.dot would otherwise use tf32 on GPU); bf16: the default
+    precision = "ieee" if hidden.dtype == torch.float32 else None
     grid = (triton.cdiv(n, block_n),)
     _lse_target_kernel[grid](hidden, weight, labels, lse, target, n, weight.shape[0], d, hidden.stride(0),
                              weight.stride(0), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
