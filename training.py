@@ -202,8 +202,9 @@ def load_policy(run, cfg):
     policy = load_model(run.model_path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=True,
                         activation_checkpointing=checkpointing, trust_remote_code=cfg.trust_remote_code,
                         attn_implementation=cfg.attn_implementation, logprobs=cfg.logprobs, compile=cfg.compile)
+    # foreach: one kernel per op over all parameters (torch picks it on CUDA, not on CPU)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, foreach=True)
     run.n_params = n_params = sum(p.numel() for p in policy.parameters())
     print0(f"policy: {n_params / 1e6:.2f}M parameters, compute {cfg.dtype}, "
            f"activation checkpointing {'on' if checkpointing else 'off'}, "
