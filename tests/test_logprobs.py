@@ -38,24 +38,15 @@ def value_and_grads(fn, h, w, y, up):
     return out.detach(), h.grad.clone(), w.grad.clone()
 
 
+@pytest.mark.parametrize("fused", [chunked_logprobs, triton_logprobs], ids=["chunked", "triton"])
 @pytest.mark.parametrize("tokens,hidden,vocab,chunk", SHAPES)
-def test_chunked_matches_naive_fp32(tokens, hidden, vocab, chunk):
+def test_fused_matches_naive_fp32(fused, tokens, hidden, vocab, chunk):
+    """triton runs under TRITON_INTERPRET=1 on CPU (fp32 only there); on a GPU, the real kernel."""
     h, w, y, up = inputs(tokens, hidden, vocab, torch.float32)
     want = value_and_grads(naive_logprobs, h, w, y, up)
-    got = value_and_grads(lambda *a: chunked_logprobs(*a, chunk), h, w, y, up)
+    got = value_and_grads(lambda *a: fused(*a, chunk), h, w, y, up)
     for a, b in zip(got, want):
         assert not a.isnan().any()  # every element written (outputs start as NaN)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("tokens,hidden,vocab,chunk", SHAPES)
-def test_triton_matches_naive_fp32(tokens, hidden, vocab, chunk):
-    """Under TRITON_INTERPRET=1 on CPU (fp32 only there); on a GPU the same test runs the real kernel."""
-    h, w, y, up = inputs(tokens, hidden, vocab, torch.float32)
-    want = value_and_grads(naive_logprobs, h, w, y, up)
-    got = value_and_grads(lambda *a: triton_logprobs(*a, chunk), h, w, y, up)
-    for a, b in zip(got, want):
-        assert not a.isnan().any()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
