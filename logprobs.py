@@ -42,7 +42,7 @@ def _acc(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def naive_logprobs(hidden, weight, labels):
+def naive_logprobs(hidden, weight, labels, chunk=None):  # chunk: unused, the paths share one signature
     logits = (hidden @ weight.T).to(_acc(hidden))
     return torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
 
@@ -137,7 +137,7 @@ def token_logprobs(hidden, weight, labels, impl="auto", chunk=None):
     if mask.any():
         h, y = hidden[mask], labels[mask]
         fn = {"naive": naive_logprobs, "chunked": chunked_logprobs, "triton": triton_logprobs}[impl]
-        out = out.masked_scatter(mask, fn(h, weight, y) if impl == "naive" else fn(h, weight, y, chunk))
+        out = out.masked_scatter(mask, fn(h, weight, y, chunk))
     return out
 
 
@@ -183,7 +183,7 @@ def logits_token_logps(logits, labels):
     """
     labels = labels[:, 1:]
     mask = labels != IGNORE
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits[:, :-1].to(_acc(logits))
     picked = torch.gather(logits, -1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
     return (picked - torch.logsumexp(logits, dim=-1)) * mask
 
@@ -193,8 +193,8 @@ def model_sequence_logps(model, batch):
 
     A padded batch carries an attention_mask; a packed one carries position_ids that restart
     per sequence and no mask (see data.collate_packed), and `segments` when the sums are per
-    sequence rather than per row. use_cache=False matters for packing:
-    with a cache, transformers lets packed examples attend to each other.
+    sequence rather than per row. use_cache=False matters for packing: with a cache,
+    transformers lets packed examples attend to each other.
     """
     if not hasattr(model, "label_logprobs"):
         attach_label_logprobs(model)
