@@ -7,8 +7,9 @@ alive for backward. `token_logprobs` computes the same numbers three ways:
 
   naive    lm_head matmul -> float32 log_softmax -> gather. The reference.
   chunked  an autograd.Function over chunks of the vocabulary: the forward keeps only the
-           per-token log-sum-exp and target logit; the backward recomputes each chunk's logits.
-           Extra memory O(tokens x chunk), a fixed budget (CHUNK_BYTES). CPU and CUDA.
+           per-token log-sum-exp and target logit; the backward recomputes each chunk's logits
+           (or reuses them when one chunk held them all). Extra memory O(tokens x chunk), a
+           fixed budget (CHUNK_BYTES). CPU and CUDA.
   triton   (CUDA) a kernel computes the online log-sum-exp and the target logit tile by tile,
            never writing logits to memory; the backward is the chunked one.
 
@@ -53,17 +54,19 @@ def vocab_chunk(n_tokens, vocab, chunk=None):
 
 
 class ChunkedLogProbs(torch.autograd.Function):
-    """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, never stored.
+    """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, not stored.
 
     Forward: an online log-sum-exp over the chunks, and the target logit from the chunk that holds
     it. Backward: with z = h W^T, p = softmax(z) and upstream grad g, dz = g (onehot(y) - p);
     each chunk of columns gives its rows of grad_W = dz^T h in one matmul (written once, never
-    accumulated) and adds dz W to grad_h.
+    accumulated) and adds dz W to grad_h. When one chunk spans the whole vocabulary (few tokens),
+    its logits are within the same memory budget and are kept for backward instead.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk=None, lse_target=None):
         cols = vocab_chunk(hidden.shape[0], weight.shape[0], chunk)
+        kept = None
         if lse_target is None:  # the triton path computes these itself
             lse = torch.full((hidden.shape[0],), float("-inf"), dtype=_acc(hidden), device=hidden.device)
             target = torch.zeros_like(lse)
@@ -73,21 +76,24 @@ class ChunkedLogProbs(torch.autograd.Function):
                 here = (labels >= v) & (labels < v + z.shape[1])
                 picked = z.gather(-1, (labels - v).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1)
                 target += torch.where(here, picked, 0.0)
+            if cols >= weight.shape[0]:  # one chunk: its logits fit the budget, keep them rather than recompute
+                kept = z
         else:
             lse, target = lse_target
-        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.save_for_backward(hidden, weight, labels, lse, kept)
         ctx.cols = cols
         return target - lse
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels, lse, kept = ctx.saved_tensors
         g = grad.to(lse.dtype)
         grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
         grad_w = new_output(weight.shape, weight.dtype, weight.device)
         for v in range(0, weight.shape[0], ctx.cols):
             w = weight[v : v + ctx.cols]
-            dz = (hidden @ w.T).to(lse.dtype).sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g p, in place
+            z = kept - lse[:, None] if kept is not None else (hidden @ w.T).to(lse.dtype).sub_(lse[:, None])
+            dz = z.exp_().mul_(-g[:, None])  # -g p, in place
             rows = torch.nonzero((labels >= v) & (labels < v + w.shape[0])).squeeze(-1)
             dz[rows, labels[rows] - v] += g[rows]  # + g onehot(y)
             dz = dz.to(hidden.dtype)
