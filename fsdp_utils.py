@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+import attention
 from logprobs import attach_label_logprobs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -173,7 +174,7 @@ def decoder_layers(model):
 
 
 def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_checkpointing=False,
-               trust_remote_code=False, attn_implementation="sdpa", logprobs="auto", compile=False):
+               trust_remote_code=False, attn_implementation=attention.NAME, logprobs="auto", compile=False):
     """Build a causal LM on the meta device, shard it, then load this rank's slices.
 
     `path` is a local folder or a hub id (resolved to a local snapshot first). The model gets
@@ -182,6 +183,7 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     local = resolve_model_path(path)
+    attention.register()
     config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
     # a trained model keeps fp32 master weights; a frozen one is stored directly in the compute
     # dtype (the same values FSDP would cast to on every forward, at half the memory)

@@ -43,7 +43,7 @@ class TrainConfig:
     # systems
     dtype: str = "bfloat16"  # compute dtype under FSDP mixed precision; master weights stay fp32
     activation_checkpointing: str = "auto"  # auto: on with CUDA (as in the paper), off on CPU
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "packed_sdpa"  # attention.py: sdpa per packed sequence; or sdpa, eager, ...
     logprobs: str = "auto"  # label log-prob path: auto (triton on CUDA, else chunked), chunked, triton, naive
     compile: bool = False  # torch.compile each decoder layer: faster GPU steps after a compile of minutes
     # logging and checkpoints
@@ -365,18 +365,20 @@ def peak_memory_gib(device):
     return float("nan")
 
 
-def throughput(tokens, t0, run):
+def throughput(tokens, t0, run, computed=None):
     """Tokens per second over all ranks since t0, the step time, and on GPU the MFU.
 
-    MFU = 6 x parameters x tokens/s over the devices' peak bf16 rate: the trained model's
-    forward and backward only (recomputation and the reference's forward are not counted).
+    MFU = 6 x parameters x computed tokens/s over the devices' peak bf16 rate: the trained
+    model's forward and backward only (recomputation and the reference's forward are not
+    counted). `computed` is the tokens the model ran when fewer than `tokens` (shared prompts).
     """
     total = global_sum(tokens, run.device)
     dt = time.time() - t0
     out = {"tokens_per_s": total / dt, "step_time_s": dt, "peak_memory_gib": peak_memory_gib(run.device)}
     peak = peak_flops(run.device)
     if peak and run.n_params:
-        out["mfu"] = 6 * run.n_params * total / dt / (peak * run.world)
+        ran = total if computed is None else global_sum(computed, run.device)
+        out["mfu"] = 6 * run.n_params * ran / dt / (peak * run.world)
     return out
 
 
