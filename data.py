@@ -298,6 +298,7 @@ class Sequence:
     ids: list  # one whole sequence (an SFT conversation, or a prompt + one response)
     labels: list  # ids where the loss applies, IGNORE elsewhere (always IGNORE at position 0)
     where: str
+    start: int = 0  # position id of the first token (> 0: continues a shared prompt, see attention.py)
 
 
 def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start"):
@@ -369,7 +370,7 @@ def collate_packed(rows, pad_id, segments=False):
             n = len(ex.ids)
             input_ids[r, at : at + n] = torch.tensor(ex.ids)
             labels[r, at : at + n] = torch.tensor(ex.labels)
-            position_ids[r, at : at + n] = torch.arange(n)
+            position_ids[r, at : at + n] = torch.arange(ex.start, ex.start + n)
             seg_ids[r, at : at + n] = seq
             at, seq = at + n, seq + 1
         position_ids[r, at:] = torch.arange(T - at)
@@ -377,47 +378,69 @@ def collate_packed(rows, pad_id, segments=False):
     return {**out, "segments": seg_ids, "n_seqs": seq} if segments else out
 
 
-def row_sequences(ex):
-    """A preference row as its sequences: prompt + each response, scored on the response."""
-    return [Sequence(ex.prompt_ids + r, [IGNORE] * len(ex.prompt_ids) + r, ex.where) for r in ex.responses]
+def row_sequences(ex, shared_prompt=False):
+    """A preference row as its sequences: prompt + each response, scored on the response.
+
+    shared_prompt: one copy of the prompt, [prompt + y1], [prompt[-1] + y2], [prompt[-1] + y3],
+    to be packed back to back. The later ones start at position len(prompt) - 1, so that under
+    attention.packed_sdpa they attend to the prompt before them; their repeated last prompt
+    token is what predicts their first response token.
+    """
+    p = ex.prompt_ids
+    if not shared_prompt:
+        return [Sequence(p + r, [IGNORE] * len(p) + r, ex.where) for r in ex.responses]
+    first, *rest = ex.responses
+    return [Sequence(p + first, [IGNORE] * len(p) + first, ex.where)] + [
+        Sequence(p[-1:] + r, [IGNORE] + r, ex.where, start=len(p) - 1) for r in rest]
 
 
-def row_length(ex):
-    return sum(len(ex.prompt_ids) + len(r) for r in ex.responses)
+def row_length(ex, shared_prompt=False):
+    """Tokens of a row's sequences (as laid out by row_sequences)."""
+    return sum(len(s.ids) for s in row_sequences(ex, shared_prompt))
 
 
-def collate(examples, pad_id, packed=False):
+def collate(examples, pad_id, packed=False, shared_prompt=False):
     """The sequences of a micro-batch of preference rows, and where each row's three are.
 
     packed: the sequences back to back in rows as wide as the longest of them (first fit,
-    longest first: rows come out nearly full, and attention, which the block mask still
-    computes over a whole row, stays near the cost of the sequences alone; see collate_packed).
-    Otherwise one right-padded row per sequence with an attention_mask. Either way the index
-    tensors ws, wt, rej [B] select each row's source-chosen, target-chosen and rejected
-    sequence; for DPO rows ws == wt.
+    longest first, so rows come out nearly full), with position ids restarting per sequence
+    (see collate_packed). shared_prompt (packed only): each row's sequences stay together,
+    sharing one copy of the prompt (row_sequences). Otherwise one right-padded row per sequence
+    with an attention_mask. Either way the index tensors ws, wt, rej [B] select each row's
+    source-chosen, target-chosen and rejected sequence; for DPO rows ws == wt.
     """
+    if shared_prompt and not packed:
+        raise ValueError("shared_prompt needs packed=True")
     ws, wt, rej, n = [], [], [], 0
     for ex in examples:
         ws.append(n)
         wt.append(n + ex.n_chosen - 1)
         rej.append(n + ex.n_chosen)
         n += len(ex.responses)
-    seqs = [s for ex in examples for s in row_sequences(ex)]
     if not packed:
+        seqs = [s for ex in examples for s in row_sequences(ex)]
         return {**collate_padded(seqs, pad_id), "ws": torch.tensor(ws), "wt": torch.tensor(wt),
                 "rej": torch.tensor(rej)}
-    width = max(len(s.ids) for s in seqs)
+    # units that must stay whole in a row: a row's sequences when they share a prompt, else each sequence
+    units, k = [], 0
+    for ex in examples:
+        seqs = row_sequences(ex, shared_prompt)
+        numbered = list(zip(range(k, k + len(seqs)), seqs))
+        units += [numbered] if shared_prompt else [[x] for x in numbered]
+        k += len(seqs)
+    size = [sum(len(s.ids) for _, s in u) for u in units]
+    width = max(size)
     rows, fill = [], []
-    for k in sorted(range(len(seqs)), key=lambda k: -len(seqs[k].ids)):
-        r = next((r for r in range(len(rows)) if fill[r] + len(seqs[k].ids) <= width), len(rows))
+    for u in sorted(range(len(units)), key=lambda u: -size[u]):
+        r = next((r for r in range(len(rows)) if fill[r] + size[u] <= width), len(rows))
         if r == len(rows):
             rows.append([])
             fill.append(0)
-        rows[r].append(k)
-        fill[r] += len(seqs[k].ids)
-    segment = {k: i for i, k in enumerate(k for row in rows for k in row)}  # collate_packed's numbering
+        rows[r] += units[u]
+        fill[r] += size[u]
+    segment = {k: i for i, (k, _) in enumerate(x for row in rows for x in row)}  # collate_packed's numbering
     remap = lambda idx: torch.tensor([segment[k] for k in idx])  # noqa: E731
-    return {**collate_packed([[seqs[k] for k in row] for row in rows], pad_id, segments=True),
+    return {**collate_packed([[s for _, s in row] for row in rows], pad_id, segments=True),
             "ws": remap(ws), "wt": remap(wt), "rej": remap(rej)}
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import attention
 import data
 from fsdp_utils import DTYPES, cleanup, is_master, load_model, print0
 from logprobs import model_sequence_logps
@@ -48,6 +49,7 @@ class Config(TrainConfig):
     # sequences (global_batch_size counts rows; each row is 3 sequences)
     packing: bool = True  # all sequences of a micro-batch in one row, no padding; micro-batches by token budget
     max_tokens_per_micro_batch: int = 0  # with packing: tokens per forward pass (0: 3 x max_length, one full row)
+    shared_prompt: bool = True  # with packing and packed_sdpa attention: one copy of each prompt for its responses
     max_prompt_length: int = 1800  # prompt tokens kept (from the end) when a row is too long
     truncation: str = "keep_end"  # keep_end: the paper's rule; error: reject over-long rows
 
@@ -146,7 +148,7 @@ def evaluate(policy, reference, examples, cfg, run, alpha):
     policy.eval()
     sums = MetricSum()
     for idx, weight in eval_batches(len(examples), cfg.micro_batch_size, run):
-        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing)
+        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing, cfg.shared_prompt)
         batch = to_device(batch, run.device)
         losses, rewards, logps = preference_forward(policy, batch, reference(batch, idx), alpha, cfg.beta)
         sums.add(row_metrics(losses, rewards, logps), weight)
@@ -187,7 +189,7 @@ def compute_reference(ref, examples, cfg, run, desc):
     at = 0
     for idx, _ in tqdm(list(eval_batches(len(examples), cfg.micro_batch_size, run)), desc=desc,
                        disable=not is_master() or not sys.stderr.isatty()):
-        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing)
+        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing, cfg.shared_prompt)
         batch = to_device(batch, run.device)
         mine[at : at + len(idx)] = row_logps(ref, batch).float()
         at += len(idx)
@@ -240,6 +242,7 @@ def main(argv):
     run = start_run(cfg, wrpo_problems(cfg))
     ref_path = resolve(cfg.ref_model) if cfg.ref_model else run.model_path
     rows_per_rank = cfg.global_batch_size // run.world
+    cfg.shared_prompt = cfg.shared_prompt and cfg.packing and cfg.attn_implementation == attention.NAME  # else off
 
     # --- data: every row validated before any model is loaded
     load = lambda path: data.load_dataset(path, run.tokenizer, max_length=cfg.max_length,  # noqa: E731
@@ -247,9 +250,11 @@ def main(argv):
     train_rows = load(cfg.data)
     eval_rows = load(cfg.eval_data) if cfg.eval_data else []
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
-    lengths = [data.row_length(ex) for ex in train_rows]
+    lengths = [data.row_length(ex) for ex in train_rows]  # tokens/s counts every sequence's prompt
+    packed_lengths = [data.row_length(ex, cfg.shared_prompt) for ex in train_rows]  # what the budget holds
     budget = cfg.max_tokens_per_micro_batch or 3 * cfg.max_length
     micro = f"micro-batches of <= {budget} tokens" if cfg.packing else f"micro-batches of {cfg.micro_batch_size} rows"
+    micro += ", prompts shared by their responses" if cfg.shared_prompt else ""
     print0(f"{len(train_rows)} training rows, {len(eval_rows)} held-out rows; world {run.world} on "
            f"{run.device.type}; {total_steps} optimizer steps of {cfg.global_batch_size} rows "
            f"({rows_per_rank} per rank, in {micro})")
@@ -293,12 +298,13 @@ def main(argv):
         alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
         if cfg.packing:  # regroup this rank's rows by token budget instead of row count
             rows = [i for mb in micro_batches for i in mb]
-            micro_batches = same_count_on_all_ranks(data.token_budget_batches(rows, lengths, budget), run)
-        sums, tokens = MetricSum(), 0
+            micro_batches = same_count_on_all_ranks(data.token_budget_batches(rows, packed_lengths, budget), run)
+        sums, tokens, computed = MetricSum(), 0, 0
         for rows in micro_batches:
-            batch = data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing)
+            batch = data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing, cfg.shared_prompt)
             batch = to_device(batch, run.device)
             tokens += sum(lengths[i] for i in rows)
+            computed += sum(packed_lengths[i] for i in rows)
             losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta)
             # FSDP averages gradients over ranks, so dividing by this rank's rows per step
             # yields the gradient of the mean loss over the global batch
@@ -308,7 +314,7 @@ def main(argv):
 
         # --- log, evaluate, checkpoint
         m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **sums.mean(),
-             **throughput(tokens, t0, run)}
+             **throughput(tokens, t0, run, computed)}
         end_step(run, cfg, policy, logger, m, run_eval, total_steps)
 
     # --- final evaluation and checkpoint

@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
 import torch
 
+import attention
 import data
 from conftest import DEMO_MODEL
 from logprobs import model_sequence_logps
@@ -18,16 +20,22 @@ def rows(tmp_path, tokenizer, n=5):
     return data.load_dataset(path, tokenizer)
 
 
+# (attention, collate mode): transformers' sdpa with its padding and block masks, and packed_sdpa
+# (attention.py) on padded rows, packed rows and rows whose responses share one copy of the prompt
+MODES = [("sdpa", "padded"), ("sdpa", "packed"), ("packed_sdpa", "padded"), ("packed_sdpa", "packed"),
+         ("packed_sdpa", "shared")]
+
+
 def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    attention.register()
     examples = rows(tmp_path, tokenizer)
     results = {}
-    for packed in (False, True):
-        batch = data.collate(examples, tokenizer.pad_token_id, packed=packed)
-        assert ("attention_mask" in batch) != packed
-        model.zero_grad()
+    for attn, mode in MODES:
+        model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32, attn_implementation=attn)
+        batch = data.collate(examples, tokenizer.pad_token_id, packed=mode != "padded", shared_prompt=mode == "shared")
+        assert ("attention_mask" in batch) == (mode == "padded")
         logps, counts = model_sequence_logps(model, batch)
         ref = logps.detach() - 1.0  # any fixed reference
         i = batch["ws"], batch["wt"], batch["rej"]
@@ -35,17 +43,40 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
         losses.sum().backward()
         by_row = lambda t: torch.stack([t[j] for j in i], -1)  # noqa: E731  [B, 3], whatever the sequence order
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results[packed] = (by_row(logps.detach()), by_row(counts), grads)
-    (lp_pad, c_pad, g_pad), (lp_pack, c_pack, g_pack) = results[False], results[True]
-    assert lp_pad.shape == (5, 3) and c_pad.tolist() == c_pack.tolist()
-    torch.testing.assert_close(lp_pack, lp_pad, rtol=1e-5, atol=1e-5)
-    for name in g_pad:
-        torch.testing.assert_close(g_pack[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=name)
+        results[attn, mode] = (by_row(logps.detach()), by_row(counts), grads)
+    lp_pad, c_pad, g_pad = results["sdpa", "padded"]  # the plain reference
+    assert lp_pad.shape == (5, 3)
+    for key, (lp, c, g) in results.items():
+        assert c.tolist() == c_pad.tolist(), key
+        torch.testing.assert_close(lp, lp_pad, rtol=1e-5, atol=1e-5, msg=str(key))
+        for name in g_pad:
+            torch.testing.assert_close(g[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
     packed_batch = data.collate(examples, tokenizer.pad_token_id, packed=True)
     n_rows, width = packed_batch["input_ids"].shape
     longest = max(len(ex.prompt_ids) + len(r) for ex in examples for r in ex.responses)
     assert width == longest and n_rows <= 14  # rows as wide as the longest sequence
     assert int((packed_batch["segments"] >= 0).sum()) == sum(data.row_length(ex) for ex in examples)
+    shared = data.collate(examples, tokenizer.pad_token_id, packed=True, shared_prompt=True)
+    saved = sum(data.row_length(ex) - data.row_length(ex, shared_prompt=True) for ex in examples)
+    assert int((shared["segments"] >= 0).sum()) == sum(data.row_length(ex) for ex in examples) - saved
+    assert saved == sum((len(ex.prompt_ids) - 1) * (len(ex.responses) - 1) for ex in examples) > 0
+
+
+def test_packed_sdpa_reads_sequences_off_position_ids():
+    assert attention.sequences([0, 1, 2, 0, 1, 5, 6, 0]) == [(0, 3, 0), (3, 5, 0), (5, 7, 5), (7, 8, 0)]
+    assert attention.sequences([3, 4]) == [(0, 2, 3)]
+    q = torch.randn(1, 2, 6, 4)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="only 2 tokens"):  # continues position 3 of a 2-token group
+        attention.packed_sdpa(module, q, q, q, None, position_ids=torch.tensor([[0, 1, 3, 4, 5, 6]]))
+    with pytest.raises(ValueError, match="needs position_ids"):
+        attention.packed_sdpa(module, q, q, q, None)
+    # a continuation sees its group's prefix and itself: the same output as the unshared sequence
+    k, v = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    out, _ = attention.packed_sdpa(module, q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 3, 2, 3]]))
+    alone = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, [0, 1, 4, 5]], k[:, :, [0, 1, 4, 5]], v[:, :, [0, 1, 4, 5]], is_causal=True)
+    torch.testing.assert_close(out[:, 4:].transpose(1, 2), alone[:, :, 2:])
 
 
 def test_token_budget_batches():
@@ -110,3 +141,24 @@ def test_packed_rows_combine_sequences_and_index_them_right():
             where = batch["segments"] == batch[key][i]
             assert batch["input_ids"][where].tolist() == ex.prompt_ids + response
             assert (batch["position_ids"][where] == torch.arange(len(ex.prompt_ids) + len(response))).all()
+
+
+def test_shared_prompt_rows_keep_each_rows_sequences_together():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    rand = lambda n: torch.randint(10, 99, (n,), generator=g).tolist()  # noqa: E731
+    examples = [data.Example(rand(p), [rand(a), rand(b), rand(c)][: 2 if i == 1 else 3], 2 if i != 1 else 1, f"x:{i}")
+                for i, (p, a, b, c) in enumerate([(5, 40, 3, 2), (3, 4, 30, 6), (8, 2, 2, 20), (1, 7, 5, 9)])]
+    batch = data.collate(examples, pad_id=0, packed=True, shared_prompt=True)
+    assert batch["input_ids"].shape[1] == 5 + 40 + 4 + 3  # the widest row: one whole example
+    for i, ex in enumerate(examples):
+        p = ex.prompt_ids
+        for key, response in zip(("ws", "wt", "rej"), [ex.responses[0]] * (3 - len(ex.responses)) + ex.responses):
+            where = batch["segments"] == batch[key][i]
+            first = response is ex.responses[0]
+            ids = p + response if first else p[-1:] + response
+            assert batch["input_ids"][where].tolist() == ids
+            start = 0 if first else len(p) - 1
+            assert batch["position_ids"][where].tolist() == list(range(start, start + len(ids)))
+            assert batch["labels"][where].tolist() == [data.IGNORE] * (len(ids) - len(response)) + response
+    with pytest.raises(ValueError, match="packed"):
+        data.collate(examples, pad_id=0, shared_prompt=True)
