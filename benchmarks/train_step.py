@@ -1,18 +1,22 @@
-"""WRPO optimizer-step throughput: the plain baseline against the default fast path, same model and data.
+"""WRPO optimizer-step throughput: the plain baseline against the fast paths, same model and data.
 
     python benchmarks/train_step.py                 # CPU: a tiny Llama, lengths scaled down 4x
     python benchmarks/train_step.py --preset=cpu-wide-head
     python benchmarks/train_step.py --preset=gpu    # one GPU: a ~1.2B Llama, bf16, UltraFeedback-like lengths
 
-(a) baseline: padded micro-batches, live reference model, naive log-probs (full logits)
-(b) default:  precomputed reference log-probs, padding-free packing, fused log-probs
-Shared-prompt packing, (c), is not built.
+(a) baseline: padded micro-batches, live reference model, naive log-probs (full logits),
+    transformers' sdpa attention with the padding mask: the plain setup
+(b) precomputed reference log-probs, padding-free packing, fused log-probs, packed_sdpa
+    attention (attention.py: sdpa per packed sequence); and (b) with transformers' sdpa, whose
+    block mask spans whole packed rows
+(c) the default: (b) plus shared-prompt packing, one copy of each prompt for its three responses
 
 Each variant is a real `python wrpo.py` run (one process) on synthetic rows whose lengths follow
 a skewed (log-normal) distribution like UltraFeedback's: prompts ~20-400 tokens, responses
-~50-1000 (divided by 4 on CPU). Reported: median optimizer-step time and non-padding tokens/s
-over the steps after the first, the peak memory of the run (GPU: allocated; CPU: resident set),
-and on GPU the MFU.
+~50-1000 (divided by 4 on CPU). Reported: median optimizer-step time and tokens/s over the steps
+after the first of every run (the variants run in turn, `--repeats` times), the peak memory
+(GPU: allocated; CPU: resident set), and on GPU the MFU. Tokens are the rows' three sequences
+without padding, the prompt counted once per sequence in every variant, (c) included.
 """
 
 import argparse
@@ -40,8 +44,12 @@ PRESETS = {
                 global_batch=32, micro_batch=1, max_length=2048, max_prompt_length=1800, dtype="bfloat16", steps=6),
 }
 VARIANTS = {
-    "(a) baseline": ["--ref_logps=live", "--packing=false", "--logprobs=naive"],
-    "(b) default": ["--ref_logps=precompute", "--packing=true", "--logprobs=auto"],
+    "(a) baseline": ["--ref_logps=live", "--packing=false", "--logprobs=naive", "--attn_implementation=sdpa"],
+    "(b) packed": ["--ref_logps=precompute", "--packing=true", "--logprobs=auto", "--shared_prompt=false"],
+    "(b) packed, sdpa attention": ["--ref_logps=precompute", "--packing=true", "--logprobs=auto",
+                                   "--attn_implementation=sdpa"],
+    "(c) = default: shared prompt": ["--ref_logps=precompute", "--packing=true", "--logprobs=auto",
+                                     "--shared_prompt=true"],
 }
 
 
@@ -53,7 +61,7 @@ def lognormal_length(rng, lo, hi, scale):
 
 def make_data(folder, p, tokenizer):
     rng = random.Random(0)
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:400] or ["word"]
+    words = [w for w in sorted(tokenizer.get_vocab()) if w.isalpha() and len(w) > 2][:400] or ["word"]
 
     def text(n_tokens):  # about n tokens of random words
         return " ".join(rng.choice(words) for _ in range(max(1, n_tokens // 2)))
@@ -89,39 +97,52 @@ def make_model(folder, p):
 
 
 def run_variant(name, args, folder, data, p):
+    """One `python wrpo.py` run: its per-step metrics after the first step, and the reference pass time."""
     out = folder / re.sub(r"\W+", "_", name)
     cmd = [sys.executable, "wrpo.py", f"--model={folder / 'model'}", f"--data={data}", f"--out_dir={out}",
            f"--ref_cache_dir={folder / 'cache'}", f"--global_batch_size={p['global_batch']}",
            f"--micro_batch_size={p['micro_batch']}", f"--max_length={p['max_length']}",
            f"--max_prompt_length={p['max_prompt_length']}", f"--dtype={p['dtype']}", f"--max_steps={p['steps']}",
-           "--lr=1e-5", "--beta=0.1", "--log_every=1000", *args]
+           "--lr=1e-5", "--beta=0.1", "--log_every=1000", "--overwrite=true", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ})
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # skip the first
     pre = re.search(r"\((\d+) rows in ([\d.]+)s\)", proc.stdout)
+    return steps, float(pre.group(2)) if pre else None
+
+
+def summary(steps, precompute):
     return {
         "step_s": statistics.median(m["step_time_s"] for m in steps),
         "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps),
         "peak_gib": max(m["peak_memory_gib"] for m in steps),
         "mfu": statistics.median(m["mfu"] for m in steps) if "mfu" in steps[0] else None,
-        "precompute_s": float(pre.group(2)) if pre else None,
+        "precompute_s": precompute,
     }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cpu", choices=list(PRESETS))
+    ap.add_argument("--repeats", type=int, default=2, help="rounds over all variants, interleaved (noise)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         tokenizer = make_model(folder, p)
         data = make_data(folder, p, tokenizer)
-        results = {name: run_variant(name, a, folder, data, p) for name, a in VARIANTS.items()}
+        steps, precompute = {name: [] for name in VARIANTS}, {}
+        for _ in range(args.repeats):  # interleaved, so that a slow spell of a shared machine hits all variants
+            for name, a in VARIANTS.items():
+                s, pre = run_variant(name, a, folder, data, p)
+                steps[name] += s
+                precompute[name] = precompute.get(name) or pre  # the first run fills the cache
+        results = {name: summary(steps[name], precompute[name]) for name in VARIANTS}
     base = results["(a) baseline"]
     print(f"preset {args.preset}: Llama hidden {p['hidden']}, {p['layers']} layers, vocab {p['vocab']}, "
-          f"{p['dtype']}; {p['rows']} rows, global batch {p['global_batch']}, {p['steps']} steps")
+          f"{p['dtype']}; {p['rows']} rows, global batch {p['global_batch']}, {p['steps']} steps x "
+          f"{args.repeats} runs")
     print("| variant | step s | tokens/s | vs (a) | peak memory GiB | MFU | reference pass s |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
