@@ -45,6 +45,8 @@ class Config(TrainConfig):
     beta: float = 0.01  # scale of the implicit reward beta * log(pi / pi_ref)
     alpha: float = 0.1  # weight of the source response y_ws (the paper's alpha_max)
     alpha_schedule: str = "linear"  # linear: 0 -> alpha over the run; constant: alpha throughout
+    loss_type: str = "sigmoid"  # sigmoid (DPO-style, the paper's), ipo, simpo (no reference; set beta ~2, gamma)
+    gamma: float = 0.0  # SimPO's target reward margin
     lr: float = 3e-7  # peak learning rate (AdamW)
     # sequences (global_batch_size counts rows; each row is 3 sequences)
     packing: bool = True  # all sequences of a micro-batch in one row, no padding; micro-batches by token budget
@@ -52,6 +54,9 @@ class Config(TrainConfig):
     shared_prompt: bool = True  # with packing and packed_sdpa attention: one copy of each prompt for its responses
     max_prompt_length: int = 1800  # prompt tokens kept (from the end) when a row is too long
     truncation: str = "keep_end"  # keep_end: the paper's rule; error: reject over-long rows
+
+
+LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
 
 def wrpo_problems(cfg):
@@ -62,6 +67,10 @@ def wrpo_problems(cfg):
         problems.append(f"alpha must be in [0, 1], got {cfg.alpha}")
     if cfg.alpha_schedule not in ("linear", "constant"):
         problems.append(f"alpha_schedule must be 'linear' or 'constant', got '{cfg.alpha_schedule}'")
+    if cfg.loss_type not in LOSS_TYPES:
+        problems.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{cfg.loss_type}'")
+    if cfg.gamma < 0:
+        problems.append(f"gamma must be >= 0, got {cfg.gamma}")
     if cfg.ref_logps not in ("precompute", "live"):
         problems.append(f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'")
     return problems
@@ -71,7 +80,7 @@ def wrpo_problems(cfg):
 # the WRPO objective and its schedules
 
 
-def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, beta):
+def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, beta, loss_type="sigmoid", gamma=0.0):
     """Per-example WRPO losses and implicit rewards.
 
     Inputs are [B] tensors of log pi(y|x) SUMMED over response tokens, for the policy and the
@@ -83,6 +92,13 @@ def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, b
     alpha = 0 is DPO on (y_wt, y_l); alpha = 1 is DPO on (y_ws, y_l). The blended reward
     moves the preferred side from the target's own best response towards the source's.
 
+    The same weighted margin h = alpha * d(y_ws) + (1 - alpha) * d(y_wt) - d(y_l) in the
+    paper's ablation objectives (loss_type):
+        sigmoid  -log sigmoid(beta * h)               DPO's, the default (above)
+        ipo      (h - 1 / (2 * beta))^2               IPO: regress the margin to a target
+        simpo    -log sigmoid(beta * h - gamma)       SimPO: the caller passes length-averaged
+                                                      log-probs and zero reference log-probs
+
     Returns losses [B] and a dict of detached [B] rewards beta * d(.): source_chosen,
     target_chosen, chosen (the alpha-weighted one) and rejected.
     """
@@ -90,7 +106,15 @@ def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, b
     d_wt = policy_wt - ref_wt
     d_l = policy_l - ref_l
     d_chosen = alpha * d_ws + (1 - alpha) * d_wt
-    losses = -F.logsigmoid(beta * (d_chosen - d_l))
+    h = d_chosen - d_l
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "simpo":
+        losses = -F.logsigmoid(beta * h - gamma)
+    else:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{loss_type}'")
     rewards = {
         "source_chosen": beta * d_ws.detach(),
         "target_chosen": beta * d_wt.detach(),
@@ -111,16 +135,27 @@ def get_alpha(step, total_steps, alpha, schedule):
 # one micro-batch, metrics, evaluation
 
 
-def row_logps(model, batch):
-    """Summed log-probs of each row's (source chosen, target chosen, rejected) responses: [B, 3]."""
-    logps, _ = model_sequence_logps(model, batch)
+def row_logps(model, batch, average=False):
+    """Log-probs of each row's (source chosen, target chosen, rejected) responses: [B, 3].
+
+    Summed over response tokens, or with average=True (SimPO) divided by their count.
+    """
+    logps, counts = model_sequence_logps(model, batch)
+    if average:
+        logps = logps / counts.clamp(min=1)
     return torch.stack([logps[batch["ws"]], logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
 
 
-def preference_forward(policy, batch, ref_logps, alpha, beta):
-    """Policy log-probs (with grad) of every sequence, then the WRPO loss against ref_logps [B, 3]."""
-    pol = row_logps(policy, batch)
-    losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=beta)
+def preference_forward(policy, batch, ref_logps, alpha, beta, loss_type="sigmoid", gamma=0.0):
+    """Policy log-probs (with grad) of every sequence, then the loss against ref_logps [B, 3].
+
+    SimPO has no reference: its log-probs are length-averaged and ref_logps is ignored.
+    """
+    simpo = loss_type == "simpo"
+    pol = row_logps(policy, batch, average=simpo)
+    ref_logps = torch.zeros_like(pol) if simpo else ref_logps
+    losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=beta, loss_type=loss_type,
+                                gamma=gamma)
     logps = dict(zip(("source_chosen", "target_chosen", "rejected"), pol.detach().unbind(-1)))
     return losses, rewards, logps
 
@@ -150,7 +185,8 @@ def evaluate(policy, reference, examples, cfg, run, alpha):
     for idx, weight in eval_batches(len(examples), cfg.micro_batch_size, run):
         batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing, cfg.shared_prompt)
         batch = to_device(batch, run.device)
-        losses, rewards, logps = preference_forward(policy, batch, reference(batch, idx), alpha, cfg.beta)
+        losses, rewards, logps = preference_forward(policy, batch, reference(batch, idx), alpha, cfg.beta,
+                                                     cfg.loss_type, cfg.gamma)
         sums.add(row_metrics(losses, rewards, logps), weight)
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
@@ -266,7 +302,9 @@ def main(argv):
                           trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
                           logprobs=cfg.logprobs)
 
-    if cfg.ref_logps == "live":
+    if cfg.loss_type == "simpo":  # no reference model at all
+        train_ref = eval_ref = lambda batch, rows: None  # noqa: E731
+    elif cfg.ref_logps == "live":
         ref = load_ref()
 
         @torch.no_grad()
@@ -305,7 +343,8 @@ def main(argv):
             batch = to_device(batch, run.device)
             tokens += sum(lengths[i] for i in rows)
             computed += sum(packed_lengths[i] for i in rows)
-            losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta)
+            losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta,
+                                                         cfg.loss_type, cfg.gamma)
             # FSDP averages gradients over ranks, so dividing by this rank's rows per step
             # yields the gradient of the mean loss over the global batch
             (losses.sum() / rows_per_rank).backward()

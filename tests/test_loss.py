@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -100,3 +101,41 @@ def test_alpha_schedule():
     assert math.isclose(get_alpha(400, 311, 0.1, "linear"), 0.1)  # clamped
     assert get_alpha(0, 311, 0.1, "constant") == 0.1 == get_alpha(310, 311, 0.1, "constant")
     assert get_alpha(0, 1, 0.1, "linear") == 0.0
+
+
+def test_loss_variants_hand_computed():
+    """The same rows as test_hand_computed_values: weighted margin h = -0.625 - (-1) = 0.375 (row 1: 0).
+
+    ipo:   (h - 1 / (2 beta))^2 = (0.375 - 1)^2 = 0.390625; row 1: (0 - 1)^2 = 1
+    simpo: -log sigmoid(beta h - gamma), gamma 0.3: log(1 + e^0.1125); row 1: log(1 + e^0.3)
+    """
+    pol = torch.tensor([[-1.0, 0.0], [-2.0, 0.0], [-3.0, 0.0]])
+    ref = torch.tensor([[-1.5, 0.0], [-1.0, 0.0], [-2.0, 0.0]])
+    ipo, rewards = wrpo_loss(*pol, *ref, alpha=0.25, beta=0.5, loss_type="ipo")
+    torch.testing.assert_close(ipo, torch.tensor([0.390625, 1.0]))
+    torch.testing.assert_close(rewards["chosen"], torch.tensor([-0.3125, 0.0]))  # rewards do not depend on the loss
+    simpo, _ = wrpo_loss(*pol, *ref, alpha=0.25, beta=0.5, loss_type="simpo", gamma=0.3)
+    torch.testing.assert_close(simpo, torch.tensor([math.log(1 + math.exp(0.1125)), math.log(1 + math.exp(0.3))]))
+    sigmoid, _ = wrpo_loss(*pol, *ref, alpha=0.25, beta=0.5, loss_type="simpo", gamma=0.0)
+    torch.testing.assert_close(sigmoid, wrpo_loss(*pol, *ref, alpha=0.25, beta=0.5)[0])  # gamma 0: DPO's form
+    with pytest.raises(ValueError, match="loss_type"):
+        wrpo_loss(*pol, *ref, alpha=0.25, beta=0.5, loss_type="hinge")
+
+
+def test_simpo_uses_length_averaged_logps_and_no_reference(monkeypatch):
+    """Sequences (ws, wt, l) sum to (-4, -6, -3) over (2, 3, 1) tokens: averages (-2, -2, -3).
+
+    alpha 0.5, beta 2, gamma 0.5: h = 0.5 (-2) + 0.5 (-2) - (-3) = 1, loss = log(1 + e^-(2 - 0.5)).
+    """
+    import wrpo
+
+    sums, counts = torch.tensor([-4.0, -6.0, -3.0]), torch.tensor([2, 3, 1])
+    monkeypatch.setattr(wrpo, "model_sequence_logps", lambda model, batch: (sums, counts))
+    batch = {"ws": torch.tensor([0]), "wt": torch.tensor([1]), "rej": torch.tensor([2])}
+    losses, rewards, logps = wrpo.preference_forward(None, batch, None, 0.5, 2.0, "simpo", 0.5)
+    torch.testing.assert_close(losses, torch.tensor([math.log(1 + math.exp(-1.5))]))
+    torch.testing.assert_close(logps["rejected"], torch.tensor([-3.0]))
+    torch.testing.assert_close(rewards["source_chosen"], torch.tensor([-4.0]))  # beta x average log-prob
+    losses, _, _ = wrpo.preference_forward(None, batch, torch.tensor([[-1.0, -1.0, -1.0]]), 0.5, 2.0)
+    # sigmoid: summed log-probs minus the reference: d = (-3, -5, -2), h = 0.5 (-3) + 0.5 (-5) + 2 = -2
+    torch.testing.assert_close(losses, -F.logsigmoid(torch.tensor([2.0 * -2.0])))
