@@ -12,12 +12,15 @@ A row whose `chosen` has one element is a plain DPO pair (chosen, rejected). SFT
 chat rows {"messages": [...]}. Every row is validated before training starts; all bad rows are
 reported as file:line.
 
-    python data.py split --data=rows.jsonl --out_dir=DIR   # 1/3 SFT rows, 2/3 WRPO rows
+    python data.py split --data=rows.jsonl --out_dir=DIR   # 1/3 SFT rows, 2/3 WRPO rows (or prompts)
+    python data.py build --sources A.jsonl B.jsonl [--target T.jsonl] [--prompts P.jsonl] --out rows.jsonl
+        # from scored samples (eval/score.py): WRPO rows, or without --target SFT rows (prompt + y_ws)
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -518,12 +521,22 @@ def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
     """Write out_dir/sft.jsonl (about sft_fraction of the prompts) and out_dir/wrpo.jsonl (the rest).
 
     The paper fine-tunes on y_ws for one third of the prompts and runs WRPO on the other two
-    thirds. Rows keep their content; rows without a prompt_id get the derived one.
+    thirds. Rows (WRPO rows, chat rows or bare prompts) keep their content; rows without a
+    prompt_id get the derived one.
     """
     if not 0 < sft_fraction < 1:
         raise DataError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
-    def checked(rec, where):
-        validate_row(rec)
+    def checked(rec, where):  # WRPO rows, chat rows, or bare prompts ({"prompt": ...}) are all split by prompt
+        if not isinstance(rec, dict):
+            raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
+        if "messages" in rec:
+            validate_chat(rec)
+        elif "chosen" in rec or "rejected" in rec:
+            validate_row(rec)
+        elif "prompt" not in rec:
+            raise RowError("missing field 'prompt'")
+        else:
+            _prompt_messages(rec["prompt"])
         return rec
 
     records = convert_rows(path, checked)
@@ -535,16 +548,119 @@ def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
     for rec in records:
         rec = {"prompt_id": prompt_id_of(rec), **{k: v for k, v in rec.items() if k != "prompt_id"}}
         parts["sft" if in_sft_part(rec["prompt_id"], sft_fraction, seed) else "wrpo"].append(rec)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, target in targets.items():
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in parts[name]:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)  # never a half-written file under the final name
+        write_jsonl(parts[name], target)  # never a half-written file under the final name
     print(f"{len(records)} rows -> {len(parts['sft'])} SFT rows ({targets['sft']}), "
           f"{len(parts['wrpo'])} WRPO rows ({targets['wrpo']})")
     return {name: len(rows) for name, rows in parts.items()}
+
+
+def write_jsonl(rows, path):
+    """All rows or nothing: written beside the target, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_scored(path):
+    """Scored samples (eval/score.py): {prompt_id: (prompt, [(score, text, model)...])}, every row checked."""
+    def checked(rec, where):
+        if not isinstance(rec, dict):
+            raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
+        for field in ("prompt", "responses", "scores"):
+            if field not in rec:
+                raise RowError(f"missing field '{field}'" + (" (score the file with eval/score.py first)"
+                                                             if field == "scores" else ""))
+        _prompt_messages(rec["prompt"])
+        texts, scores = rec["responses"], rec["scores"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise RowError("responses must be a non-empty list of non-empty strings")
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+        if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(number, scores)):
+            raise RowError(f"scores must be a list of {len(texts)} finite numbers, one per response")
+        return prompt_id_of(rec), rec["prompt"], [(float(x), t, str(rec.get("model", Path(path).stem)))
+                                                  for x, t in zip(scores, texts)]
+
+    out = {}
+    for pid, prompt, samples in convert_rows(path, checked):
+        out.setdefault(pid, (prompt, []))[1].extend(samples)  # a prompt may come in several rows
+    return out
+
+
+def build(sources, out, *, target=None, prompts=None, overwrite=False):
+    """WRPO rows (with `target`) or SFT rows (without) from scored samples; returns the summary.
+
+    y_ws = the best-scored response over every source file; y_wt and y_l = the best and worst
+    of the target's samples. Prompts whose target samples all score the same carry no
+    preference and are dropped, as are prompts missing from the sources. Without a target, each
+    prompt becomes a chat row prompt + y_ws (SFT on the sources' best). `prompts` (any rows with
+    prompt ids, e.g. one part of `split`) restricts the output to those prompts.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    source = {}
+    for path in sources:
+        for pid, (prompt, samples) in read_scored(path).items():
+            source.setdefault(pid, (prompt, []))[1].extend(samples)
+    keep = None if prompts is None else {prompt_id_of(rec) for _, rec in read_records(prompts)
+                                         if isinstance(rec, dict)}
+    stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "wins": {}, "scores": {}}
+    rows = []
+
+    def add_score(role, x):
+        stats["scores"][role] = stats["scores"].get(role, 0.0) + x
+
+    def best_source(pid):
+        score, text, model = max(source[pid][1], key=lambda s: s[0])  # first of the best on ties
+        stats["wins"][model] = stats["wins"].get(model, 0) + 1
+        add_score("y_ws", score)
+        return score, text, model
+
+    if target is None:
+        for pid, (prompt, _) in source.items():
+            if keep is not None and pid not in keep:
+                stats["not_in_prompts"] += 1
+                continue
+            score, text, model = best_source(pid)
+            messages = _prompt_messages(prompt) + [{"role": "assistant", "content": text}]
+            rows.append({"prompt_id": pid, "messages": messages, "source_model": model, "score": score})
+    else:
+        for pid, (prompt, samples) in read_scored(target).items():
+            if keep is not None and pid not in keep:
+                stats["not_in_prompts"] += 1
+                continue
+            if pid not in source:
+                stats["no_source"] += 1
+                continue
+            hi, lo = max(samples, key=lambda s: s[0]), min(samples, key=lambda s: s[0])
+            if hi[0] == lo[0]:
+                stats["tied"] += 1
+                continue
+            ws = best_source(pid)
+            add_score("y_wt", hi[0])
+            add_score("y_l", lo[0])
+            rows.append({"prompt_id": pid, "prompt": _prompt_messages(prompt),
+                         "chosen": [{"role": "assistant", "content": ws[1]}, {"role": "assistant", "content": hi[1]}],
+                         "rejected": [{"role": "assistant", "content": lo[1]}],
+                         "source_model": ws[2], "scores": {"y_ws": ws[0], "y_wt": hi[0], "y_l": lo[0]}})
+    if not rows:
+        raise DataError(f"no rows to write: {stats['no_source']} prompts without source responses, "
+                        f"{stats['tied']} with tied target scores, {stats['not_in_prompts']} outside --prompts")
+    write_jsonl(rows, out)
+    stats["rows"] = len(rows)
+    stats["scores"] = {k: v / len(rows) for k, v in stats["scores"].items()}
+    kind = "WRPO" if target else "SFT"
+    print(f"{len(rows)} {kind} rows -> {out}; dropped: {stats['no_source']} without source responses, "
+          f"{stats['tied']} with tied target scores, {stats['not_in_prompts']} outside --prompts")
+    print("mean scores: " + ", ".join(f"{k} {v:.4g}" for k, v in stats["scores"].items()))
+    print("best source response by model: " + ", ".join(
+        f"{m} {n} ({n / len(rows):.0%})" for m, n in sorted(stats["wins"].items(), key=lambda x: -x[1])))
+    return stats
 
 
 def main(argv):
@@ -556,9 +672,18 @@ def main(argv):
     p.add_argument("--sft_fraction", type=float, default=1 / 3, help="share of prompts for SFT (paper: 1/3)")
     p.add_argument("--seed", type=int, default=42, help="seed of the hash that assigns prompts")
     p.add_argument("--overwrite", action="store_true", help="replace an existing split in out_dir")
+    b = commands.add_parser("build", help="WRPO rows (or SFT rows) from scored source and target samples")
+    b.add_argument("--sources", nargs="+", required=True, help="scored samples of the source models (eval/score.py)")
+    b.add_argument("--target", help="scored samples of the SFT target; without it, SFT rows (prompt + y_ws)")
+    b.add_argument("--prompts", help="only the prompts in this file (e.g. one part of `split`)")
+    b.add_argument("--out", required=True, help="the .jsonl file to write")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     try:
-        split(args.data, args.out_dir, sft_fraction=args.sft_fraction, seed=args.seed, overwrite=args.overwrite)
+        if args.command == "split":
+            split(args.data, args.out_dir, sft_fraction=args.sft_fraction, seed=args.seed, overwrite=args.overwrite)
+        else:
+            build(args.sources, args.out, target=args.target, prompts=args.prompts, overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

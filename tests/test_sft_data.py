@@ -151,7 +151,9 @@ def test_split_is_deterministic_disjoint_complete_and_order_free(tmp_path):
 
     with pytest.raises(DataError, match="already holds a split"):
         split(tmp_path / "all.jsonl", tmp_path / "a")
-    write_jsonl(tmp_path / "bad.jsonl", rows[:2] + ['{"prompt": "x"}'])
-    with pytest.raises(DataError, match=r"bad\.jsonl:3: missing field 'chosen'"):
+    write_jsonl(tmp_path / "bad.jsonl", rows[:2] + ['{"prompt": "x", "chosen": ["a"]}', '{"prompt": ""}'])
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: missing field 'rejected'(.|\n)*bad\.jsonl:4: prompt is empty"):
         split(tmp_path / "bad.jsonl", tmp_path / "d")
     assert not (tmp_path / "d").exists()
+    write_jsonl(tmp_path / "prompts.jsonl", ['{"prompt": "x"}', '{"prompt_id": "7", "prompt": "y"}'])
+    assert sum(split(tmp_path / "prompts.jsonl", tmp_path / "e").values()) == 2  # bare prompts split too

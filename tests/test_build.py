@@ -1,0 +1,114 @@
+"""data.py build: WRPO and SFT rows from scored source and target samples."""
+
+import json
+
+import pytest
+
+import data
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def scored(pid, prompt, texts, scores, model):
+    row = {"prompt": prompt, "responses": texts, "scores": scores, "model": model}
+    return {"prompt_id": pid, **row} if pid is not None else row
+
+
+def read(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_rows_take_the_best_source_and_the_best_and_worst_target(tmp_path, capsys):
+    a = write(tmp_path / "a.jsonl", [scored("p1", "one?", ["a1", "a2"], [0.2, 0.9], "A"),
+                                     scored("p2", "two?", ["a3"], [0.5], "A"),
+                                     scored("p3", "three?", ["a4"], [0.1], "A")])
+    b = write(tmp_path / "b.jsonl", [scored("p1", "one?", ["b1"], [0.7], "B"),
+                                     scored("p2", "two?", ["b2", "b3"], [0.8, 0.6], "B")])
+    t = write(tmp_path / "t.jsonl", [scored("p1", "one?", ["t1", "t2", "t3"], [0.3, -0.2, 0.5], "T"),
+                                     scored("p2", "two?", ["t4", "t5"], [0.4, 0.4], "T"),  # tied: no preference
+                                     scored("p3", "three?", ["t6", "t7"], [1.0, 2.0], "T"),
+                                     scored("p4", "four?", ["t8", "t9"], [1.0, 2.0], "T")])  # no source response
+    out = tmp_path / "rows.jsonl"
+    stats = data.build([a, b], out, target=t)
+    rows = read(out)
+    assert [r["prompt_id"] for r in rows] == ["p1", "p3"]
+    r1 = rows[0]
+    assert r1["prompt"] == [{"role": "user", "content": "one?"}]
+    assert [m["content"] for m in r1["chosen"]] == ["a2", "t3"] and r1["rejected"][0]["content"] == "t2"
+    assert r1["source_model"] == "A" and r1["scores"] == {"y_ws": 0.9, "y_wt": 0.5, "y_l": -0.2}
+    assert stats["tied"] == 1 and stats["no_source"] == 1 and stats["rows"] == 2 and stats["wins"] == {"A": 2}
+    assert stats["scores"]["y_ws"] == pytest.approx((0.9 + 0.1) / 2)
+    printed = capsys.readouterr().out
+    assert "2 WRPO rows" in printed and "1 with tied target scores" in printed and "A 2 (100%)" in printed
+    examples = data.load_dataset(out, _tokenizer())  # the rows are valid training rows
+    assert len(examples) == 2 and examples[0].n_chosen == 2
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from conftest import DEMO_MODEL
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+def test_one_source_missing_prompt_ids_and_sft_rows(tmp_path):
+    # no prompt ids anywhere: the same prompt text gives the same derived id in every file
+    src = write(tmp_path / "src.jsonl", [scored(None, [{"role": "user", "content": "hi"}], ["s1", "s2"], [1, 3], "S"),
+                                         scored(None, "bye", ["s3"], [2], "S")])
+    tgt = write(tmp_path / "tgt.jsonl", [scored(None, [{"role": "user", "content": "hi"}], ["x", "y"], [0, 1], "T")])
+    data.build([src], tmp_path / "w.jsonl", target=tgt)
+    rows = read(tmp_path / "w.jsonl")
+    assert len(rows) == 1 and rows[0]["prompt_id"].startswith("sha256-")
+    assert [m["content"] for m in rows[0]["chosen"]] == ["s2", "y"] and rows[0]["rejected"][0]["content"] == "x"
+
+    data.build([src], tmp_path / "sft.jsonl")  # no target: SFT rows, prompt + y_ws
+    sft = read(tmp_path / "sft.jsonl")
+    assert [r["messages"][-1]["content"] for r in sft] == ["s2", "s3"]
+    assert sft[1]["messages"] == [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "s3"}]
+    assert [data.sft_messages(r)[-1]["role"] for r in sft] == ["assistant", "assistant"]  # valid SFT rows
+
+    only = write(tmp_path / "only.jsonl", [{"prompt": "bye"}])  # --prompts: e.g. one part of a split
+    stats = data.build([src], tmp_path / "sft2.jsonl", prompts=only)
+    assert stats["not_in_prompts"] == 1
+    assert [r["messages"][0]["content"] for r in read(tmp_path / "sft2.jsonl")] == ["bye"]
+
+    with pytest.raises(data.DataError, match="exists"):
+        data.build([src], tmp_path / "sft.jsonl")
+    before = (tmp_path / "sft.jsonl").read_bytes()
+    with pytest.raises(data.DataError, match="no rows to write"):  # all tied
+        data.build([src], tmp_path / "sft.jsonl", target=write(tmp_path / "tie.jsonl", [
+            scored(None, "bye", ["u", "v"], [1, 1], "T")]), overwrite=True)
+    assert (tmp_path / "sft.jsonl").read_bytes() == before  # nothing written earlier is lost
+
+
+@pytest.mark.parametrize("row,reason", [
+    ({"prompt": "q", "responses": ["a"]}, "missing field 'scores' (score the file with eval/score.py first)"),
+    ({"prompt": "q", "responses": ["a", "b"], "scores": [1.0]}, "scores must be a list of 2 finite numbers"),
+    ({"prompt": "q", "responses": ["a"], "scores": [float("nan")]}, "scores must be a list of 1 finite numbers"),
+    ({"prompt": "q", "responses": ["a"], "scores": [True]}, "scores must be a list of 1 finite numbers"),
+    ({"prompt": "q", "responses": ["  "], "scores": [1]}, "responses must be a non-empty list of non-empty strings"),
+    ({"prompt": [{"role": "assistant", "content": "x"}], "responses": ["a"], "scores": [1]},
+     "prompt must end with a user turn"),
+    ({"responses": ["a"], "scores": [1]}, "missing field 'prompt'"),
+])
+def test_bad_scored_rows_name_file_line_and_reason(tmp_path, row, reason):
+    good = scored("g", "fine", ["a"], [1.0], "S")
+    path = write(tmp_path / "s.jsonl", [good, row])
+    with pytest.raises(data.DataError) as e:
+        data.build([path], tmp_path / "out.jsonl")
+    assert f"{path}:2: {reason}" in str(e.value)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_build_command_line(tmp_path, capsys):
+    src = write(tmp_path / "src.jsonl", [scored("p", "q", ["a", "b"], [0, 1], "S")])
+    tgt = write(tmp_path / "tgt.jsonl", [scored("p", "q", ["c", "d"], [0, 1], "T")])
+    data.main(["build", "--sources", str(src), "--target", str(tgt), "--out", str(tmp_path / "o.jsonl")])
+    assert read(tmp_path / "o.jsonl")[0]["chosen"][1]["content"] == "d"
+    with pytest.raises(SystemExit) as e:
+        data.main(["build", "--sources", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")])
+    assert e.value.code == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
