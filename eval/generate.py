@@ -1,0 +1,189 @@
+"""Sample K responses per prompt from a Hugging Face model, with its chat template.
+
+    python eval/generate.py --model=PATH_OR_HUB_ID --prompts=prompts.jsonl --out=samples.jsonl
+    torchrun --nproc_per_node=8 eval/generate.py --model=... --prompts=... --out=...   # prompts split by rank
+
+Prompts: any rows with a `prompt` (a string or a list of messages ending with a user turn) and
+optionally a `prompt_id`: WRPO rows, bare prompts, one part of `python data.py split`.
+Output, one line per prompt: {"prompt_id", "prompt", "responses": [K strings], "model"} plus the
+decoding settings. Defaults are the paper's: K = 5, temperature 0.8, top-p 0.95.
+
+Resumable: prompts already in --out (or in the per-rank part files of an interrupted run) are
+skipped. Each rank appends finished prompts to its own part file as it goes; when all ranks are
+done, rank 0 merges everything into --out (written beside it, then renamed) and removes the parts.
+A batch's sampling is seeded from --seed and its prompt ids, so a rerun of the same command with
+the same batches writes the same text.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path  # noqa: E402
+
+
+def fail(message):
+    """A user error: one line on stderr and exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="eval/generate.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="local folder or hub id")
+    ap.add_argument("--prompts", required=True, help="rows with a prompt (.jsonl, .json, .parquet or a folder)")
+    ap.add_argument("--out", required=True, help="the .jsonl file to write (or to resume)")
+    ap.add_argument("--num_samples", type=int, default=5, help="samples per prompt (paper: 5)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy, one sample")
+    ap.add_argument("--top_p", type=float, default=0.95)
+    ap.add_argument("--max_new_tokens", type=int, default=1024)
+    ap.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (x n sequences)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--model_name", default="", help="the `model` field of the output (default: the folder name)")
+    ap.add_argument("--trust_remote_code", action="store_true")
+    args = ap.parse_args(argv)
+    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        ap.error("--num_samples, --batch_size and --max_new_tokens must be >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        ap.error("--temperature must be >= 0 and --top_p in (0, 1]")
+    if args.temperature == 0 and args.num_samples > 1:
+        ap.error("--temperature=0 is greedy decoding: one sample per prompt, so --num_samples=1")
+    return args
+
+
+def read_prompts(path):
+    """[(prompt_id, prompt messages)] in file order, every row checked (file:line errors)."""
+    def checked(rec, where):
+        if not isinstance(rec, dict) or "prompt" not in rec:
+            raise data.RowError("missing field 'prompt'")
+        return data.prompt_id_of(rec), data._prompt_messages(rec["prompt"])
+
+    prompts = data.convert_rows(path, checked)
+    seen = set()
+    for pid, _ in prompts:
+        if pid in seen:
+            raise data.DataError(f"{path}: prompt_id {pid!r} appears twice")
+        seen.add(pid)
+    return prompts
+
+
+def part_path(out, rank, world):
+    return out.with_name(f"{out.name}.part-{rank:03d}-of-{world:03d}")
+
+
+def done_rows(out):
+    """Rows already written: in --out and in any part files of an interrupted run (any world size)."""
+    rows = {}
+    for path in [out] + sorted(out.parent.glob(f"{out.name}.part-*")):
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                rows[row["prompt_id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line cut short by a crash: that prompt is generated again
+    return rows
+
+
+def _ends_with_newline(path):
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def batch_seed(seed, prompt_ids):
+    digest = hashlib.sha256(f"{seed}:{','.join(prompt_ids)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, batch, args, device):
+    """K responses for each (prompt_id, messages) of the batch, left-padded into one generate call."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m in batch]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    torch.manual_seed(batch_seed(args.seed, [pid for pid, _ in batch]))
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
+        dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    new = out[:, enc["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [[t.strip() for t in decoded[i * args.num_samples : (i + 1) * args.num_samples]] for i in range(len(batch))]
+
+
+def main(argv):
+    args = parse_args(argv)
+    rank, world, device, _ = init_distributed()
+    out = Path(args.out)
+    try:
+        prompts = read_prompts(args.prompts)
+    except data.DataError as e:
+        fail(str(e))
+    done = done_rows(out)
+    todo = [p for i, p in enumerate(prompts) if i % world == rank and p[0] not in done]
+    print0(f"{len(prompts)} prompts, {len(done)} already done; {world} rank(s), {args.num_samples} samples each")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = resolve_model_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=args.trust_remote_code)
+    if tokenizer.chat_template is None:
+        fail(f"{args.model}: the tokenizer has no chat template")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[args.dtype],
+                                                 trust_remote_code=args.trust_remote_code).to(device).eval()
+    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    settings = {"num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc=f"rank {rank}", unit="prompt", disable=not sys.stderr.isatty(), position=rank)
+    mine = part_path(out, rank, world)
+    with open(mine, "a", encoding="utf-8") as part:
+        if part.tell() and not _ends_with_newline(mine):
+            part.write("\n")  # after a line torn by a crash (skipped when read back)
+        for i in range(0, len(todo), args.batch_size):
+            batch = todo[i : i + args.batch_size]
+            for (pid, messages), responses in zip(batch, generate_batch(model, tokenizer, batch, args, device)):
+                row = {"prompt_id": pid, "prompt": messages, "responses": responses, "model": name,
+                       "generation": settings}
+                part.write(json.dumps(row, ensure_ascii=False) + "\n")
+            part.flush()  # a crash loses at most the batch in flight
+            bar.update(len(batch))
+            bar.set_postfix(prompts_per_s=f"{(i + len(batch)) / (time.time() - t0):.2f}")
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if is_master():  # merge: prompts in file order, then the parts are no longer needed
+        rows = done_rows(out)
+        missing = [pid for pid, _ in prompts if pid not in rows]
+        if missing:
+            fail(f"{len(missing)} prompts have no samples (first: {missing[0]})")
+        ordered = [pid for pid, _ in prompts]
+        extra = [pid for pid in rows if pid not in set(ordered)]  # rows of other prompts already in --out stay
+        data.write_jsonl([rows[pid] for pid in ordered + extra], out)
+        for path in out.parent.glob(f"{out.name}.part-*"):
+            path.unlink()
+        print0(f"{len(prompts)} prompts x {args.num_samples} samples -> {out} ({len(todo)} generated on rank 0 in "
+               f"{time.time() - t0:.1f}s)")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
