@@ -8,17 +8,14 @@ optionally a `prompt_id`: WRPO rows, bare prompts, one part of `python data.py s
 Output, one line per prompt: {"prompt_id", "prompt", "responses": [K strings], "model"} plus the
 decoding settings. Defaults are the paper's: K = 5, temperature 0.8, top-p 0.95.
 
-Resumable: prompts already in --out (or in the per-rank part files of an interrupted run) are
-skipped. Each rank appends finished prompts to its own part file as it goes; when all ranks are
-done, rank 0 merges everything into --out (written beside it, then renamed) and removes the parts.
+Resumable (eval/resumable.py): prompts already in --out, or in the per-rank part files of an
+interrupted run, are skipped; rank 0 merges the parts into --out at the end.
 A batch's sampling is seeded from --seed and its prompt ids, so a rerun of the same command with
 the same batches writes the same text.
 """
 
 import argparse
 import hashlib
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,12 +28,7 @@ from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path  # noqa: E402
-
-
-def fail(message):
-    """A user error: one line on stderr and exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+from resumable import append, done_rows, fail, merge, open_part  # noqa: E402
 
 
 def parse_args(argv):
@@ -77,31 +69,6 @@ def read_prompts(path):
             raise data.DataError(f"{path}: prompt_id {pid!r} appears twice")
         seen.add(pid)
     return prompts
-
-
-def part_path(out, rank, world):
-    return out.with_name(f"{out.name}.part-{rank:03d}-of-{world:03d}")
-
-
-def done_rows(out):
-    """Rows already written: in --out and in any part files of an interrupted run (any world size)."""
-    rows = {}
-    for path in [out] + sorted(out.parent.glob(f"{out.name}.part-*")):
-        if not path.exists():
-            continue
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-                rows[row["prompt_id"]] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass  # a line cut short by a crash: that prompt is generated again
-    return rows
-
-
-def _ends_with_newline(path):
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
 
 
 def batch_seed(seed, prompt_ids):
@@ -151,35 +118,22 @@ def main(argv):
     settings = {"num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     bar = tqdm(total=len(todo), desc=f"rank {rank}", unit="prompt", disable=not sys.stderr.isatty(), position=rank)
-    mine = part_path(out, rank, world)
-    with open(mine, "a", encoding="utf-8") as part:
-        if part.tell() and not _ends_with_newline(mine):
-            part.write("\n")  # after a line torn by a crash (skipped when read back)
+    with open_part(out, rank, world) as part:
         for i in range(0, len(todo), args.batch_size):
             batch = todo[i : i + args.batch_size]
             for (pid, messages), responses in zip(batch, generate_batch(model, tokenizer, batch, args, device)):
-                row = {"prompt_id": pid, "prompt": messages, "responses": responses, "model": name,
-                       "generation": settings}
-                part.write(json.dumps(row, ensure_ascii=False) + "\n")
+                append(part, {"prompt_id": pid, "prompt": messages, "responses": responses, "model": name,
+                              "generation": settings})
             part.flush()  # a crash loses at most the batch in flight
             bar.update(len(batch))
             bar.set_postfix(prompts_per_s=f"{(i + len(batch)) / (time.time() - t0):.2f}")
     bar.close()
     if world > 1:
         dist.barrier()
-    if is_master():  # merge: prompts in file order, then the parts are no longer needed
-        rows = done_rows(out)
-        missing = [pid for pid, _ in prompts if pid not in rows]
-        if missing:
-            fail(f"{len(missing)} prompts have no samples (first: {missing[0]})")
-        ordered = [pid for pid, _ in prompts]
-        extra = [pid for pid in rows if pid not in set(ordered)]  # rows of other prompts already in --out stay
-        data.write_jsonl([rows[pid] for pid in ordered + extra], out)
-        for path in out.parent.glob(f"{out.name}.part-*"):
-            path.unlink()
+    if is_master():
+        merge(out, [pid for pid, _ in prompts])
         print0(f"{len(prompts)} prompts x {args.num_samples} samples -> {out} ({len(todo)} generated on rank 0 in "
                f"{time.time() - t0:.1f}s)")
     cleanup()

@@ -1,0 +1,69 @@
+"""Resumable, multi-rank JSONL output for eval/generate.py and eval/score.py.
+
+Each rank appends its finished rows (one per prompt) to its own part file beside the output, so
+a crash loses at most the batch in flight; a rerun reads back what exists (the output and any
+part files, of any world size) and skips those prompts; at the end rank 0 merges everything into
+the output, written beside it and renamed, and removes the parts.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import data  # noqa: E402
+
+
+def fail(message):
+    """A user error: one line on stderr and exit status 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parts(out):
+    return sorted(out.parent.glob(f"{out.name}.part-*"))
+
+
+def done_rows(out):
+    """{prompt_id: row} already written, in `out` and in the part files of an interrupted run."""
+    rows = {}
+    for path in [out] + parts(out):
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                rows[row["prompt_id"]] = row
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a line torn by a crash: that prompt is done again
+    return rows
+
+
+def open_part(out, rank, world):
+    """This rank's part file, for appending; a torn last line is closed off first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f = open(out.with_name(f"{out.name}.part-{rank:03d}-of-{world:03d}"), "a", encoding="utf-8")
+    if f.tell():
+        with open(f.name, "rb") as check:
+            check.seek(-1, os.SEEK_END)
+            if check.read(1) != b"\n":
+                f.write("\n")
+    return f
+
+
+def append(f, row):
+    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def merge(out, prompt_ids):
+    """Rank 0, after every rank is done: `out` = the rows in prompt order (others already there after)."""
+    rows = done_rows(out)
+    missing = [pid for pid in prompt_ids if pid not in rows]
+    if missing:
+        fail(f"{len(missing)} prompts have no output row (first: {missing[0]})")
+    wanted = set(prompt_ids)
+    data.write_jsonl([rows[pid] for pid in prompt_ids] + [r for pid, r in rows.items() if pid not in wanted], out)
+    for path in parts(out):
+        path.unlink()

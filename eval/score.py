@@ -1,0 +1,154 @@
+"""Score every sampled response with a reward model; adds `scores` beside `responses`.
+
+    python eval/score.py --reward_model=PATH_OR_HUB_ID --data=samples.jsonl --out=scored.jsonl
+    torchrun --nproc_per_node=8 eval/score.py --reward_model=RLHFlow/ArmoRM-Llama3-8B-v0.1 \\
+        --trust_remote_code --data=samples.jsonl --out=scored.jsonl          # the paper's scorer
+
+Input: eval/generate.py's rows ({"prompt_id", "prompt", "responses": [...], ...}). Each response
+is scored as the conversation prompt + {"role": "assistant", "content": response}, rendered with
+the reward model's chat template. Any AutoModelForSequenceClassification with one output works
+(its logit is the score); a model whose output has a `score` field (ArmoRM's custom code, with
+--trust_remote_code) gives that. Conversations longer than --max_length keep their first
+--max_length tokens (counted in the summary).
+
+Batched by length, split over ranks by prompt, resumable like eval/generate.py
+(eval/resumable.py): prompts already scored in --out are skipped.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path  # noqa: E402
+from resumable import append, done_rows, fail, merge, open_part  # noqa: E402
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="eval/score.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reward_model", required=True, help="local folder or hub id")
+    ap.add_argument("--data", required=True, help="sampled responses (eval/generate.py)")
+    ap.add_argument("--out", required=True, help="the .jsonl file to write (or to resume)")
+    ap.add_argument("--batch_size", type=int, default=8, help="conversations per forward pass")
+    ap.add_argument("--max_length", type=int, default=4096, help="tokens per conversation")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--trust_remote_code", action="store_true", help="run the model's own code (e.g. ArmoRM)")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1 or args.max_length < 2:
+        ap.error("--batch_size must be >= 1 and --max_length >= 2")
+    return args
+
+
+def read_samples(path):
+    """The rows to score, every one checked (file:line errors)."""
+    def checked(rec, where):
+        if not isinstance(rec, dict):
+            raise data.RowError(f"row must be a JSON object, got {type(rec).__name__}")
+        for field in ("prompt", "responses"):
+            if field not in rec:
+                raise data.RowError(f"missing field '{field}'")
+        data._prompt_messages(rec["prompt"])
+        texts = rec["responses"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise data.RowError("responses must be a non-empty list of strings")
+        return {**rec, "prompt_id": data.prompt_id_of(rec)}
+
+    rows = data.convert_rows(path, checked)
+    if len({r["prompt_id"] for r in rows}) != len(rows):
+        fail(f"{path}: a prompt_id appears twice; one row per prompt")
+    return rows
+
+
+@torch.no_grad()
+def score_batch(model, tokenizer, conversations, max_length, device):
+    """Reward of each conversation (a list of messages): a float per conversation."""
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                    add_special_tokens=False).to(device)
+    out = model(**enc)
+    score = getattr(out, "score", None)
+    if score is None:
+        if out.logits.shape[-1] != 1:
+            fail(f"the reward model has {out.logits.shape[-1]} outputs; a scalar reward (1 output) is needed")
+        score = out.logits[:, 0]
+    return score.float().flatten().tolist()
+
+
+def main(argv):
+    args = parse_args(argv)
+    rank, world, device, _ = init_distributed()
+    out = Path(args.out)
+    try:
+        rows = read_samples(args.data)
+    except data.DataError as e:
+        fail(str(e))
+    done = done_rows(out)
+    todo = [r for i, r in enumerate(rows) if i % world == rank and r["prompt_id"] not in done]
+    print0(f"{len(rows)} prompts, {len(done)} already scored; {world} rank(s)")
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        local = resolve_model_path(args.reward_model)
+        custom = json.loads((Path(local) / "config.json").read_text()).get("auto_map", {})
+        if "AutoModelForSequenceClassification" in custom and not args.trust_remote_code:
+            # without its code transformers would load the weights into a stock class, and score garbage
+            fail(f"{args.reward_model} ships its own model code ({custom['AutoModelForSequenceClassification']}); "
+                 "pass --trust_remote_code to run it")
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            local, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code).to(device).eval()
+    except (OSError, ValueError) as e:  # a bad path, or custom code without --trust_remote_code
+        fail(f"cannot load the reward model {args.reward_model}: {str(e).splitlines()[0]}")
+    if tokenizer.chat_template is None:
+        fail(f"{args.reward_model}: the tokenizer has no chat template")
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:  # it finds each sequence's last token by the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    name = Path(str(args.reward_model).rstrip("/")).name
+
+    # (row, response) pairs, longest first within each chunk of rows, so batches pad little
+    t0, truncated = time.time(), 0
+    bar = tqdm(total=len(todo), desc=f"rank {rank}", unit="prompt", disable=not sys.stderr.isatty(), position=rank)
+    with open_part(out, rank, world) as part:
+        for i in range(0, len(todo), 64):
+            chunk = todo[i : i + 64]
+            convs = [(r, k, data._prompt_messages(row["prompt"]) + [{"role": "assistant", "content": t}])
+                     for r, row in enumerate(chunk) for k, t in enumerate(row["responses"])]
+            lengths = [len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)
+                           ["input_ids"]) for _, _, c in convs]
+            truncated += sum(n > args.max_length for n in lengths)
+            order = sorted(range(len(convs)), key=lambda j: -lengths[j])
+            scores = [[None] * len(row["responses"]) for row in chunk]
+            for b in range(0, len(order), args.batch_size):
+                batch = [convs[j] for j in order[b : b + args.batch_size]]
+                for (r, k, _), s in zip(batch, score_batch(model, tokenizer, [c for _, _, c in batch],
+                                                           args.max_length, device)):
+                    scores[r][k] = s
+            for row, s in zip(chunk, scores):
+                append(part, {**row, "scores": s, "reward_model": name})
+            part.flush()
+            bar.update(len(chunk))
+            bar.set_postfix(prompts_per_s=f"{(i + len(chunk)) / (time.time() - t0):.2f}")
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    if is_master():
+        merge(out, [r["prompt_id"] for r in rows])
+        print0(f"{len(rows)} prompts scored -> {out} ({len(todo)} on rank 0 in {time.time() - t0:.1f}s; "
+               f"{truncated} conversations cut to {args.max_length} tokens)")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
