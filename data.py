@@ -577,15 +577,15 @@ def read_scored(path):
                                                              if field == "scores" else ""))
         _prompt_messages(rec["prompt"])
         texts, scores = rec["responses"], rec["scores"]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise RowError("responses must be a non-empty list of non-empty strings")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RowError("responses must be a non-empty list of strings")
         number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
         if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(number, scores)):
             raise RowError(f"scores must be a list of {len(texts)} finite numbers, one per response")
-        return prompt_id_of(rec), rec["prompt"], [(float(x), t, str(rec.get("model", Path(path).stem)))
-                                                  for x, t in zip(scores, texts)]
+        model = str(rec.get("model", Path(path).stem))
+        return prompt_id_of(rec), rec["prompt"], [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
 
-    out = {}
+    out = {}  # empty responses (a sample that stopped at once) are left out: no row may hold one
     for pid, prompt, samples in convert_rows(path, checked):
         out.setdefault(pid, (prompt, []))[1].extend(samples)  # a prompt may come in several rows
     return out
@@ -595,8 +595,9 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
     """WRPO rows (with `target`) or SFT rows (without) from scored samples; returns the summary.
 
     y_ws = the best-scored response over every source file; y_wt and y_l = the best and worst
-    of the target's samples. Prompts whose target samples all score the same carry no
-    preference and are dropped, as are prompts missing from the sources. Without a target, each
+    of the target's non-empty samples. Prompts whose target samples all score the same (or
+    with fewer than two non-empty ones) carry no preference and are dropped, as are prompts
+    missing from the sources. Without a target, each
     prompt becomes a chat row prompt + y_ws (SFT on the sources' best). `prompts` (any rows with
     prompt ids, e.g. one part of `split`) restricts the output to those prompts.
     """
@@ -606,7 +607,8 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
     source = {}
     for path in sources:
         for pid, (prompt, samples) in read_scored(path).items():
-            source.setdefault(pid, (prompt, []))[1].extend(samples)
+            if samples:
+                source.setdefault(pid, (prompt, []))[1].extend(samples)
     keep = None if prompts is None else {prompt_id_of(rec) for _, rec in read_records(prompts)
                                          if isinstance(rec, dict)}
     stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "wins": {}, "scores": {}}
@@ -637,6 +639,9 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
             if pid not in source:
                 stats["no_source"] += 1
                 continue
+            if len(samples) < 2:
+                stats["tied"] += 1  # fewer than two non-empty samples: no preference either
+                continue
             hi, lo = max(samples, key=lambda s: s[0]), min(samples, key=lambda s: s[0])
             if hi[0] == lo[0]:
                 stats["tied"] += 1
@@ -650,13 +655,15 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
                          "source_model": ws[2], "scores": {"y_ws": ws[0], "y_wt": hi[0], "y_l": lo[0]}})
     if not rows:
         raise DataError(f"no rows to write: {stats['no_source']} prompts without source responses, "
-                        f"{stats['tied']} with tied target scores, {stats['not_in_prompts']} outside --prompts")
+                        f"{stats['tied']} without a target preference (tied, or < 2 samples), "
+                        f"{stats['not_in_prompts']} outside --prompts")
     write_jsonl(rows, out)
     stats["rows"] = len(rows)
     stats["scores"] = {k: v / len(rows) for k, v in stats["scores"].items()}
     kind = "WRPO" if target else "SFT"
     print(f"{len(rows)} {kind} rows -> {out}; dropped: {stats['no_source']} without source responses, "
-          f"{stats['tied']} with tied target scores, {stats['not_in_prompts']} outside --prompts")
+          f"{stats['tied']} without a target preference (tied, or < 2 samples), "
+          f"{stats['not_in_prompts']} outside --prompts")
     print("mean scores: " + ", ".join(f"{k} {v:.4g}" for k, v in stats["scores"].items()))
     print("best source response by model: " + ", ".join(
         f"{m} {n} ({n / len(rows):.0%})" for m, n in sorted(stats["wins"].items(), key=lambda x: -x[1])))

@@ -24,13 +24,15 @@ def read(path):
 def test_rows_take_the_best_source_and_the_best_and_worst_target(tmp_path, capsys):
     a = write(tmp_path / "a.jsonl", [scored("p1", "one?", ["a1", "a2"], [0.2, 0.9], "A"),
                                      scored("p2", "two?", ["a3"], [0.5], "A"),
-                                     scored("p3", "three?", ["a4"], [0.1], "A")])
+                                     scored("p3", "three?", ["a4", ""], [0.1, 5.0], "A"),  # empty: ignored
+                                     scored("p5", "five?", ["a5"], [0.1], "A")])
     b = write(tmp_path / "b.jsonl", [scored("p1", "one?", ["b1"], [0.7], "B"),
                                      scored("p2", "two?", ["b2", "b3"], [0.8, 0.6], "B")])
     t = write(tmp_path / "t.jsonl", [scored("p1", "one?", ["t1", "t2", "t3"], [0.3, -0.2, 0.5], "T"),
                                      scored("p2", "two?", ["t4", "t5"], [0.4, 0.4], "T"),  # tied: no preference
                                      scored("p3", "three?", ["t6", "t7"], [1.0, 2.0], "T"),
-                                     scored("p4", "four?", ["t8", "t9"], [1.0, 2.0], "T")])  # no source response
+                                     scored("p4", "four?", ["t8", "t9"], [1.0, 2.0], "T"),  # no source response
+                                     scored("p5", "five?", ["", "t10"], [9.0, 1.0], "T")])  # one non-empty sample
     out = tmp_path / "rows.jsonl"
     stats = data.build([a, b], out, target=t)
     rows = read(out)
@@ -39,10 +41,11 @@ def test_rows_take_the_best_source_and_the_best_and_worst_target(tmp_path, capsy
     assert r1["prompt"] == [{"role": "user", "content": "one?"}]
     assert [m["content"] for m in r1["chosen"]] == ["a2", "t3"] and r1["rejected"][0]["content"] == "t2"
     assert r1["source_model"] == "A" and r1["scores"] == {"y_ws": 0.9, "y_wt": 0.5, "y_l": -0.2}
-    assert stats["tied"] == 1 and stats["no_source"] == 1 and stats["rows"] == 2 and stats["wins"] == {"A": 2}
+    assert rows[1]["chosen"][0]["content"] == "a4"  # the empty source response scored 5.0 but is no response
+    assert stats["tied"] == 2 and stats["no_source"] == 1 and stats["rows"] == 2 and stats["wins"] == {"A": 2}
     assert stats["scores"]["y_ws"] == pytest.approx((0.9 + 0.1) / 2)
     printed = capsys.readouterr().out
-    assert "2 WRPO rows" in printed and "1 with tied target scores" in printed and "A 2 (100%)" in printed
+    assert "2 WRPO rows" in printed and "2 without a target preference" in printed and "A 2 (100%)" in printed
     examples = data.load_dataset(out, _tokenizer())  # the rows are valid training rows
     assert len(examples) == 2 and examples[0].n_chosen == 2
 
@@ -90,7 +93,7 @@ def test_one_source_missing_prompt_ids_and_sft_rows(tmp_path):
     ({"prompt": "q", "responses": ["a", "b"], "scores": [1.0]}, "scores must be a list of 2 finite numbers"),
     ({"prompt": "q", "responses": ["a"], "scores": [float("nan")]}, "scores must be a list of 1 finite numbers"),
     ({"prompt": "q", "responses": ["a"], "scores": [True]}, "scores must be a list of 1 finite numbers"),
-    ({"prompt": "q", "responses": ["  "], "scores": [1]}, "responses must be a non-empty list of non-empty strings"),
+    ({"prompt": "q", "responses": [], "scores": []}, "responses must be a non-empty list of strings"),
     ({"prompt": [{"role": "assistant", "content": "x"}], "responses": ["a"], "scores": [1]},
      "prompt must end with a user turn"),
     ({"responses": ["a"], "scores": [1]}, "missing field 'prompt'"),
