@@ -1,0 +1,247 @@
+"""Implicit model fusion in miniature, on 2 CPU cores: the paper's pipeline with this project's scripts.
+
+    python eval/toy_fusion.py                       # 3 seeds, the table (several minutes)
+    python eval/toy_fusion.py --seeds=1 --quick     # one short seed (what CI runs)
+
+Four tasks with checkable answers (reverse, sort, add, upper-case a string); a graded reward
+(difflib similarity of the answer to the right one, 0..1) stands in for the reward model;
+three "source models" are programs, each reliable on two tasks and sloppy on the others, so no
+single source is best everywhere. A tiny character-level Llama is pre-trained briefly to be a
+weak target. Then, with the project's own scripts: data.py split, build of SFT rows (prompt +
+y_ws), sft.py, eval/generate.py (the SFT target samples 5 answers per prompt), scoring, data.py
+build of WRPO rows, and wrpo.py three times from the same SFT checkpoint: DPO (alpha fixed at
+0), WRPO (alpha 0 -> alpha_max) and the constant-alpha ablation. Every model answers the
+held-out prompts greedily (eval/generate.py); the table is the mean reward per task.
+"""
+
+import argparse
+import difflib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LETTERS = "abcdefgh"
+TASKS = {
+    "reverse": lambda s: s[::-1],
+    "sort": lambda s: "".join(sorted(s)),
+    "upper": lambda s: s.upper(),
+    "add": lambda s: str(sum(int(x) for x in s.split("+"))),
+}
+# source -> error rate per task: each is reliable on two tasks and sloppy on the other two
+SOURCES = {"source-a": {"reverse": 0.03, "sort": 0.03, "upper": 0.5, "add": 0.5},
+           "source-b": {"reverse": 0.5, "sort": 0.5, "upper": 0.03, "add": 0.03},
+           "source-c": {"reverse": 0.25, "sort": 0.25, "upper": 0.25, "add": 0.25}}
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+            "<|pad|>", "<unk>"]
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :+\n"
+
+
+def make_prompt(rng):
+    task = rng.choice(list(TASKS))
+    if task == "add":
+        arg = f"{rng.randint(10, 49)}+{rng.randint(10, 49)}"
+    else:
+        arg = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    return task, arg
+
+
+def answer(prompt_text):
+    task, arg = prompt_text.split(": ", 1)
+    return TASKS[task](arg)
+
+
+def reward(prompt_text, response):
+    """Graded: 1 for the right answer, less the further the response is from it."""
+    return difflib.SequenceMatcher(None, response.strip(), answer(prompt_text)).ratio()
+
+
+def sloppy(rng, text, p):
+    """Each character replaced with probability p, dropped with probability p / 2."""
+    out = []
+    for ch in text:
+        r = rng.random()
+        if r < p / 2:
+            continue
+        out.append(rng.choice(LETTERS + "0123456789") if r < p else ch)
+    return "".join(out) or text[:1]
+
+
+def task_of(row):
+    return row["prompt"][-1]["content"].split(":")[0]
+
+
+def write_jsonl(rows, path):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(*cmd, log):
+    """A project script as a subprocess (like a user would run it); its output goes to the log."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env, capture_output=True, text=True)
+    log.write(f"$ {' '.join(map(str, cmd))}\n{proc.stdout}{proc.stderr}\n")
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr[-3000:]}")
+    return time.time() - t0
+
+
+def make_target(folder, seed):
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    sys.path.insert(0, str(REPO / "demo"))
+    from make_demo import CHAT_TEMPLATE
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + list(CHARS))}, unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # one token per character
+    tok.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        pad_token="<|pad|>", unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def score_file(samples, out):
+    """The programmatic reward in eval/score.py's output format."""
+    rows = [json.loads(x) for x in Path(samples).read_text().splitlines()]
+    for r in rows:
+        r["scores"] = [reward(r["prompt"][-1]["content"], t) for t in r["responses"]]
+    return write_jsonl(rows, out)
+
+
+def evaluate(model, heldout, folder, name, log):
+    out = folder / f"answers-{name}.jsonl"
+    run("eval/generate.py", f"--model={model}", f"--prompts={heldout}", f"--out={out}", "--num_samples=1",
+        "--temperature=0", "--max_new_tokens=12", "--batch_size=64", "--dtype=float32", log=log)
+    per_task = {}
+    for r in (json.loads(x) for x in out.read_text().splitlines()):
+        per_task.setdefault(task_of(r), []).append(reward(r["prompt"][-1]["content"], r["responses"][0]))
+    scores = {t: statistics.mean(v) for t, v in sorted(per_task.items())}
+    return {"all": statistics.mean(scores.values()), **scores}
+
+
+def one_seed(seed, folder, args, log):
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    n = args.prompts
+    prompts = [make_prompt(rng) for _ in range(n + args.heldout + args.pretrain)]
+    rows = [{"prompt_id": f"p{seed}-{i:05d}", "prompt": [{"role": "user", "content": f"{t}: {a}"}]}
+            for i, (t, a) in enumerate(prompts)]
+    train, heldout, pre = rows[:n], rows[n : n + args.heldout], rows[n + args.heldout :]
+    write_jsonl(train, folder / "prompts.jsonl")
+    heldout_path = write_jsonl(heldout, folder / "heldout.jsonl")
+    common = ["--dtype=float32", "--save_dtype=float32", "--max_length=48", f"--seed={seed}", "--log_every=1000",
+              "--overwrite=true"]
+
+    # the target: a tiny Llama, pre-trained briefly on right answers to other prompts (weak, not useless)
+    make_target(folder / "target", seed)
+    write_jsonl([{"messages": r["prompt"] + [{"role": "assistant", "content": answer(r["prompt"][0]["content"])}]}
+                 for r in pre], folder / "pretrain.jsonl")
+    run("sft.py", f"--model={folder / 'target'}", f"--data={folder / 'pretrain.jsonl'}",
+        f"--out_dir={folder / 'pretrained'}", "--lr=3e-3", "--global_batch_size=16", "--micro_batch_size=16",
+        f"--epochs={args.pretrain_epochs}", *common, log=log)
+    target = folder / "pretrained" / "final"
+
+    # the sources: K samples per prompt, scored
+    scored = []
+    for name, errors in SOURCES.items():
+        src_rows = []
+        for r in train:
+            text = r["prompt"][0]["content"]
+            right = answer(text)
+            src_rows.append({**r, "model": name, "responses": [sloppy(rng, right, errors[text.split(':')[0]])
+                                                                for _ in range(args.k)]})
+        scored.append(score_file(write_jsonl(src_rows, folder / f"{name}.jsonl"), folder / f"{name}.scored.jsonl"))
+
+    # the paper's pipeline
+    run("data.py", "split", f"--data={folder / 'prompts.jsonl'}", f"--out_dir={folder / 'split'}", "--overwrite",
+        log=log)
+    run("data.py", "build", "--sources", *scored, f"--prompts={folder / 'split' / 'sft.jsonl'}",
+        f"--out={folder / 'sft_rows.jsonl'}", "--overwrite", log=log)
+    run("sft.py", f"--model={target}", f"--data={folder / 'sft_rows.jsonl'}", f"--out_dir={folder / 'sft'}",
+        "--lr=2e-3", "--global_batch_size=16", "--micro_batch_size=16", f"--epochs={args.sft_epochs}", *common,
+        log=log)
+    sft = folder / "sft" / "final"
+    run("eval/generate.py", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
+        f"--out={folder / 'target_samples.jsonl'}", f"--num_samples={args.k}", "--max_new_tokens=12",
+        "--batch_size=64", "--dtype=float32", f"--seed={seed}", log=log)
+    score_file(folder / "target_samples.jsonl", folder / "target_scored.jsonl")
+    run("data.py", "build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
+        f"--out={folder / 'wrpo_rows.jsonl'}", "--overwrite", log=log)
+    n_rows = len((folder / "wrpo_rows.jsonl").read_text().splitlines())
+
+    models = {"Target": target, "Target-SFT": sft}
+    variants = {"Target-SFT-DPO": ["--alpha=0"],
+                "Target-SFT-WRPO": [f"--alpha={args.alpha}"],
+                "Target-SFT-WRPO (constant alpha)": [f"--alpha={args.alpha}", "--alpha_schedule=constant"]}
+    for name, extra in variants.items():
+        out = folder / name.replace(" ", "_").replace("(", "").replace(")", "")
+        run("wrpo.py", f"--model={sft}", f"--data={folder / 'wrpo_rows.jsonl'}", f"--out_dir={out}",
+            f"--beta={args.beta}", f"--lr={args.lr}", "--global_batch_size=16", "--micro_batch_size=16",
+            f"--epochs={args.wrpo_epochs}", f"--ref_cache_dir={folder}", "--max_prompt_length=32", *common, *extra,
+            log=log)
+        models[name] = out / "final"
+    results = {name: evaluate(path, heldout_path, folder, name.replace(" ", "_"), log) for name, path in models.items()}
+    return results, n_rows
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="eval/toy_fusion.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out_dir", default="out/toy_fusion")
+    ap.add_argument("--quick", action="store_true", help="fewer prompts and epochs (the CI check)")
+    ap.add_argument("--prompts", type=int, default=600, help="training prompts (split 1/3 SFT, 2/3 WRPO)")
+    ap.add_argument("--heldout", type=int, default=200)
+    ap.add_argument("--pretrain", type=int, default=400, help="prompts with right answers to pre-train the target")
+    ap.add_argument("--pretrain_epochs", type=int, default=8)
+    ap.add_argument("--sft_epochs", type=int, default=4)
+    ap.add_argument("--wrpo_epochs", type=int, default=2)
+    ap.add_argument("--k", type=int, default=5, help="samples per prompt, sources and target")
+    ap.add_argument("--alpha", type=float, default=0.5, help="alpha_max of WRPO and the constant-alpha ablation")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--lr", type=float, default=2e-4, help="DPO / WRPO learning rate")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.prompts, args.heldout, args.pretrain, args.sft_epochs, args.wrpo_epochs = 150, 40, 100, 1, 1
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    per_seed = []
+    with open(out_dir / "log.txt", "w") as log:
+        for seed in range(args.seeds):
+            results, n_rows = one_seed(seed, out_dir / f"seed{seed}", args, log)
+            per_seed.append(results)
+            print(f"seed {seed}: {n_rows} WRPO rows; " + ", ".join(f"{m} {r['all']:.3f}" for m, r in results.items()),
+                  flush=True)
+    columns = list(per_seed[0]["Target"])
+    table = {m: {c: [r[m][c] for r in per_seed] for c in columns} for m in per_seed[0]}
+    print(f"\nheld-out task score (mean reward 0..1, greedy answers), mean +- std over {args.seeds} seed(s); "
+          f"{time.time() - t0:.0f}s")
+    print("| model | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for m, cols in table.items():
+        cells = [f"{statistics.mean(v):.3f}" + (f" +- {statistics.stdev(v):.3f}" if len(v) > 1 else "")
+                 for v in cols.values()]
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "per_seed": per_seed}, indent=1))
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

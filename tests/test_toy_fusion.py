@@ -1,0 +1,46 @@
+"""The CPU fusion benchmark end to end, shortened: one seed, few prompts and epochs."""
+
+import json
+import random
+
+from conftest import REPO
+
+
+def test_toy_fusion_pipeline_runs_end_to_end(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "eval"))
+    import toy_fusion
+
+    table = toy_fusion.main(["--seeds=1", "--quick", f"--out_dir={tmp_path}"])
+    models = ["Target", "Target-SFT", "Target-SFT-DPO", "Target-SFT-WRPO", "Target-SFT-WRPO (constant alpha)"]
+    assert list(table) == models
+    for cols in table.values():
+        assert set(cols) == {"all", "add", "reverse", "sort", "upper"}
+        assert all(0.0 <= v[0] <= 1.0 for v in cols.values())
+    seed = tmp_path / "seed0"
+    rows = [json.loads(x) for x in (seed / "wrpo_rows.jsonl").read_text().splitlines()]
+    assert rows and all(r["scores"]["y_wt"] > r["scores"]["y_l"] for r in rows)
+    assert all(r["scores"]["y_ws"] >= 0.9 for r in rows)  # the best of three sources x 5 samples
+    for name in ("Target-SFT-DPO", "Target-SFT-WRPO", "Target-SFT-WRPO_constant_alpha"):
+        alphas = [json.loads(x)["alpha"] for x in (seed / name / "metrics.jsonl").read_text().splitlines()
+                  if "alpha" in json.loads(x)]
+        assert {"Target-SFT-DPO": alphas[-1] == 0.0, "Target-SFT-WRPO": alphas[0] == 0.0 < alphas[-1] == 0.5,
+                "Target-SFT-WRPO_constant_alpha": alphas[0] == alphas[-1] == 0.5}[name], (name, alphas)
+    assert (tmp_path / "results.json").exists()
+
+
+def test_reward_and_sources():
+    import sys
+
+    sys.path.insert(0, str(REPO / "eval"))
+    import toy_fusion
+
+    assert toy_fusion.answer("reverse: abc") == "cba" and toy_fusion.answer("add: 12+30") == "42"
+    assert toy_fusion.answer("sort: cab") == "abc" and toy_fusion.answer("upper: abc") == "ABC"
+    assert toy_fusion.reward("reverse: abcd", "dcba") == 1.0
+    assert 0 < toy_fusion.reward("reverse: abcd", "dcbx") < 1 and toy_fusion.reward("reverse: abcd", "") == 0
+    rng = random.Random(0)
+    good = [toy_fusion.reward("sort: hgfedcba", toy_fusion.sloppy(rng, "abcdefgh", 0.03)) for _ in range(200)]
+    bad = [toy_fusion.reward("sort: hgfedcba", toy_fusion.sloppy(rng, "abcdefgh", 0.5)) for _ in range(200)]
+    assert sum(good) / 200 > 0.9 > 0.7 > sum(bad) / 200  # an expert is reliable, a non-expert sloppy
