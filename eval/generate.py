@@ -23,12 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path  # noqa: E402
-from resumable import append, done_rows, fail, merge, open_part  # noqa: E402
+from resumable import done_rows, fail, merge, write_rows  # noqa: E402
 
 
 def parse_args(argv):
@@ -118,20 +116,12 @@ def main(argv):
     settings = {"num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed}
 
+    def rows_of(batch):
+        return [{"prompt_id": pid, "prompt": messages, "responses": responses, "model": name, "generation": settings}
+                for (pid, messages), responses in zip(batch, generate_batch(model, tokenizer, batch, args, device))]
+
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc=f"rank {rank}", unit="prompt", disable=not sys.stderr.isatty(), position=rank)
-    with open_part(out, rank, world) as part:
-        for i in range(0, len(todo), args.batch_size):
-            batch = todo[i : i + args.batch_size]
-            for (pid, messages), responses in zip(batch, generate_batch(model, tokenizer, batch, args, device)):
-                append(part, {"prompt_id": pid, "prompt": messages, "responses": responses, "model": name,
-                              "generation": settings})
-            part.flush()  # a crash loses at most the batch in flight
-            bar.update(len(batch))
-            bar.set_postfix(prompts_per_s=f"{(i + len(batch)) / (time.time() - t0):.2f}")
-    bar.close()
-    if world > 1:
-        dist.barrier()
+    write_rows(out, todo, args.batch_size, rows_of, rank, world)
     if is_master():
         merge(out, [pid for pid, _ in prompts])
         print0(f"{len(prompts)} prompts x {args.num_samples} samples -> {out} ({len(todo)} generated on rank 0 in "

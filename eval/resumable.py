@@ -9,9 +9,13 @@ the output, written beside it and renamed, and removes the parts.
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 
@@ -55,6 +59,27 @@ def open_part(out, rank, world):
 
 def append(f, row):
     f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_rows(out, todo, chunk, process, rank, world):
+    """process(items) -> output rows, over this rank's `todo` in chunks of `chunk` items.
+
+    Each chunk's rows are appended to the rank's part file as soon as they exist, so a crash
+    loses at most one chunk; a progress bar shows prompts/s. Returns when every rank is done.
+    """
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc=f"rank {rank}", unit="prompt", disable=not sys.stderr.isatty(), position=rank)
+    with open_part(out, rank, world) as part:
+        for i in range(0, len(todo), chunk):
+            items = todo[i : i + chunk]
+            for row in process(items):
+                append(part, row)
+            part.flush()
+            bar.update(len(items))
+            bar.set_postfix(prompts_per_s=f"{(i + len(items)) / (time.time() - t0):.2f}")
+    bar.close()
+    if world > 1:
+        dist.barrier()
 
 
 def merge(out, prompt_ids):

@@ -24,12 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path  # noqa: E402
-from resumable import append, done_rows, fail, merge, open_part  # noqa: E402
+from resumable import done_rows, fail, merge, write_rows  # noqa: E402
 
 
 def parse_args(argv):
@@ -117,36 +115,30 @@ def main(argv):
         model.config.pad_token_id = tokenizer.pad_token_id
     name = Path(str(args.reward_model).rstrip("/")).name
 
-    # (row, response) pairs, longest first within each chunk of rows, so batches pad little
-    t0, truncated = time.time(), 0
-    bar = tqdm(total=len(todo), desc=f"rank {rank}", unit="prompt", disable=not sys.stderr.isatty(), position=rank)
-    with open_part(out, rank, world) as part:
-        for i in range(0, len(todo), 64):
-            chunk = todo[i : i + 64]
-            convs = [(r, k, data._prompt_messages(row["prompt"]) + [{"role": "assistant", "content": t}])
-                     for r, row in enumerate(chunk) for k, t in enumerate(row["responses"])]
-            lengths = [len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)
-                           ["input_ids"]) for _, _, c in convs]
-            truncated += sum(n > args.max_length for n in lengths)
-            order = sorted(range(len(convs)), key=lambda j: -lengths[j])
-            scores = [[None] * len(row["responses"]) for row in chunk]
-            for b in range(0, len(order), args.batch_size):
-                batch = [convs[j] for j in order[b : b + args.batch_size]]
-                for (r, k, _), s in zip(batch, score_batch(model, tokenizer, [c for _, _, c in batch],
-                                                           args.max_length, device)):
-                    scores[r][k] = s
-            for row, s in zip(chunk, scores):
-                append(part, {**row, "scores": s, "reward_model": name})
-            part.flush()
-            bar.update(len(chunk))
-            bar.set_postfix(prompts_per_s=f"{(i + len(chunk)) / (time.time() - t0):.2f}")
-    bar.close()
-    if world > 1:
-        dist.barrier()
+    truncated = []  # per chunk: conversations longer than --max_length
+
+    def rows_of(chunk):
+        """Scores for a chunk of rows: its (row, response) conversations sorted by length, so batches pad little."""
+        convs = [(r, k, data._prompt_messages(row["prompt"]) + [{"role": "assistant", "content": t}])
+                 for r, row in enumerate(chunk) for k, t in enumerate(row["responses"])]
+        lengths = [len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)
+                       ["input_ids"]) for _, _, c in convs]
+        truncated.append(sum(n > args.max_length for n in lengths))
+        order = sorted(range(len(convs)), key=lambda j: -lengths[j])
+        scores = [[None] * len(row["responses"]) for row in chunk]
+        for b in range(0, len(order), args.batch_size):
+            batch = [convs[j] for j in order[b : b + args.batch_size]]
+            for (r, k, _), s in zip(batch, score_batch(model, tokenizer, [c for _, _, c in batch], args.max_length,
+                                                       device)):
+                scores[r][k] = s
+        return [{**row, "scores": s, "reward_model": name} for row, s in zip(chunk, scores)]
+
+    t0 = time.time()
+    write_rows(out, todo, 64, rows_of, rank, world)
     if is_master():
         merge(out, [r["prompt_id"] for r in rows])
-        print0(f"{len(rows)} prompts scored -> {out} ({len(todo)} on rank 0 in {time.time() - t0:.1f}s; "
-               f"{truncated} conversations cut to {args.max_length} tokens)")
+        print0(f"{len(rows)} prompts scored -> {out} (rank 0: {len(todo)} prompts in {time.time() - t0:.1f}s, "
+               f"{sum(truncated)} conversations cut to {args.max_length} tokens)")
     cleanup()
 
 
