@@ -8,7 +8,7 @@ optionally a `prompt_id`: WRPO rows, bare prompts, one part of `python data.py s
 Output, one line per prompt: {"prompt_id", "prompt", "responses": [K strings], "model"} plus the
 decoding settings. Defaults are the paper's: K = 5, temperature 0.8, top-p 0.95.
 
-Resumable (eval/resumable.py): prompts already in --out, or in the per-rank part files of an
+Resumable (eval/common.py): prompts already in --out, or in the per-rank part files of an
 interrupted run, are skipped; rank 0 merges the parts into --out at the end.
 A batch's sampling is seeded from --seed and its prompt ids, so a rerun of the same command with
 the same batches writes the same text.
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path  # noqa: E402
-from resumable import done_rows, fail, merge, write_rows  # noqa: E402
+from common import done_rows, fail, load_for_eval, merge, write_rows  # noqa: E402
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0  # noqa: E402
 
 
 def parse_args(argv):
@@ -101,17 +101,10 @@ def main(argv):
     todo = [p for i, p in enumerate(prompts) if i % world == rank and p[0] not in done]
     print0(f"{len(prompts)} prompts, {len(done)} already done; {world} rank(s), {args.num_samples} samples each")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    local = resolve_model_path(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=args.trust_remote_code)
-    if tokenizer.chat_template is None:
-        fail(f"{args.model}: the tokenizer has no chat template")
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[args.dtype],
-                                                 trust_remote_code=args.trust_remote_code).to(device).eval()
+    model, tokenizer = load_for_eval(args.model, AutoModelForCausalLM, what="model", padding_side="left",
+                                     dtype=DTYPES[args.dtype], device=device, trust_remote_code=args.trust_remote_code)
     name = args.model_name or Path(str(args.model).rstrip("/")).name
     settings = {"num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed}

@@ -12,11 +12,10 @@ the reward model's chat template. Any AutoModelForSequenceClassification with on
 --max_length tokens (counted in the summary).
 
 Batched by length, split over ranks by prompt, resumable like eval/generate.py
-(eval/resumable.py): prompts already scored in --out are skipped.
+(eval/common.py): prompts already scored in --out are skipped.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import data  # noqa: E402
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path  # noqa: E402
-from resumable import done_rows, fail, merge, write_rows  # noqa: E402
+from common import done_rows, fail, load_for_eval, merge, write_rows  # noqa: E402
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0  # noqa: E402
 
 
 def parse_args(argv):
@@ -92,25 +91,11 @@ def main(argv):
     todo = [r for i, r in enumerate(rows) if i % world == rank and r["prompt_id"] not in done]
     print0(f"{len(rows)} prompts, {len(done)} already scored; {world} rank(s)")
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    try:
-        local = resolve_model_path(args.reward_model)
-        custom = json.loads((Path(local) / "config.json").read_text()).get("auto_map", {})
-        if "AutoModelForSequenceClassification" in custom and not args.trust_remote_code:
-            # without its code transformers would load the weights into a stock class, and score garbage
-            fail(f"{args.reward_model} ships its own model code ({custom['AutoModelForSequenceClassification']}); "
-                 "pass --trust_remote_code to run it")
-        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            local, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code).to(device).eval()
-    except (OSError, ValueError) as e:  # a bad path, or custom code without --trust_remote_code
-        fail(f"cannot load the reward model {args.reward_model}: {str(e).splitlines()[0]}")
-    if tokenizer.chat_template is None:
-        fail(f"{args.reward_model}: the tokenizer has no chat template")
-    tokenizer.padding_side = "right"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = load_for_eval(args.reward_model, AutoModelForSequenceClassification, what="reward model",
+                                     padding_side="right", dtype=DTYPES[args.dtype], device=device,
+                                     trust_remote_code=args.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None:  # it finds each sequence's last token by the pad id
         model.config.pad_token_id = tokenizer.pad_token_id
     name = Path(str(args.reward_model).rstrip("/")).name

@@ -71,4 +71,7 @@ def test_bad_prompts_and_settings(tmp_path):
     assert f"{bad}:3: missing field 'prompt'" in run.stderr
     greedy = generate(*FAST, "--temperature=0", f"--prompts={bad}", f"--out={tmp_path / 'o.jsonl'}")
     assert greedy.returncode == 2 and "--num_samples=1" in greedy.stderr
+    good, _ = prompts(tmp_path, 1)
+    missing = generate(*FAST, f"--model={tmp_path / 'nope'}", f"--prompts={good}", f"--out={tmp_path / 'o.jsonl'}")
+    assert missing.returncode == 2 and "cannot load the model" in missing.stderr and "Traceback" not in missing.stderr
     assert not (tmp_path / "o.jsonl").exists()

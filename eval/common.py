@@ -1,6 +1,7 @@
-"""Resumable, multi-rank JSONL output for eval/generate.py and eval/score.py.
+"""What eval/generate.py and eval/score.py share: user errors, loading a model with its chat
+template, and resumable multi-rank JSONL output.
 
-Each rank appends its finished rows (one per prompt) to its own part file beside the output, so
+Output: each rank appends its finished rows (one per prompt) to its own part file beside the output, so
 a crash loses at most the batch in flight; a rerun reads back what exists (the output and any
 part files, of any world size) and skips those prompts; at the end rank 0 merges everything into
 the output, written beside it and renamed, and removes the parts.
@@ -18,12 +19,37 @@ import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
+from fsdp_utils import resolve_model_path  # noqa: E402
 
 
 def fail(message):
     """A user error: one line on stderr and exit status 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
+    """(model, tokenizer) for inference, or a one-line error: a bad path, a tokenizer without a
+    chat template, or a checkpoint that ships its own code for `auto_class` without
+    --trust_remote_code (transformers would load its weights into a stock class and run garbage).
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        local = resolve_model_path(path)
+        custom = json.loads((Path(local) / "config.json").read_text()).get("auto_map", {})
+        if auto_class.__name__ in custom and not trust_remote_code:
+            fail(f"{path} ships its own model code ({custom[auto_class.__name__]}); pass --trust_remote_code to run it")
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
+        model = auto_class.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+    except (OSError, ValueError) as e:  # a bad path or files, or custom code transformers refuses
+        fail(f"cannot load the {what} {path}: {str(e).splitlines()[0]}")
+    if tokenizer.chat_template is None:
+        fail(f"{path}: the tokenizer has no chat template")
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
 
 
 def parts(out):
