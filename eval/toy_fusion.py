@@ -1,17 +1,22 @@
 """Implicit model fusion in miniature, on 2 CPU cores: the paper's pipeline with this project's scripts.
 
-    python eval/toy_fusion.py                       # 3 seeds, the table (several minutes)
+    python eval/toy_fusion.py                       # 3 seeds, the table (about 14 minutes)
     python eval/toy_fusion.py --seeds=1 --quick     # one short seed (what CI runs)
 
-Four tasks with checkable answers (reverse, sort, add, upper-case a string); a graded reward
-(difflib similarity of the answer to the right one, 0..1) stands in for the reward model;
-three "source models" are programs, each reliable on two tasks and sloppy on the others, so no
-single source is best everywhere. A tiny character-level Llama is pre-trained briefly to be a
-weak target. Then, with the project's own scripts: data.py split, build of SFT rows (prompt +
+Four string tasks with checkable answers (reverse, sort, upper-case, shift each letter to the
+next); a graded reward (difflib similarity of the answer to the right one, 0..1) stands in for
+the reward model. The target, a tiny character-level Llama, is pre-trained on answers from a
+weak teacher that makes one systematic mistake per task most of the time (copies instead of
+reversing, sorts backwards, capitalises only the first letter, shifts the wrong way): it learns
+the tasks' format and both behaviours, and answers with the mistake. Three "source models" are
+programs, each reliable on two tasks and sloppy on the others, so no single source is best
+everywhere. Then, with the project's own scripts: data.py split, build of SFT rows (prompt +
 y_ws), sft.py, eval/generate.py (the SFT target samples 5 answers per prompt), scoring, data.py
 build of WRPO rows, and wrpo.py three times from the same SFT checkpoint: DPO (alpha fixed at
 0), WRPO (alpha 0 -> alpha_max) and the constant-alpha ablation. Every model answers the
-held-out prompts greedily (eval/generate.py); the table is the mean reward per task.
+held-out prompts greedily (eval/generate.py); the table is the mean reward per task. A second
+table shows the preference runs' implicit rewards beta * log(pi / pi_ref) of y_ws, y_wt and y_l
+over their last epoch: how far each objective moved the source responses' likelihood.
 """
 
 import argparse
@@ -29,33 +34,42 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 LETTERS = "abcdefgh"
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 TASKS = {
     "reverse": lambda s: s[::-1],
     "sort": lambda s: "".join(sorted(s)),
     "upper": lambda s: s.upper(),
-    "add": lambda s: str(sum(int(x) for x in s.split("+"))),
+    "shift": lambda s: "".join(ALPHABET[(ALPHABET.index(c) + 1) % 26] for c in s),  # each letter to the next
+}
+# the target's teacher: one systematic mistake per task (the skill gap the sources can fill)
+BUGS = {
+    "reverse": lambda s: s,  # copies instead of reversing
+    "sort": lambda s: "".join(sorted(s, reverse=True)),  # sorts the wrong way round
+    "upper": lambda s: s[:1].upper() + s[1:],  # capitalises only the first letter
+    "shift": lambda s: "".join(ALPHABET[(ALPHABET.index(c) - 1) % 26] for c in s),  # shifts the wrong way
 }
 # source -> error rate per task: each is reliable on two tasks and sloppy on the other two
-SOURCES = {"source-a": {"reverse": 0.03, "sort": 0.03, "upper": 0.5, "add": 0.5},
-           "source-b": {"reverse": 0.5, "sort": 0.5, "upper": 0.03, "add": 0.03},
-           "source-c": {"reverse": 0.25, "sort": 0.25, "upper": 0.25, "add": 0.25}}
+SOURCES = {"source-a": {"reverse": 0.03, "sort": 0.03, "upper": 0.5, "shift": 0.5},
+           "source-b": {"reverse": 0.5, "sort": 0.5, "upper": 0.03, "shift": 0.03},
+           "source-c": {"reverse": 0.25, "sort": 0.25, "upper": 0.25, "shift": 0.25}}
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
             "<|pad|>", "<unk>"]
-CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 :+\n"
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\n"
 
 
 def make_prompt(rng):
-    task = rng.choice(list(TASKS))
-    if task == "add":
-        arg = f"{rng.randint(10, 49)}+{rng.randint(10, 49)}"
-    else:
-        arg = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
-    return task, arg
+    return rng.choice(list(TASKS)), "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
 
 
 def answer(prompt_text):
     task, arg = prompt_text.split(": ", 1)
     return TASKS[task](arg)
+
+
+def weak_answer(rng, prompt_text, bug_rate):
+    """The target's teacher: the task's systematic mistake with probability bug_rate, else right."""
+    task, arg = prompt_text.split(": ", 1)
+    return (BUGS if rng.random() < bug_rate else TASKS)[task](arg)
 
 
 def reward(prompt_text, response):
@@ -70,7 +84,7 @@ def sloppy(rng, text, p):
         r = rng.random()
         if r < p / 2:
             continue
-        out.append(rng.choice(LETTERS + "0123456789") if r < p else ch)
+        out.append(rng.choice(LETTERS) if r < p else ch)
     return "".join(out) or text[:1]
 
 
@@ -88,10 +102,10 @@ def run(*cmd, log):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     t0 = time.time()
     proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO, env=env, capture_output=True, text=True)
-    log.write(f"$ {' '.join(map(str, cmd))}\n{proc.stdout}{proc.stderr}\n")
+    log.write(f"$ {' '.join(map(str, cmd))}\n{proc.stdout}{proc.stderr}# {time.time() - t0:.1f}s\n\n")
+    log.flush()
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stderr[-3000:]}")
-    return time.time() - t0
 
 
 def make_target(folder, seed):
@@ -136,6 +150,14 @@ def evaluate(model, heldout, folder, name, log):
     return {"all": statistics.mean(scores.values()), **scores}
 
 
+def last_epoch_rewards(metrics):
+    """Mean implicit rewards beta * log(pi / pi_ref) of y_ws, y_wt and y_l over a run's last epoch."""
+    rows = [json.loads(x) for x in Path(metrics).read_text().splitlines()]
+    rows = [r for r in rows if "lr" in r and r["epoch"] == rows[-1]["epoch"]]
+    keys = {"y_ws": "rewards/source_chosen", "y_wt": "rewards/target_chosen", "y_l": "rewards/rejected"}
+    return {role: statistics.mean(r[k] for r in rows) for role, k in keys.items()}
+
+
 def one_seed(seed, folder, args, log):
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,12 +171,13 @@ def one_seed(seed, folder, args, log):
     common = ["--dtype=float32", "--save_dtype=float32", "--max_length=48", f"--seed={seed}", "--log_every=1000",
               "--overwrite=true"]
 
-    # the target: a tiny Llama, pre-trained briefly on right answers to other prompts (weak, not useless)
+    # the target: a tiny Llama pre-trained on the weak teacher's answers to other prompts
     make_target(folder / "target", seed)
-    write_jsonl([{"messages": r["prompt"] + [{"role": "assistant", "content": answer(r["prompt"][0]["content"])}]}
+    write_jsonl([{"messages": r["prompt"] + [{"role": "assistant",
+                                              "content": weak_answer(rng, r["prompt"][0]["content"], args.bug_rate)}]}
                  for r in pre], folder / "pretrain.jsonl")
     run("sft.py", f"--model={folder / 'target'}", f"--data={folder / 'pretrain.jsonl'}",
-        f"--out_dir={folder / 'pretrained'}", "--lr=3e-3", "--global_batch_size=16", "--micro_batch_size=16",
+        f"--out_dir={folder / 'pretrained'}", "--lr=3e-3", "--global_batch_size=64", "--micro_batch_size=64",
         f"--epochs={args.pretrain_epochs}", *common, log=log)
     target = folder / "pretrained" / "final"
 
@@ -175,7 +198,7 @@ def one_seed(seed, folder, args, log):
     run("data.py", "build", "--sources", *scored, f"--prompts={folder / 'split' / 'sft.jsonl'}",
         f"--out={folder / 'sft_rows.jsonl'}", "--overwrite", log=log)
     run("sft.py", f"--model={target}", f"--data={folder / 'sft_rows.jsonl'}", f"--out_dir={folder / 'sft'}",
-        "--lr=2e-3", "--global_batch_size=16", "--micro_batch_size=16", f"--epochs={args.sft_epochs}", *common,
+        f"--lr={args.sft_lr}", "--global_batch_size=16", "--micro_batch_size=16", f"--epochs={args.sft_epochs}", *common,
         log=log)
     sft = folder / "sft" / "final"
     run("eval/generate.py", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
@@ -186,7 +209,7 @@ def one_seed(seed, folder, args, log):
         f"--out={folder / 'wrpo_rows.jsonl'}", "--overwrite", log=log)
     n_rows = len((folder / "wrpo_rows.jsonl").read_text().splitlines())
 
-    models = {"Target": target, "Target-SFT": sft}
+    models, rewards = {"Target": target, "Target-SFT": sft}, {}
     variants = {"Target-SFT-DPO": ["--alpha=0"],
                 "Target-SFT-WRPO": [f"--alpha={args.alpha}"],
                 "Target-SFT-WRPO (constant alpha)": [f"--alpha={args.alpha}", "--alpha_schedule=constant"]}
@@ -197,8 +220,9 @@ def one_seed(seed, folder, args, log):
             f"--epochs={args.wrpo_epochs}", f"--ref_cache_dir={folder}", "--max_prompt_length=32", *common, *extra,
             log=log)
         models[name] = out / "final"
+        rewards[name] = last_epoch_rewards(out / "metrics.jsonl")
     results = {name: evaluate(path, heldout_path, folder, name.replace(" ", "_"), log) for name, path in models.items()}
-    return results, n_rows
+    return results, rewards, n_rows
 
 
 def main(argv):
@@ -206,40 +230,53 @@ def main(argv):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out_dir", default="out/toy_fusion")
     ap.add_argument("--quick", action="store_true", help="fewer prompts and epochs (the CI check)")
-    ap.add_argument("--prompts", type=int, default=600, help="training prompts (split 1/3 SFT, 2/3 WRPO)")
+    ap.add_argument("--prompts", type=int, default=1500, help="training prompts (split 1/3 SFT, 2/3 WRPO)")
     ap.add_argument("--heldout", type=int, default=200)
-    ap.add_argument("--pretrain", type=int, default=400, help="prompts with right answers to pre-train the target")
-    ap.add_argument("--pretrain_epochs", type=int, default=8)
-    ap.add_argument("--sft_epochs", type=int, default=4)
+    ap.add_argument("--pretrain", type=int, default=32000, help="prompts with the weak teacher's answers")
+    ap.add_argument("--pretrain_epochs", type=int, default=1)
+    ap.add_argument("--bug_rate", type=float, default=0.92, help="how often the target's teacher errs")
+    ap.add_argument("--sft_epochs", type=int, default=1)
+    ap.add_argument("--sft_lr", type=float, default=1e-3)
     ap.add_argument("--wrpo_epochs", type=int, default=2)
     ap.add_argument("--k", type=int, default=5, help="samples per prompt, sources and target")
     ap.add_argument("--alpha", type=float, default=0.5, help="alpha_max of WRPO and the constant-alpha ablation")
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=2e-4, help="DPO / WRPO learning rate")
     args = ap.parse_args(argv)
     if args.quick:
-        args.prompts, args.heldout, args.pretrain, args.sft_epochs, args.wrpo_epochs = 150, 40, 100, 1, 1
+        args.prompts, args.heldout, args.pretrain, args.wrpo_epochs = 150, 40, 1000, 1
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    per_seed = []
+    per_seed, per_seed_rewards = [], []
     with open(out_dir / "log.txt", "w") as log:
         for seed in range(args.seeds):
-            results, n_rows = one_seed(seed, out_dir / f"seed{seed}", args, log)
+            results, rewards, n_rows = one_seed(seed, out_dir / f"seed{seed}", args, log)
             per_seed.append(results)
+            per_seed_rewards.append(rewards)
             print(f"seed {seed}: {n_rows} WRPO rows; " + ", ".join(f"{m} {r['all']:.3f}" for m, r in results.items()),
                   flush=True)
-    columns = list(per_seed[0]["Target"])
-    table = {m: {c: [r[m][c] for r in per_seed] for c in columns} for m in per_seed[0]}
     print(f"\nheld-out task score (mean reward 0..1, greedy answers), mean +- std over {args.seeds} seed(s); "
           f"{time.time() - t0:.0f}s")
+    table = print_table(per_seed)
+    print(f"\nimplicit rewards beta * log(pi / pi_ref) on the training rows, mean over the last epoch (beta "
+          f"{args.beta}), mean +- std over {args.seeds} seed(s)")
+    print_table(per_seed_rewards)
+    (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "per_seed": per_seed,
+                                                      "per_seed_rewards": per_seed_rewards}, indent=1))
+    return table
+
+
+def print_table(per_seed):
+    """A markdown table of per-seed {row: {column: value}}, mean +- std over seeds; returns the values."""
+    columns = list(next(iter(per_seed[0].values())))
+    table = {m: {c: [r[m][c] for r in per_seed] for c in columns} for m in per_seed[0]}
     print("| model | " + " | ".join(columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for m, cols in table.items():
         cells = [f"{statistics.mean(v):.3f}" + (f" +- {statistics.stdev(v):.3f}" if len(v) > 1 else "")
                  for v in cols.values()]
         print(f"| {m} | " + " | ".join(cells) + " |")
-    (out_dir / "results.json").write_text(json.dumps({"args": vars(args), "per_seed": per_seed}, indent=1))
     return table
 
 

@@ -16,7 +16,7 @@ def test_toy_fusion_pipeline_runs_end_to_end(tmp_path):
     models = ["Target", "Target-SFT", "Target-SFT-DPO", "Target-SFT-WRPO", "Target-SFT-WRPO (constant alpha)"]
     assert list(table) == models
     for cols in table.values():
-        assert set(cols) == {"all", "add", "reverse", "sort", "upper"}
+        assert set(cols) == {"all", "reverse", "shift", "sort", "upper"}
         assert all(0.0 <= v[0] <= 1.0 for v in cols.values())
     seed = tmp_path / "seed0"
     rows = [json.loads(x) for x in (seed / "wrpo_rows.jsonl").read_text().splitlines()]
@@ -27,7 +27,10 @@ def test_toy_fusion_pipeline_runs_end_to_end(tmp_path):
                   if "alpha" in json.loads(x)]
         assert {"Target-SFT-DPO": alphas[-1] == 0.0, "Target-SFT-WRPO": alphas[0] == 0.0 < alphas[-1] == 0.5,
                 "Target-SFT-WRPO_constant_alpha": alphas[0] == alphas[-1] == 0.5}[name], (name, alphas)
-    assert (tmp_path / "results.json").exists()
+    results = json.loads((tmp_path / "results.json").read_text())
+    rewards = results["per_seed_rewards"][0]
+    assert list(rewards) == models[2:] and all(set(r) == {"y_ws", "y_wt", "y_l"} for r in rewards.values())
+    assert all(r["y_wt"] > r["y_l"] for r in rewards.values())  # every preference run separated its pairs
 
 
 def test_reward_and_sources():
@@ -36,8 +39,12 @@ def test_reward_and_sources():
     sys.path.insert(0, str(REPO / "eval"))
     import toy_fusion
 
-    assert toy_fusion.answer("reverse: abc") == "cba" and toy_fusion.answer("add: 12+30") == "42"
+    assert toy_fusion.answer("reverse: abc") == "cba" and toy_fusion.answer("shift: abz") == "bca"
     assert toy_fusion.answer("sort: cab") == "abc" and toy_fusion.answer("upper: abc") == "ABC"
+    # the target's teacher: right or its task's one systematic mistake, about bug_rate of the time wrong
+    teacher = [toy_fusion.weak_answer(rng, "sort: cab", 0.8) for rng in [random.Random(i) for i in range(500)]]
+    assert set(teacher) == {"abc", "cba"} and 0.7 < teacher.count("cba") / 500 < 0.9
+    assert {toy_fusion.BUGS[t]("abc") for t in toy_fusion.TASKS} == {"abc", "cba", "Abc", "zab"}
     assert toy_fusion.reward("reverse: abcd", "dcba") == 1.0
     assert 0 < toy_fusion.reward("reverse: abcd", "dcbx") < 1 and toy_fusion.reward("reverse: abcd", "") == 0
     rng = random.Random(0)
