@@ -24,6 +24,7 @@ import math
 import os
 import random
 import sys
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,16 @@ class Example:
 # reading files
 
 
+def _parse_json(text):
+    """json.loads, with every way a line can be broken turned into a RowError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RowError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise RowError("malformed JSON (nested too deeply)") from None
+
+
 def read_records(path):
     """Return [(where, record_or_RowError)] from a .jsonl/.json/.parquet file or a folder of them."""
     path = Path(path)
@@ -65,31 +76,44 @@ def read_records(path):
         if not files:
             raise DataError(f"{path}: folder has no .jsonl, .json or .parquet files")
         return [rec for f in files for rec in read_records(f)]
-    if path.suffix == ".jsonl":
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((f"{path}:{i}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    out.append((f"{path}:{i}", RowError(f"malformed JSON ({e.msg} at column {e.colno})")))
-        return out
-    if path.suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(rows, list):
-            raise DataError(f"{path}: a .json data file must hold a list of rows")
-        return [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
-        return [(f"{path}:row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    try:
+        if path.suffix == ".jsonl":
+            out = []
+            with open(path, "rb") as f:
+                for i, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                        if line.strip():
+                            out.append((f"{path}:{i}", _parse_json(line)))
+                    except UnicodeDecodeError as e:
+                        out.append((f"{path}:{i}", RowError(f"not valid UTF-8 (byte {e.start + 1})")))
+                    except RowError as e:
+                        out.append((f"{path}:{i}", e))
+            return out
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
+            if not isinstance(rows, list):
+                raise DataError(f"{path}: a .json data file must hold a list of rows")
+            return [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
+        if path.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise DataError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # pyarrow's errors have no common base besides Exception
+                raise DataError(f"{path}: not a readable parquet file ({e})") from None
+            return [(f"{path}:row {i}", r) for i, r in enumerate(table.to_pylist())]
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     raise DataError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl, .json or .parquet)")
 
 
@@ -112,16 +136,22 @@ def _content(msg, field, i, want_role):
             raise RowError(f"{field}[{i}].content must be a string, got {type(text).__name__}")
     else:
         raise RowError(f"{field}[{i}] must be a message dict or a string, got {type(msg).__name__}")
+    return _checked_text(text, f"{field}[{i}]")
+
+
+def _checked_text(text, name):
     if not text.strip():
-        raise RowError(f"{field}[{i}] is empty")
+        raise RowError(f"{name} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError(f"{name} is not valid text (an unpaired surrogate escape such as \\ud800)") from None
     return text
 
 
 def _prompt_messages(prompt):
     if isinstance(prompt, str):
-        if not prompt.strip():
-            raise RowError("prompt is empty")
-        return [{"role": "user", "content": prompt}]
+        return [{"role": "user", "content": _checked_text(prompt, "prompt")}]
     if not isinstance(prompt, list) or not prompt:
         raise RowError("prompt must be a non-empty string or list of messages")
     messages = []
@@ -253,8 +283,12 @@ def truncate(prompt, responses, max_length, max_prompt_length):
     return prompt, responses
 
 
-def convert_rows(path, convert):
-    """convert(record) for every record of `path`; every bad row is reported, as file:line: reason."""
+def convert_rows(path, convert, skip_invalid=False, report=print):
+    """convert(record) for every record of `path`; every bad row is reported, as file:line: reason.
+
+    Bad rows stop the run (DataError listing them), or with skip_invalid=True are left out, and
+    `report` gets one line with their count and the first few.
+    """
     out, errors = [], []
     for where, rec in read_records(path):
         try:
@@ -263,17 +297,24 @@ def convert_rows(path, convert):
             out.append(convert(rec, where))
         except RowError as e:
             errors.append(f"{where}: {e}")
-    if errors:
+        except RecursionError:  # a record nested deeply enough to exhaust the stack while checking it
+            errors.append(f"{where}: nested too deeply")
+    if errors and skip_invalid:
+        shown = "\n  ".join(errors[:5]) + ("\n  ..." if len(errors) > 5 else "")
+        report(f"skipped {len(errors)} bad row(s) of {path} (skip_invalid_rows):\n  {shown}")
+    elif errors:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}")
+        raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}\n(fix them, or pass "
+                        "--skip_invalid_rows=true to train without them)")
     if not out:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows" + (" left after skipping the bad ones" if errors else ""))
     return out
 
 
-def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end"):
-    """Read, validate and tokenize every row. Raises DataError listing every bad row.
+def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
+                 skip_invalid=False, report=print):
+    """Read, validate and tokenize every row. Raises DataError listing every bad row (see convert_rows).
 
     truncation: "keep_end" applies the paper's rule (see `truncate`); "error" reports rows
     longer than max_length as bad rows instead.
@@ -293,7 +334,7 @@ def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, tr
         prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
         return Example(prompt, responses, n_chosen, where, prompt_id)
 
-    return convert_rows(path, convert)
+    return convert_rows(path, convert, skip_invalid, report)
 
 
 @dataclass
@@ -304,7 +345,8 @@ class Sequence:
     start: int = 0  # position id of the first token (> 0: continues a shared prompt, see attention.py)
 
 
-def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start"):
+def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start",
+                     skip_invalid=False, report=print):
     """Read, validate and tokenize SFT rows (chat rows, or WRPO rows trained on prompt + y_ws).
 
     loss_on: "assistant" scores every assistant turn (end-of-turn token included); "all" scores
@@ -329,7 +371,7 @@ def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", t
             raise RowError(f"no assistant token within max_length {max_length}")
         return Sequence(ids, labels, where)
 
-    return convert_rows(path, convert)
+    return convert_rows(path, convert, skip_invalid, report)
 
 
 def pack(lengths, max_length, seed):
@@ -474,6 +516,24 @@ def token_budget_batches(rows, lengths, budget):
         current.append(i)
         used += lengths[i]
     return batches + [current] if current else batches
+
+
+def row_name(ex):
+    """How messages name a row: file:line, and its prompt_id when it has one."""
+    pid = getattr(ex, "prompt_id", "")
+    return f"{ex.where} ({pid})" if pid else ex.where
+
+
+def fingerprint(examples):
+    """A digest of tokenized rows (Examples or Sequences), in order: any change to the data, the
+    tokenizer or its chat template, or the truncation settings changes it."""
+    h = hashlib.sha256()
+    for ex in examples:
+        parts = [[ex.n_chosen], ex.prompt_ids, *ex.responses] if isinstance(ex, Example) else [ex.ids, ex.labels]
+        for p in parts:
+            h.update(array("q", p).tobytes() + b"|")
+        h.update(b";")
+    return f"{len(examples)} rows, sha256 {h.hexdigest()[:20]}"
 
 
 # -----------------------------------------------------------------------------
