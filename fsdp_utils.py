@@ -1,4 +1,5 @@
-"""Distributed setup, FSDP2 sharding, sharded loading and Hugging Face-format saving.
+"""Distributed setup, FSDP2 sharding, sharded loading, Hugging Face-format saving and the sharded
+resumable state (model and optimizer, torch.distributed.checkpoint).
 
 The same functions run on CUDA (nccl) and on CPU (gloo), under torchrun or as a plain
 single process, so the CPU tests exercise the exact code used on an 8-GPU node.
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
+    set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
@@ -86,6 +89,15 @@ def _checkpoint_tensors(path):
         )
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}
+
+
+def count_parameters(path):
+    """Parameters stored in a safetensors checkpoint, read from the file headers only."""
+    total = 0
+    for fname in set(_checkpoint_tensors(path).values()):
+        with safe_open(fname, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
 
 
 def _shard_rows(dtensor):
@@ -237,40 +249,47 @@ def resolve_model_path(path):
 # Hugging Face-format saving
 
 
-def save_hf_checkpoint(model, out, *, tokenizer=None, train_config=None, dtype=torch.bfloat16,
-                       max_shard_bytes=5 * 2**30):
-    """Gather the full state dict on rank 0 (CPU-offloaded) and write an HF checkpoint.
+def save_hf_checkpoint(model, out, **kwargs):
+    """write_hf_checkpoint into `out.tmp`, then rename it to `out`: a crash mid-save never leaves a
+    half-written folder under the final name. Collective: every rank must call it."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if is_master() and tmp.exists():  # left by a save that crashed
+        shutil.rmtree(tmp)
+    write_hf_checkpoint(model, tmp, **kwargs)
+    if is_master():
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
 
-    Written into `out.tmp` and renamed, so a crash mid-save never leaves a half-written
-    folder under the final name. Collective: every rank must call it.
-    """
+
+def write_hf_checkpoint(model, folder, *, tokenizer=None, train_config=None, dtype=torch.bfloat16,
+                        max_shard_bytes=5 * 2**30):
+    """Gather the full state dict on rank 0 (CPU-offloaded) and write a Hugging Face checkpoint into
+    `folder`. Collective: every rank must call it."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_master():
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():  # left by a save that crashed
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         if getattr(model.config, "tie_word_embeddings", False):
             state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
         for k in list(state):  # one tensor at a time, so fp32 and save-dtype copies never coexist whole
             state[k] = state[k].to(dtype).contiguous()
-        _write_safetensors(state, tmp, max_shard_bytes)
+        _write_safetensors(state, folder, max_shard_bytes)
         config = copy.deepcopy(model.config)
         # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
         config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
         config.dtype = dtype
         config.use_cache = True  # training turned it off; generation wants it
-        config.save_pretrained(tmp)
+        config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
+            model.generation_config.save_pretrained(folder)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(folder)
         if train_config is not None:
-            (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+            (folder / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
     if dist.is_initialized():
         dist.barrier()
 
@@ -296,3 +315,24 @@ def _write_safetensors(state, folder, max_shard_bytes):
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# resumable state: sharded model and optimizer (torch.distributed.checkpoint)
+
+
+def save_sharded_state(model, optimizer, folder):
+    """The fp32 master weights and AdamW state, each rank writing its own shards into `folder`.
+
+    DCP files can be loaded by any number of ranks (they are resharded on load). Collective.
+    """
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded_state(model, optimizer, folder):
+    """Fill a sharded model and its optimizer from save_sharded_state's files. Collective."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

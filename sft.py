@@ -20,8 +20,8 @@ import torch
 import data
 from fsdp_utils import cleanup, print0
 from logprobs import model_sequence_logps
-from training import MetricSum, StepLogger, TrainConfig, end_step, eval_batches, finish_run, get_lr, global_sum, \
-    load_policy, optimizer_step, parse_config, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
+from training import MetricSum, RunGuard, StepLogger, TrainConfig, eval_batches, get_lr, global_sum, load_policy, \
+    parse_config, restore, resume_state, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
     training_steps, write_run_config
 
 
@@ -85,11 +85,14 @@ def main(argv):
 
     # --- data: every row validated before the model is loaded
     load = lambda path: data.load_sft_dataset(path, run.tokenizer, max_length=cfg.max_length,  # noqa: E731
-                                              loss_on=cfg.loss_on, truncation=cfg.truncation)
+                                              loss_on=cfg.loss_on, truncation=cfg.truncation,
+                                              skip_invalid=cfg.skip_invalid_rows, report=print0)
     examples = load(cfg.data)
     eval_examples = load(cfg.eval_data) if cfg.eval_data else []
     seqs, eval_seqs = group_examples(examples, cfg), group_examples(eval_examples, cfg)
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
+    fingerprint = data.fingerprint(examples)
+    state = resume_state(run, cfg, fingerprint)  # a resumed run must continue the same run
     fill = sum(len(ex.ids) for ex in examples) / (len(seqs) * cfg.max_length)
     print0(f"{len(examples)} examples in {len(seqs)} sequences ({fill:.0%} of max_length {cfg.max_length} used), "
            f"{len(eval_examples)} held-out examples; world {run.world} on {run.device.type}; "
@@ -106,32 +109,37 @@ def main(argv):
         print0(f"step {step}: held-out loss {m['eval/loss']:.4f}")
         return m
 
-    # --- training loop
-    eval_before = run_eval(0)
-    logger = StepLogger(run, cfg, total_steps, "sft", LOG_FIELDS)
-    for step, epoch, micro_batches in training_steps(len(seqs), cfg, run, total_steps):
-        t0 = time.time()
-        lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
-        groups = [[[examples[e] for e in seqs[i]] for i in rows] for rows in micro_batches]
-        batches = [data.collate_packed(g, run.pad_id) for g in groups]
-        # the step's loss is the mean over every loss token of the global batch: count them first
-        n_loss = global_sum(sum(int((b["labels"] != data.IGNORE).sum()) for b in batches), run.device)
-        sums = MetricSum()
-        for batch in batches:
-            nll, counts = token_nll(policy, to_device(batch, run.device))
-            # FSDP averages gradients over ranks, hence the factor world
-            (nll.sum() * run.world / n_loss).backward()
-            sums.add({"loss": nll.detach() / counts.clamp(min=1)}, counts)
-        grad_norm = optimizer_step(policy, optimizer, cfg.grad_clip)
+    # --- training loop (a resumed run starts at its checkpoint's step)
+    start = restore(run, policy, optimizer, state)
+    eval_before = state["eval_before"] if state else run_eval(0)
+    logger = StepLogger(run, cfg, total_steps, "sft", LOG_FIELDS, start)
+    with RunGuard(run, cfg, policy, optimizer, logger, run_eval, total_steps, eval_before=eval_before,
+                  fingerprint=fingerprint, state=state) as guard:
+        for step, epoch, micro_batches in training_steps(len(seqs), cfg, run, total_steps, start):
+            t0 = time.time()
+            lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
+            groups = [[[examples[e] for e in seqs[i]] for i in rows] for rows in micro_batches]
+            batches = [data.collate_packed(g, run.pad_id) for g in groups]
+            # the step's loss is the mean over every loss token of the global batch: count them first
+            n_loss = global_sum(sum(int((b["labels"] != data.IGNORE).sum()) for b in batches), run.device)
+            sums, seen = MetricSum(), []
+            for group, batch in zip(groups, batches):
+                nll, counts = token_nll(policy, to_device(batch, run.device))
+                # FSDP averages gradients over ranks, hence the factor world
+                (nll.sum() * run.world / n_loss).backward()
+                sums.add({"loss": nll.detach() / counts.clamp(min=1)}, counts)
+                seen.append(([", ".join(ex.where for ex in seq) for seq in group], nll.detach()))
+            metrics = sums.mean()
+            grad_norm = guard.step(step, metrics["loss"], seen)  # clip, then update only if all is finite
 
-        # --- log, evaluate, checkpoint
-        tokens = sum(len(ex.ids) for g in groups for seq in g for ex in seq)
-        m = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **sums.mean(),
-             **throughput(tokens, t0, run)}
-        end_step(run, cfg, policy, logger, m, run_eval, total_steps)
+            # --- log, evaluate, checkpoint (and stop here after SIGTERM / SIGINT)
+            tokens = sum(len(ex.ids) for g in groups for seq in g for ex in seq)
+            m = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **metrics,
+                 **throughput(tokens, t0, run)}
+            guard.end_step(m)
 
-    # --- final evaluation and checkpoint
-    eval_after = finish_run(run, cfg, policy, logger, run_eval, total_steps)
+        # --- final evaluation and checkpoint
+        eval_after = guard.finish()
     if eval_examples:
         print0(f"held-out loss: {eval_before['eval/loss']:.4f} before -> {eval_after['eval/loss']:.4f} after")
     cleanup()

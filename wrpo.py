@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,9 +25,9 @@ import attention
 import data
 from fsdp_utils import DTYPES, cleanup, is_master, load_model, print0
 from logprobs import model_sequence_logps
-from training import MetricSum, StepLogger, TrainConfig, end_step, eval_batches, finish_run, get_lr, load_policy, \
-    optimizer_step, parse_config, resolve, run_main, same_count_on_all_ranks, set_lr, start_run, throughput, \
-    to_device, total_steps_for, training_steps, write_run_config
+from training import MetricSum, RunGuard, StepLogger, TrainConfig, eval_batches, get_lr, load_policy, parse_config, \
+    resolve, restore, resume_state, run_main, same_count_on_all_ranks, set_lr, start_run, throughput, to_device, \
+    total_steps_for, training_steps, write_run_config
 
 
 @dataclass
@@ -71,6 +70,8 @@ def wrpo_problems(cfg):
         problems.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{cfg.loss_type}'")
     if cfg.gamma < 0:
         problems.append(f"gamma must be >= 0, got {cfg.gamma}")
+    if not 0 < cfg.max_prompt_length < cfg.max_length:
+        problems.append(f"need 0 < max_prompt_length < max_length, got {cfg.max_prompt_length}, {cfg.max_length}")
     if cfg.ref_logps not in ("precompute", "live"):
         problems.append(f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'")
     return problems
@@ -208,9 +209,7 @@ def reference_cache_path(cfg, ref_path, examples, data_path):
     for f in sorted(ref.glob("*.safetensors")) + sorted(ref.glob("*.json")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    for ex in examples:
-        flat = [ex.n_chosen, -1, *ex.prompt_ids] + [t for r in ex.responses for t in (-1, *r)] + [-2]
-        h.update(np.asarray(flat, dtype=np.int64).tobytes())
+    h.update(data.fingerprint(examples).encode())
     h.update(f"{cfg.dtype}:{cfg.attn_implementation}".encode())
     data_path = Path(data_path)
     folder = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else (data_path if data_path.is_dir() else data_path.parent)
@@ -282,10 +281,13 @@ def main(argv):
 
     # --- data: every row validated before any model is loaded
     load = lambda path: data.load_dataset(path, run.tokenizer, max_length=cfg.max_length,  # noqa: E731
-                                          max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation)
+                                          max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                                          skip_invalid=cfg.skip_invalid_rows, report=print0)
     train_rows = load(cfg.data)
     eval_rows = load(cfg.eval_data) if cfg.eval_data else []
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
+    fingerprint = data.fingerprint(train_rows)
+    state = resume_state(run, cfg, fingerprint)  # a resumed run must continue the same run
     lengths = [data.row_length(ex) for ex in train_rows]  # tokens/s counts every sequence's prompt
     packed_lengths = [data.row_length(ex, cfg.shared_prompt) for ex in train_rows]  # what the budget holds
     budget = cfg.max_tokens_per_micro_batch or 3 * cfg.max_length
@@ -327,37 +329,42 @@ def main(argv):
                f"margin {m['eval/rewards/margins']:.4f}")
         return m
 
-    # --- training loop
-    eval_before = run_eval(0)
-    logger = StepLogger(run, cfg, total_steps, "wrpo", LOG_FIELDS)
-    for step, epoch, micro_batches in training_steps(len(train_rows), cfg, run, total_steps):
-        t0 = time.time()
-        lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
-        alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
-        if cfg.packing:  # regroup this rank's rows by token budget instead of row count
-            rows = [i for mb in micro_batches for i in mb]
-            micro_batches = same_count_on_all_ranks(data.token_budget_batches(rows, packed_lengths, budget), run)
-        sums, tokens, computed = MetricSum(), 0, 0
-        for rows in micro_batches:
-            batch = data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing, cfg.shared_prompt)
-            batch = to_device(batch, run.device)
-            tokens += sum(lengths[i] for i in rows)
-            computed += sum(packed_lengths[i] for i in rows)
-            losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta,
-                                                         cfg.loss_type, cfg.gamma)
-            # FSDP averages gradients over ranks, so dividing by this rank's rows per step
-            # yields the gradient of the mean loss over the global batch
-            (losses.sum() / rows_per_rank).backward()
-            sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
-        grad_norm = optimizer_step(policy, optimizer, cfg.grad_clip)
+    # --- training loop (a resumed run starts at its checkpoint's step)
+    start = restore(run, policy, optimizer, state)
+    eval_before = state["eval_before"] if state else run_eval(0)
+    logger = StepLogger(run, cfg, total_steps, "wrpo", LOG_FIELDS, start)
+    with RunGuard(run, cfg, policy, optimizer, logger, run_eval, total_steps, eval_before=eval_before,
+                  fingerprint=fingerprint, state=state) as guard:
+        for step, epoch, micro_batches in training_steps(len(train_rows), cfg, run, total_steps, start):
+            t0 = time.time()
+            lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
+            alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
+            if cfg.packing:  # regroup this rank's rows by token budget instead of row count
+                rows = [i for mb in micro_batches for i in mb]
+                micro_batches = same_count_on_all_ranks(data.token_budget_batches(rows, packed_lengths, budget), run)
+            sums, tokens, computed, seen = MetricSum(), 0, 0, []
+            for rows in micro_batches:
+                batch = data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing, cfg.shared_prompt)
+                batch = to_device(batch, run.device)
+                tokens += sum(lengths[i] for i in rows)
+                computed += sum(packed_lengths[i] for i in rows)
+                losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta,
+                                                             cfg.loss_type, cfg.gamma)
+                # FSDP averages gradients over ranks, so dividing by this rank's rows per step
+                # yields the gradient of the mean loss over the global batch
+                (losses.sum() / rows_per_rank).backward()
+                sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
+                seen.append(([data.row_name(train_rows[i]) for i in rows], losses.detach()))
+            metrics = sums.mean()
+            grad_norm = guard.step(step, metrics["loss"], seen)  # clip, then update only if all is finite
 
-        # --- log, evaluate, checkpoint
-        m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **sums.mean(),
-             **throughput(tokens, t0, run, computed)}
-        end_step(run, cfg, policy, logger, m, run_eval, total_steps)
+            # --- log, evaluate, checkpoint (and stop here after SIGTERM / SIGINT)
+            m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **metrics,
+                 **throughput(tokens, t0, run, computed)}
+            guard.end_step(m)
 
-    # --- final evaluation and checkpoint
-    eval_after = finish_run(run, cfg, policy, logger, run_eval, total_steps)
+        # --- final evaluation and checkpoint
+        eval_after = guard.finish()
     if eval_rows:
         print0(f"held-out reward accuracy: {eval_before['eval/rewards/accuracies']:.3f} before -> "
                f"{eval_after['eval/rewards/accuracies']:.3f} after")
