@@ -1,0 +1,250 @@
+"""Faults a user meets: bad settings, paths and data (each with its own message, never a traceback),
+a disk too small, and non-finite losses (stop, or skip)."""
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import DEMO_MODEL, REPO, read_jsonl
+
+DEMO_ROWS = (REPO / "demo" / "data" / "train.jsonl").read_text().splitlines()
+
+
+def plain(script, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+# -----------------------------------------------------------------------------
+# non-finite steps: a model with one corrupted (NaN) embedding row, for a character only one row uses
+
+RUN = ["--global_batch_size=4", "--micro_batch_size=2", "--max_steps=6", "--dtype=float32", "--save_dtype=float32",
+       "--max_length=128", "--save_every=1", "--keep_last=0", "--lr=1e-3"]
+
+
+def poisoned(tmp_path, step):
+    """(model, data): the model's embedding of the byte token of '§' is NaN, and the one row that
+    contains '§' falls into optimizer step `step` (1-based) of RUN's data order."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    import data
+
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    token = AutoTokenizer.from_pretrained(model).convert_tokens_to_ids("§")
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    rows = [json.loads(x) for x in DEMO_ROWS[:24]]
+    order = [i for mbs in data.step_batches(len(rows), epoch=0, seed=42, global_batch=4, micro_batch=4, rank=0,
+                                            world=1) for mb in mbs for i in mb]
+    bad = order[(step - 1) * 4 + 1]
+    rows[bad]["chosen"][0]["content"] += " §"  # y_ws: both WRPO and SFT (which trains on it) read it
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, path, f"{path}:{bad + 1} ({rows[bad]['prompt_id']})"
+
+
+@pytest.mark.parametrize("script,extra", [("wrpo.py", ["--max_prompt_length=96", "--packing=false"]),
+                                          ("wrpo.py", ["--max_prompt_length=96"]),
+                                          ("sft.py", ["--packing=false"])])
+def test_nonfinite_loss_stops_naming_step_and_rows(tmp_path, script, extra):
+    model, rows, name = poisoned(tmp_path, step=3)
+    out = tmp_path / "run"
+    run = plain(script, *RUN, *extra, f"--model={model}", f"--data={rows}", f"--out_dir={out}")
+    assert run.returncode == 3, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert "error: step 3: loss nan; stopped without updating the weights" in run.stderr
+    assert f"rows with a non-finite loss: {name.split(' (')[0] if script == 'sft.py' else name}." in run.stderr
+    assert f"Newest checkpoint: {out / 'step_000002'}" in run.stderr
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "lr" in m] == [1, 2]
+    assert not (out / "final").exists() and not (out / "step_000003").exists()  # nothing after the fault saved
+
+
+def test_nonfinite_steps_skipped_when_asked(tmp_path):
+    model, rows, name = poisoned(tmp_path, step=3)
+    out = tmp_path / "run"
+    run = plain("wrpo.py", *RUN, "--max_prompt_length=96", "--nonfinite=skip", f"--model={model}", f"--data={rows}",
+                f"--out_dir={out}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step 3: loss nan; step skipped" in run.stdout and name in run.stdout
+    assert "(1 non-finite steps skipped)" in run.stdout
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if "lr" in m]
+    assert [m["skipped_steps"] for m in metrics] == [0, 0, 1, 1, 1, 1]
+    assert all(math.isfinite(m["loss"]) for i, m in enumerate(metrics) if i != 2)  # the other steps train
+    w2, w3, w4 = (load_file(out / f"step_00000{k}" / "model.safetensors") for k in (2, 3, 4))
+    same = lambda a, b: bool(((a == b) | (a.isnan() & b.isnan())).all())  # noqa: E731 (the NaN row stays NaN)
+    assert all(same(w2[k], w3[k]) for k in w2)  # the skipped step left the weights as they were
+    assert not all(same(w3[k], w4[k]) for k in w3)  # and training went on
+
+
+# -----------------------------------------------------------------------------
+# bad input: one table, each case with the message it must get (in-process: these fail before any model)
+
+
+def write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return path
+
+
+def row(**change):
+    r = json.loads(DEMO_ROWS[0])
+    r.update(change)
+    return json.dumps(r)
+
+
+BAD = [
+    # settings
+    (["--beta=0"], "beta must be > 0"),
+    (["--alpha=1.5"], r"alpha must be in \[0, 1\]"),
+    (["--global_batch_size=6", "--micro_batch_size=4"], "must be a multiple of micro_batch_size 4"),
+    (["--epochs=0"], "epochs must be >= 1"),
+    (["--max_steps=0"], "max_steps must be -1"),
+    (["--keep_last=-1"], "keep_last must be >= 0"),
+    (["--nonfinite=ignore"], "nonfinite must be 'stop' or 'skip'"),
+    (["--adam_beta2=1.0"], r"adam_beta2 must be in \[0, 1\)"),
+    (["--lr=fast"], "lr must be float"),
+    (["--max_prompt_length=4096"], "max_prompt_length"),
+    (["--bogus=1"], "unknown setting 'bogus'"),
+    # paths
+    (["--model={tmp}/no_model"], "model error"),
+    (["--data={tmp}/none.jsonl"], r"none\.jsonl: no such file or folder"),
+    (["--data={tmp}/rows.txt"], "unsupported data file type '.txt'"),
+    (["--out_dir={tmp}/rows.txt/sub"], "is not writable"),
+    (["--resume={tmp}"], "not a complete checkpoint"),
+    # data rows, each named file:line
+    (["--data={tmp}/bad_json.jsonl"], r"bad_json\.jsonl:2: malformed JSON"),
+    (["--data={tmp}/missing.jsonl"], r"missing\.jsonl:1: missing field 'rejected'"),
+    (["--data={tmp}/role.jsonl"], r"role\.jsonl:1: chosen\[0\] has role 'user', expected 'assistant'"),
+    (["--data={tmp}/empty.jsonl"], r"empty\.jsonl:1: rejected\[0\] is empty"),
+    (["--data={tmp}/utf8.jsonl"], r"utf8\.jsonl:1: not valid UTF-8"),
+    (["--data={tmp}/surrogate.jsonl"], r"surrogate\.jsonl:1: prompt is not valid text"),
+    (["--data={tmp}/deep.jsonl"], r"deep\.jsonl:1: malformed JSON \(nested too deeply\)"),
+    (["--data={tmp}/long.jsonl", "--truncation=error"], r"long\.jsonl:1: prompt \+ longest response is \d+ tokens"),
+    (["--data={tmp}/blank.jsonl"], r"blank\.jsonl: no rows"),
+]
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    long = json.loads(DEMO_ROWS[0])
+    long["prompt"] = "word " * 3000
+    write(tmp_path, "rows.txt", ["x"])
+    write(tmp_path, "bad_json.jsonl", [DEMO_ROWS[0], '{"prompt": "hi", "chosen": [', DEMO_ROWS[1]])
+    write(tmp_path, "missing.jsonl", [json.dumps({k: v for k, v in json.loads(DEMO_ROWS[0]).items()
+                                                  if k != "rejected"})])
+    write(tmp_path, "role.jsonl", [row(chosen=[{"role": "user", "content": "a"}, "b"])])
+    write(tmp_path, "empty.jsonl", [row(rejected=[{"role": "assistant", "content": "  "}])])
+    write(tmp_path, "utf8.jsonl", [b'{"prompt": "caf\xe9", "chosen": ["a", "b"], "rejected": ["c"]}'])
+    write(tmp_path, "surrogate.jsonl", ['{"prompt": "bad \\ud800 text", "chosen": ["a", "b"], "rejected": ["c"]}'])
+    write(tmp_path, "deep.jsonl", ["[" * 100000 + "]" * 100000])
+    write(tmp_path, "long.jsonl", [json.dumps(long)])
+    write(tmp_path, "blank.jsonl", ["", "  "])
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[a[0].split("=")[0] + ":" + m[:24] for a, m in BAD])
+def test_bad_input_gets_its_own_message(bad_files, monkeypatch, args, message):
+    import wrpo
+    from data import DataError
+    from training import ConfigError
+
+    monkeypatch.chdir(REPO)
+    args = [a.replace("{tmp}", str(bad_files)) for a in args]
+    with pytest.raises((ConfigError, DataError), match=message):
+        wrpo.main([f"--out_dir={bad_files / 'out'}", *args])
+    assert not (bad_files / "out" / "config.json").exists()  # nothing written for a run that never started
+
+
+def test_bad_input_through_the_command_line(bad_files):
+    """The same errors from the scripts themselves: exit 2, one message, no traceback."""
+    for script in ("wrpo.py", "sft.py"):
+        run = plain(script, f"--data={bad_files / 'bad_json.jsonl'}", f"--out_dir={bad_files / 'out'}")
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert "bad_json.jsonl:2: malformed JSON" in run.stderr and "--skip_invalid_rows=true" in run.stderr
+
+
+def test_skip_invalid_rows(bad_files, capsys):
+    import data
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    path = write(bad_files, "mixed.jsonl", DEMO_ROWS[:5] + ["{oops", row(chosen=[]), row(rejected=["x", "y"])])
+    with pytest.raises(data.DataError, match=r"3 bad row\(s\)"):
+        data.load_dataset(path, tok)
+    rows = data.load_dataset(path, tok, skip_invalid=True)
+    assert len(rows) == 5
+    assert "skipped 3 bad row(s)" in capsys.readouterr().out
+    run = plain("sft.py", f"--data={path}", "--skip_invalid_rows=true", "--global_batch_size=1", "--max_steps=1",
+                f"--out_dir={bad_files / 'sft'}")
+    assert run.returncode == 0 and "skipped 3 bad row(s)" in run.stdout, run.stderr[-2000:]
+
+
+def test_low_disk_space_refused_at_start(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import wrpo
+    from training import ConfigError
+
+    monkeypatch.chdir(REPO)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ConfigError, match=r"has 0.0 GiB free; this model \([\d.]+M parameters\) needs about"):
+        wrpo.main([f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_fuzzed_jsonl_never_gives_a_traceback(tmp_path):
+    """Randomly corrupted rows: every one is either read or reported as file:line, nothing else escapes."""
+    import data
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    rng = random.Random(0)
+    junk = [None, 0, -1.5, True, "", " ", [], {}, [None], {"role": 3}, "\ud800", "x" * 5, [{"content": None}],
+            {"role": "assistant"}, [[["deep"]]], float("nan")]
+
+    def corrupt(line):
+        r = rng.random()
+        if r < 0.2:  # cut the line short, or drop / insert bytes
+            b = line.encode()
+            i = rng.randrange(len(b))
+            return rng.choice([b[:i], b[:i] + b[i + 1:], b[:i] + bytes([rng.randrange(256)]) + b[i:]])
+        rec = json.loads(line)
+        if r < 0.5:  # replace a field, or a message inside one, with junk
+            key = rng.choice(["prompt", "chosen", "rejected", "prompt_id"])
+            if isinstance(rec.get(key), list) and rec[key] and rng.random() < 0.5:
+                rec[key][rng.randrange(len(rec[key]))] = rng.choice(junk)
+            else:
+                rec[key] = rng.choice(junk)
+        elif r < 0.7:  # drop a field
+            rec.pop(rng.choice(list(rec)))
+        elif r < 0.85:  # a wrong role
+            msgs = rec["chosen"] + rec["rejected"]
+            rng.choice(msgs)["role"] = rng.choice(["user", "system", "tool", "", None])
+        else:
+            return rng.choice([json.dumps(rec, allow_nan=True), json.dumps([rec]), "null", "[]", '"text"'])
+        return json.dumps(rec, allow_nan=True)
+
+    reported = 0
+    for i in range(40):
+        lines = [corrupt(line) if rng.random() < 0.5 else line for line in rng.sample(DEMO_ROWS, 12)]
+        path = write(tmp_path, f"fuzz{i}.jsonl", lines)
+        for load in (data.load_dataset, data.load_sft_dataset):
+            try:
+                load(path, tok, max_length=512, **({"max_prompt_length": 256} if load is data.load_dataset else {}))
+            except data.DataError as e:
+                reported += 1
+                assert f"{path}:" in str(e)
+    assert reported >= 60  # nearly every file has some bad row
