@@ -20,8 +20,8 @@ import torch
 import data
 from fsdp_utils import cleanup, print0
 from logprobs import model_sequence_logps
-from training import MetricSum, RunGuard, StepLogger, TrainConfig, eval_batches, get_lr, global_sum, load_policy, \
-    parse_config, restore, resume_state, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
+from training import MetricSum, RunGuard, TrainConfig, eval_batches, get_lr, global_sum, load_policy, \
+    parse_config, resume_state, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
     training_steps, write_run_config
 
 
@@ -109,13 +109,9 @@ def main(argv):
         print0(f"step {step}: held-out loss {m['eval/loss']:.4f}")
         return m
 
-    # --- training loop (a resumed run starts at its checkpoint's step)
-    start = restore(run, policy, optimizer, state)
-    eval_before = state["eval_before"] if state else run_eval(0)
-    logger = StepLogger(run, cfg, total_steps, "sft", LOG_FIELDS, start)
-    with RunGuard(run, cfg, policy, optimizer, logger, run_eval, total_steps, eval_before=eval_before,
-                  fingerprint=fingerprint, state=state) as guard:
-        for step, epoch, micro_batches in training_steps(len(seqs), cfg, run, total_steps, start):
+    # --- training loop (resumed: from the checkpoint's step, with its weights and optimizer state)
+    with RunGuard(run, cfg, policy, optimizer, run_eval, total_steps, fingerprint, state, "sft", LOG_FIELDS) as guard:
+        for step, epoch, micro_batches in training_steps(len(seqs), cfg, run, total_steps, guard.start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             groups = [[[examples[e] for e in seqs[i]] for i in rows] for rows in micro_batches]
@@ -141,7 +137,7 @@ def main(argv):
         # --- final evaluation and checkpoint
         eval_after = guard.finish()
     if eval_examples:
-        print0(f"held-out loss: {eval_before['eval/loss']:.4f} before -> {eval_after['eval/loss']:.4f} after")
+        print0(f"held-out loss: {guard.eval_before['eval/loss']:.4f} before -> {eval_after['eval/loss']:.4f} after")
     cleanup()
 
 

@@ -641,15 +641,18 @@ class RunGuard:
       at fault (nonfinite=stop, weights untouched) or skip the step (nonfinite=skip, counted).
     - end_step(): log, evaluate and checkpoint every save_every steps; after SIGTERM or SIGINT
       (on any rank; all ranks agree) finish the step, save, and raise Preempted.
-    Used as a context manager around the loop: the signal handlers live only as long as it.
+    Creating it starts the run: it loads the checkpoint's state when resuming (`state` from
+    resume_state; `start` is then its step), else evaluates before training, and opens the
+    metrics log. Used as a context manager around the loop: the signal handlers live as long as it.
     """
 
-    def __init__(self, run, cfg, policy, optimizer, logger, run_eval, total_steps, *, eval_before, fingerprint,
-                 state=None):
-        self.run, self.cfg, self.policy, self.optimizer, self.logger = run, cfg, policy, optimizer, logger
-        self.run_eval, self.total_steps = run_eval, total_steps
-        self.eval_before, self.fingerprint = eval_before, fingerprint  # kept in every checkpoint
+    def __init__(self, run, cfg, policy, optimizer, run_eval, total_steps, fingerprint, state, desc, log_fields):
+        self.run, self.cfg, self.policy, self.optimizer = run, cfg, policy, optimizer
+        self.run_eval, self.total_steps, self.fingerprint = run_eval, total_steps, fingerprint
+        self.start = restore(run, policy, optimizer, state)  # 0 for a fresh run
+        self.eval_before = state["eval_before"] if state else run_eval(0)  # kept in every checkpoint
         self.skipped = state["skipped_steps"] if state else 0
+        self.logger = StepLogger(run, cfg, total_steps, desc, log_fields, self.start)
         self.signals, self.previous = [], {}
 
     def __enter__(self):

@@ -25,8 +25,8 @@ import attention
 import data
 from fsdp_utils import DTYPES, cleanup, is_master, load_model, print0
 from logprobs import model_sequence_logps
-from training import MetricSum, RunGuard, StepLogger, TrainConfig, eval_batches, get_lr, load_policy, parse_config, \
-    resolve, restore, resume_state, run_main, same_count_on_all_ranks, set_lr, start_run, throughput, to_device, \
+from training import MetricSum, RunGuard, TrainConfig, eval_batches, get_lr, load_policy, parse_config, \
+    resolve, resume_state, run_main, same_count_on_all_ranks, set_lr, start_run, throughput, to_device, \
     total_steps_for, training_steps, write_run_config
 
 
@@ -329,13 +329,9 @@ def main(argv):
                f"margin {m['eval/rewards/margins']:.4f}")
         return m
 
-    # --- training loop (a resumed run starts at its checkpoint's step)
-    start = restore(run, policy, optimizer, state)
-    eval_before = state["eval_before"] if state else run_eval(0)
-    logger = StepLogger(run, cfg, total_steps, "wrpo", LOG_FIELDS, start)
-    with RunGuard(run, cfg, policy, optimizer, logger, run_eval, total_steps, eval_before=eval_before,
-                  fingerprint=fingerprint, state=state) as guard:
-        for step, epoch, micro_batches in training_steps(len(train_rows), cfg, run, total_steps, start):
+    # --- training loop (resumed: from the checkpoint's step, with its weights and optimizer state)
+    with RunGuard(run, cfg, policy, optimizer, run_eval, total_steps, fingerprint, state, "wrpo", LOG_FIELDS) as guard:
+        for step, epoch, micro_batches in training_steps(len(train_rows), cfg, run, total_steps, guard.start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
@@ -366,7 +362,7 @@ def main(argv):
         # --- final evaluation and checkpoint
         eval_after = guard.finish()
     if eval_rows:
-        print0(f"held-out reward accuracy: {eval_before['eval/rewards/accuracies']:.3f} before -> "
+        print0(f"held-out reward accuracy: {guard.eval_before['eval/rewards/accuracies']:.3f} before -> "
                f"{eval_after['eval/rewards/accuracies']:.3f} after")
     cleanup()
 

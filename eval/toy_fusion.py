@@ -198,8 +198,8 @@ def one_seed(seed, folder, args, log):
     run("data.py", "build", "--sources", *scored, f"--prompts={folder / 'split' / 'sft.jsonl'}",
         f"--out={folder / 'sft_rows.jsonl'}", "--overwrite", log=log)
     run("sft.py", f"--model={target}", f"--data={folder / 'sft_rows.jsonl'}", f"--out_dir={folder / 'sft'}",
-        f"--lr={args.sft_lr}", "--global_batch_size=16", "--micro_batch_size=16", f"--epochs={args.sft_epochs}", *common,
-        log=log)
+        f"--lr={args.sft_lr}", "--global_batch_size=16", "--micro_batch_size=16", f"--epochs={args.sft_epochs}",
+        *common, log=log)
     sft = folder / "sft" / "final"
     run("eval/generate.py", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
         f"--out={folder / 'target_samples.jsonl'}", f"--num_samples={args.k}", "--max_new_tokens=12",
@@ -244,7 +244,7 @@ def main(argv):
     ap.add_argument("--lr", type=float, default=2e-4, help="DPO / WRPO learning rate")
     args = ap.parse_args(argv)
     if args.quick:
-        args.prompts, args.heldout, args.pretrain, args.wrpo_epochs = 150, 40, 1000, 1
+        args.prompts, args.heldout, args.pretrain, args.wrpo_epochs = 120, 32, 320, 1
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
