@@ -1,12 +1,15 @@
-"""What eval/generate.py and eval/score.py share: user errors, loading a model with its chat
-template, and resumable multi-rank JSONL output.
+"""What the eval scripts share: user errors, loading a model with its chat template, batched
+generation, and resumable multi-rank output.
 
 Output: each rank appends its finished rows (one per prompt) to its own part file beside the output, so
 a crash loses at most the batch in flight; a rerun reads back what exists (the output and any
 part files, of any world size) and skips those prompts; at the end rank 0 merges everything into
-the output, written beside it and renamed, and removes the parts.
+the output, written beside it and renamed, and removes the parts. Rows are keyed by `prompt_id`
+(or another field, e.g. a benchmark's `question_id`); an output ending in .json is one JSON
+list (AlpacaEval's format), any other JSON lines.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -15,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -52,20 +56,50 @@ def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_
     return model, tokenizer
 
 
+@torch.no_grad()
+def generate(model, tokenizer, conversations, num_samples, temperature, top_p, max_new_tokens, seed_key):
+    """`num_samples` replies to each conversation (a list of messages ending with a user turn),
+    rendered with the chat template and left-padded into one generate call. temperature 0 is
+    greedy. The sampling is seeded from `seed_key`, so the same batch gives the same text."""
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    torch.manual_seed(int.from_bytes(hashlib.sha256(seed_key.encode()).digest()[:8], "big") % 2**63)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)
+    new = out[:, enc["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [[t.strip() for t in decoded[i * num_samples : (i + 1) * num_samples]] for i in range(len(texts))]
+
+
+def model_name(path):
+    """A model's name for output files: its folder, or for a trainer's output (final/, step_N/) the run's."""
+    path = Path(str(path).rstrip("/"))
+    if path.name == "final" or path.name.startswith("step_"):
+        return path.parent.name + ("" if path.name == "final" else f"-{path.name}")
+    return path.name
+
+
 def parts(out):
     return sorted(out.parent.glob(f"{out.name}.part-*"))
 
 
-def done_rows(out):
-    """{prompt_id: row} already written, in `out` and in the part files of an interrupted run."""
+def done_rows(out, key="prompt_id"):
+    """{row[key]: row} already written, in `out` and in the part files of an interrupted run."""
     rows = {}
-    for path in [out] + parts(out):
+    if out.suffix == ".json" and out.exists():
+        try:
+            rows = {row[key]: row for row in json.loads(out.read_text(encoding="utf-8"))}
+        except (json.JSONDecodeError, KeyError, TypeError):
+            fail(f"{out} exists and is not a list of answers with '{key}': move it away, or pick another --out")
+    for path in ([] if out.suffix == ".json" else [out]) + parts(out):
         if not path.exists():
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
-                rows[row["prompt_id"]] = row
+                rows[row[key]] = row
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass  # a line torn by a crash: that prompt is done again
     return rows
@@ -108,13 +142,19 @@ def write_rows(out, todo, chunk, process, rank, world):
         dist.barrier()
 
 
-def merge(out, prompt_ids):
+def merge(out, prompt_ids, key="prompt_id"):
     """Rank 0, after every rank is done: `out` = the rows in prompt order (others already there after)."""
-    rows = done_rows(out)
+    rows = done_rows(out, key)
     missing = [pid for pid in prompt_ids if pid not in rows]
     if missing:
         fail(f"{len(missing)} prompts have no output row (first: {missing[0]})")
     wanted = set(prompt_ids)
-    data.write_jsonl([rows[pid] for pid in prompt_ids] + [r for pid, r in rows.items() if pid not in wanted], out)
+    ordered = [rows[pid] for pid in prompt_ids] + [r for pid, r in rows.items() if pid not in wanted]
+    if out.suffix == ".json":
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    else:
+        data.write_jsonl(ordered, out)
     for path in parts(out):
         path.unlink()

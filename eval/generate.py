@@ -15,17 +15,14 @@ the same batches writes the same text.
 """
 
 import argparse
-import hashlib
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-
 import data  # noqa: E402
-from common import done_rows, fail, load_for_eval, merge, write_rows  # noqa: E402
+from common import done_rows, fail, generate, load_for_eval, merge, model_name, write_rows  # noqa: E402
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0  # noqa: E402
 
 
@@ -69,26 +66,6 @@ def read_prompts(path):
     return prompts
 
 
-def batch_seed(seed, prompt_ids):
-    digest = hashlib.sha256(f"{seed}:{','.join(prompt_ids)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 2**63
-
-
-@torch.no_grad()
-def generate_batch(model, tokenizer, batch, args, device):
-    """K responses for each (prompt_id, messages) of the batch, left-padded into one generate call."""
-    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m in batch]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    torch.manual_seed(batch_seed(args.seed, [pid for pid, _ in batch]))
-    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.temperature > 0 else \
-        dict(do_sample=False)
-    out = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=args.num_samples,
-                         pad_token_id=tokenizer.pad_token_id, **sampling)
-    new = out[:, enc["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
-    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [[t.strip() for t in decoded[i * args.num_samples : (i + 1) * args.num_samples]] for i in range(len(batch))]
-
-
 def main(argv):
     args = parse_args(argv)
     rank, world, device, _ = init_distributed()
@@ -105,13 +82,15 @@ def main(argv):
 
     model, tokenizer = load_for_eval(args.model, AutoModelForCausalLM, what="model", padding_side="left",
                                      dtype=DTYPES[args.dtype], device=device, trust_remote_code=args.trust_remote_code)
-    name = args.model_name or Path(str(args.model).rstrip("/")).name
+    name = args.model_name or model_name(args.model)
     settings = {"num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "seed": args.seed}
 
     def rows_of(batch):
+        texts = generate(model, tokenizer, [messages for _, messages in batch], args.num_samples, args.temperature,
+                         args.top_p, args.max_new_tokens, f"{args.seed}:{','.join(pid for pid, _ in batch)}")
         return [{"prompt_id": pid, "prompt": messages, "responses": responses, "model": name, "generation": settings}
-                for (pid, messages), responses in zip(batch, generate_batch(model, tokenizer, batch, args, device))]
+                for (pid, messages), responses in zip(batch, texts)]
 
     t0 = time.time()
     write_rows(out, todo, args.batch_size, rows_of, rank, world)
