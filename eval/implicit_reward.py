@@ -1,0 +1,79 @@
+"""Judge-free check: does a trained model prefer held-out chosen responses to rejected ones by its
+implicit reward beta * log(pi / pi_ref)?
+
+    python eval/implicit_reward.py --model=out/wrpo/final --ref_model=out/sft/final --data=heldout.jsonl
+    torchrun --nproc_per_node=8 eval/implicit_reward.py --model=... --ref_model=... --data=...
+
+Rows are WRPO rows (or DPO pairs). Reported, as in training's held-out evaluation (wrpo.py's
+`evaluate`, reused here): accuracy (the alpha-weighted chosen reward beats the rejected one),
+source and target accuracies (y_ws, y_wt against y_l, independent of alpha and beta), reward
+margins and mean log-probs. A model equal to its reference scores 0.5 (ties count half).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import attention  # noqa: E402
+import data  # noqa: E402
+import wrpo  # noqa: E402
+from common import fail  # noqa: E402
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, load_model, print0, resolve_model_path  # noqa
+from training import Run  # noqa: E402
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="eval/implicit_reward.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="the trained policy: local folder or hub id")
+    ap.add_argument("--ref_model", required=True, help="its reference (the paper: the SFT model)")
+    ap.add_argument("--data", required=True, help="held-out WRPO rows (.jsonl, .json, .parquet or a folder)")
+    ap.add_argument("--beta", type=float, default=0.01, help="scales the reported rewards, not the accuracies")
+    ap.add_argument("--alpha", type=float, default=0.1, help="weight of y_ws in the weighted accuracy")
+    ap.add_argument("--max_length", type=int, default=2048)
+    ap.add_argument("--max_prompt_length", type=int, default=1800)
+    ap.add_argument("--micro_batch_size", type=int, default=4, help="rows per forward pass and rank")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--out", default="", help="also write the metrics here (JSON)")
+    args = ap.parse_args(argv)
+    if args.beta <= 0 or not 0 <= args.alpha <= 1 or args.micro_batch_size < 1:
+        ap.error("need beta > 0, 0 <= alpha <= 1 and micro_batch_size >= 1")
+    if not 0 < args.max_prompt_length < args.max_length:
+        ap.error("need 0 < max_prompt_length < max_length")
+    return args
+
+
+def main(argv):
+    args = parse_args(argv)
+    rank, world, device, mesh = init_distributed()
+    from transformers import AutoTokenizer
+
+    try:
+        paths = [resolve_model_path(p) for p in (args.model, args.ref_model)]
+        tokenizer = AutoTokenizer.from_pretrained(paths[0])
+        rows = data.load_dataset(args.data, tokenizer, max_length=args.max_length,
+                                 max_prompt_length=args.max_prompt_length)
+    except (OSError, ValueError) as e:  # bad paths (OSError) or data (DataError is a ValueError)
+        fail(str(e))
+    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype)
+    cfg.shared_prompt = cfg.packing and cfg.attn_implementation == attention.NAME
+    policy, reference = (load_model(p, mesh, device, DTYPES[args.dtype], trainable=False,
+                                    attn_implementation=cfg.attn_implementation) for p in paths)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run = Run(rank, world, device, mesh, None, paths[0], tokenizer, pad_id)
+    m = wrpo.evaluate(policy, lambda batch, rows: wrpo.row_logps(reference, batch), rows, cfg, run, args.alpha)
+    m = {k.removeprefix("eval/"): v for k, v in m.items()}
+    print0(f"{len(rows)} rows of {args.data}: accuracy {m['rewards/accuracies']:.3f} (alpha {args.alpha}), "
+           f"source {m['rewards/source_accuracies']:.3f}, target {m['rewards/target_accuracies']:.3f}, "
+           f"margin {m['rewards/margins']:.4g} (beta {args.beta})")
+    if args.out and is_master():
+        Path(args.out).write_text(json.dumps({"model": args.model, "ref_model": args.ref_model, "data": args.data,
+                                              "rows": len(rows), "beta": args.beta, "alpha": args.alpha, **m},
+                                             indent=1) + "\n")
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
