@@ -119,10 +119,8 @@ def _question(benchmark, q):
         return {"id": instruction, "turns": [instruction], "dataset": q.get("dataset", "")}
     if "question_id" not in q or not isinstance(q.get("turns"), list) or not q["turns"]:
         raise ValueError("needs question_id and a non-empty list of turns")
-    if benchmark == "mtbench":
-        turns = [_text(t, "every turn") for t in q["turns"]]
-    else:
-        turns = [_text(t.get("content") if isinstance(t, dict) else None, "turns[].content") for t in q["turns"]]
+    # MT-Bench's turns are strings, Arena-Hard's {"content": ...}; either is read
+    turns = [_text(t.get("content") if isinstance(t, dict) else t, "every turn") for t in q["turns"]]
     return {"id": q["question_id"], "turns": turns, "category": q.get("category", "")}
 
 

@@ -45,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import answers  # noqa: E402
 from common import fail  # noqa: E402
 
 
@@ -165,22 +166,8 @@ def read_answers(path, questions):
 
 
 def read_questions(path):
-    """{question_id: question} from an MT-Bench or Arena-Hard question file (turns as strings)."""
-    if path is None:
-        return None
-    out, i = {}, 0
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        for i, line in enumerate(lines, 1):
-            if line.strip():
-                q = json.loads(line)
-                turns = [t["content"] if isinstance(t, dict) else t for t in q["turns"]]
-                out[q["question_id"]] = {**q, "turns": turns}
-    except OSError as e:
-        fail(f"cannot read {path}: {e.strerror or e}")
-    except (ValueError, KeyError, TypeError) as e:
-        fail(f"{path}:{i}: not a question row with question_id and turns ({e})")
-    return out
+    """{question_id: question} from an MT-Bench or Arena-Hard question file, checked as eval/answers.py does."""
+    return None if path is None else {q["id"]: q for q in answers.read_questions("mtbench", path)}
 
 
 # -----------------------------------------------------------------------------
