@@ -267,17 +267,17 @@ def win_rates(scores, length_diff, bootstrap=1000, seed=0):
 
 
 def read_pair(args):
-    """(questions, our answers, the baseline's answers, the ids answered in both)."""
+    """(our answers, the baseline's answers, the ids answered in both)."""
     questions = read_questions(args.questions)
     ours, base = read_answers(args.answers, questions), read_answers(args.baseline, questions)
     ids = [i for i in ours if i in base]
     if not ids:
         fail(f"no question is answered in both {args.answers} and {args.baseline}")
-    return questions, ours, base, ids
+    return ours, base, ids
 
 
 def pairwise(args, client):
-    _, ours, base, ids = read_pair(args)
+    ours, base, ids = read_pair(args)
     requests = []
     for i in ids:  # both orderings cancel the judge's position bias
         user = ours[i][0]
@@ -327,7 +327,7 @@ def reward_model(args):
     """Score both answer sets with eval/score.py (first turn), then the reward model's win rate."""
     import score
 
-    _, ours, base, ids = read_pair(args)
+    ours, base, ids = read_pair(args)
     out = Path(args.out)
     pairs, scored = out.with_name(out.name + ".pairs.jsonl"), out.with_name(out.name + ".scored.jsonl")
     rows = [{"prompt_id": str(k), "prompt": [{"role": "user", "content": ours[i][0][0]}],
