@@ -1,4 +1,5 @@
-"""WRPO data: reading, validating, tokenizing, truncating, sharding and batching rows.
+"""What training reads: reading, validating, tokenizing and truncating rows; batching them over steps,
+ranks and micro-batches; packing and collating them into tensors.
 
 A row (the released `AALF/ultrafeedback_wrpo` shape, see README):
 
@@ -10,25 +11,19 @@ A row (the released `AALF/ultrafeedback_wrpo` shape, see README):
 
 A row whose `chosen` has one element is a plain DPO pair (chosen, rejected). SFT also reads
 chat rows {"messages": [...]}. Every row is validated before training starts; all bad rows are
-reported as file:line.
-
-    python data.py split --data=rows.jsonl --out_dir=DIR   # 1/3 SFT rows, 2/3 WRPO rows (or prompts)
-    python data.py build --sources A.jsonl B.jsonl [--target T.jsonl] [--prompts P.jsonl] --out rows.jsonl
-        # from scored samples (eval/score.py): WRPO rows, or without --target SFT rows (prompt + y_ws)
+reported as file:line. Building such rows from scored samples (and splitting prompts between
+SFT and WRPO) is the fusion-data pipeline's job: eval/split.py, eval/build.py.
 """
 
-import argparse
+import bisect
 import hashlib
 import json
-import math
-import os
-import random
-import sys
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 IGNORE = -100  # label of tokens that get no loss (prompt, padding)
 ROLES = ("system", "user", "assistant")
@@ -44,12 +39,24 @@ class RowError(ValueError):
 
 
 @dataclass
-class Example:
+class PreferenceRow:
+    """A tokenized WRPO row (or DPO pair): one prompt and its responses."""
+
     prompt_ids: list  # chat-template tokens of the prompt, ending with the assistant header
     responses: list  # token lists: chosen[0], (chosen[1]), rejected; each ends with end-of-turn
     n_chosen: int  # 2 for WRPO rows, 1 for DPO pairs
     where: str  # "file:line", for error messages
     prompt_id: str = ""
+
+
+@dataclass
+class Sequence:
+    """A tokenized sequence with its labels: an SFT example, or one prompt + response of a preference row."""
+
+    ids: list  # one whole sequence (an SFT conversation, or a prompt + one response)
+    labels: list  # ids where the loss applies, IGNORE elsewhere (always IGNORE at position 0)
+    where: str
+    start: int = 0  # position id of the first token (> 0: continues a shared prompt, see attention.py)
 
 
 # -----------------------------------------------------------------------------
@@ -117,6 +124,15 @@ def read_records(path):
     raise DataError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl, .json or .parquet)")
 
 
+def prompt_id_of(row):
+    """The row's prompt_id, or one derived from its prompt text (the same on every machine)."""
+    pid = row.get("prompt_id")
+    if pid not in (None, ""):
+        return str(pid)
+    text = json.dumps(row.get("prompt"), sort_keys=True, ensure_ascii=False)
+    return "sha256-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 # -----------------------------------------------------------------------------
 # validation: one row -> (prompt messages, responses, n_chosen, prompt_id)
 
@@ -149,7 +165,7 @@ def _checked_text(text, name):
     return text
 
 
-def _prompt_messages(prompt):
+def prompt_messages(prompt):
     if isinstance(prompt, str):
         return [{"role": "user", "content": _checked_text(prompt, "prompt")}]
     if not isinstance(prompt, list) or not prompt:
@@ -175,7 +191,7 @@ def validate_row(row):
     for field in ("prompt", "chosen", "rejected"):
         if field not in row:
             raise RowError(f"missing field '{field}'")
-    messages = _prompt_messages(row["prompt"])
+    messages = prompt_messages(row["prompt"])
     chosen, rejected = row["chosen"], row["rejected"]
     if not isinstance(chosen, list) or len(chosen) not in (1, 2):
         raise RowError("chosen must be a list of 1 (DPO) or 2 (WRPO: source, target) responses")
@@ -312,7 +328,7 @@ def convert_rows(path, convert, skip_invalid=False, report=print):
     return out
 
 
-def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
+def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
                  skip_invalid=False, report=print):
     """Read, validate and tokenize every row. Raises DataError listing every bad row (see convert_rows).
 
@@ -332,20 +348,12 @@ def load_dataset(path, tokenizer, *, max_length=2048, max_prompt_length=1800, tr
         if truncation == "error" and length > max_length:
             raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
         prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
-        return Example(prompt, responses, n_chosen, where, prompt_id)
+        return PreferenceRow(prompt, responses, n_chosen, where, prompt_id)
 
     return convert_rows(path, convert, skip_invalid, report)
 
 
-@dataclass
-class Sequence:
-    ids: list  # one whole sequence (an SFT conversation, or a prompt + one response)
-    labels: list  # ids where the loss applies, IGNORE elsewhere (always IGNORE at position 0)
-    where: str
-    start: int = 0  # position id of the first token (> 0: continues a shared prompt, see attention.py)
-
-
-def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start",
+def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start",
                      skip_invalid=False, report=print):
     """Read, validate and tokenize SFT rows (chat rows, or WRPO rows trained on prompt + y_ws).
 
@@ -374,23 +382,143 @@ def load_sft_dataset(path, tokenizer, *, max_length=2048, loss_on="assistant", t
     return convert_rows(path, convert, skip_invalid, report)
 
 
-def pack(lengths, max_length, seed):
-    """Group examples into rows of at most max_length tokens (next-fit after a seeded shuffle).
+# -----------------------------------------------------------------------------
+# batching: rows over optimizer steps and ranks, micro-batches, and the one packer
 
-    Returns a list of rows, each a list of example indices. Examples are never split.
+
+def pack(sizes, capacity):
+    """Item indices grouped into bins that hold at most `capacity` in total: best-fit decreasing (largest
+    item first, each into the fullest bin it fits). An item over capacity gets a bin of its own.
+
+    Packs SFT examples into sequences, a micro-batch's sequences into rows, and rows into
+    micro-batches of a token budget.
     """
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    rows, current, used = [], [], 0
-    for i in order:
-        if current and used + lengths[i] > max_length:
-            rows.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        rows.append(current)
-    return rows
+    bins, open_bins = [], []  # open_bins: sorted (room left, bin index) of the bins with room
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        k = bisect.bisect_left(open_bins, (sizes[i], -1))  # the fullest bin with room for item i
+        room, b = open_bins.pop(k) if k < len(open_bins) else (capacity, len(bins))
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        if room - sizes[i] > 0:
+            bisect.insort(open_bins, (room - sizes[i], b))
+    return bins
+
+
+def train_steps(n_rows, epochs, seed, global_batch, rank, world, total_steps, start=0):
+    """Yield (step, epoch, this rank's rows) for the optimizer steps start .. total_steps - 1.
+
+    Each epoch's order is a seeded permutation; each step takes the next `global_batch` rows and
+    rank r gets the r-th contiguous slice of them. So ranks never share a row, any world size
+    sees the same rows in the same step, and a resumed run sees the rows it would have seen. A
+    last partial batch of an epoch is dropped.
+    """
+    per_rank = global_batch // world
+    step = 0
+    for epoch in range(epochs):
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        for first in range(0, n_rows - global_batch + 1, global_batch):
+            if step >= total_steps:
+                return
+            if step >= start:
+                yield step, epoch, perm[first + rank * per_rank : first + (rank + 1) * per_rank]
+            step += 1
+
+
+def micro_batches(rows, size, budget=0, lengths=None, device=None):
+    """One step's rows on this rank as micro-batches: `size` rows each (budget 0), or packed into
+    micro-batches of at most `budget` tokens (lengths: tokens per row), as many on every rank."""
+    if not budget:
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+    return same_count_on_all_ranks([[rows[i] for i in b] for b in pack([lengths[i] for i in rows], budget)], device)
+
+
+def same_count_on_all_ranks(batches, device):
+    """Split the largest micro-batches until every rank has as many as the rank with the most.
+
+    FSDP gathers parameters in every forward pass, so all ranks must run the same number of
+    them. Ranks hold equally many rows, so splitting down to one row each always suffices.
+    """
+    most = torch.tensor(len(batches), device=device)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    batches = list(batches)
+    while len(batches) < most.item():
+        big = batches.pop(max(range(len(batches)), key=lambda i: len(batches[i])))
+        batches += [big[: len(big) // 2], big[len(big) // 2 :]]
+    return batches
+
+
+def eval_batches(n_items, micro_batch, rank, world):
+    """This rank's share of n held-out items, in micro-batches of (indices, weights [B]).
+
+    Rank r takes the r-th contiguous slice. Every rank yields the same number of micro-batches
+    (FSDP's collectives need it); ranks short of items repeat item 0 with weight 0.
+    """
+    per_rank = -(-n_items // world)
+    for start in range(0, per_rank, micro_batch):
+        idx = [rank * per_rank + start + j for j in range(min(micro_batch, per_rank - start))]
+        yield [i if i < n_items else 0 for i in idx], torch.tensor([float(i < n_items) for i in idx])
+
+
+# -----------------------------------------------------------------------------
+# collation: sequences -> input_ids, labels, position_ids (packed) or attention_mask (padded)
+
+
+def row_sequences(row, shared_prompt=False):
+    """A preference row as its sequences: prompt + each response, scored on the response.
+
+    shared_prompt: one copy of the prompt, [prompt + y1], [prompt[-1] + y2], [prompt[-1] + y3],
+    to be packed back to back. The later ones start at position len(prompt) - 1, so that under
+    attention.packed_sdpa they attend to the prompt before them; their repeated last prompt
+    token is what predicts their first response token.
+    """
+    p = row.prompt_ids
+    if not shared_prompt:
+        return [Sequence(p + r, [IGNORE] * len(p) + r, row.where) for r in row.responses]
+    first, *rest = row.responses
+    return [Sequence(p + first, [IGNORE] * len(p) + first, row.where)] + [
+        Sequence(p[-1:] + r, [IGNORE] + r, row.where, start=len(p) - 1) for r in rest]
+
+
+def row_length(row, shared_prompt=False):
+    """Tokens of a row's sequences (as laid out by row_sequences)."""
+    return sum(len(s.ids) for s in row_sequences(row, shared_prompt))
+
+
+def collate_preference(rows, pad_id, packed=False, shared_prompt=False):
+    """The sequences of a micro-batch of preference rows, and where each row's three are.
+
+    packed: the sequences back to back in rows as wide as the longest of them (`pack`), with
+    position ids restarting per sequence (see collate_packed). shared_prompt (packed only): each
+    row's sequences stay together, sharing one copy of the prompt (row_sequences). Otherwise one
+    right-padded row per sequence with an attention_mask. Either way the index tensors ws, wt,
+    rej [B] select each row's source-chosen, target-chosen and rejected sequence; for DPO rows
+    ws == wt.
+    """
+    if shared_prompt and not packed:
+        raise ValueError("shared_prompt needs packed=True")
+    ws, wt, rej, n = [], [], [], 0
+    for row in rows:
+        ws.append(n)
+        wt.append(n + row.n_chosen - 1)
+        rej.append(n + row.n_chosen)
+        n += len(row.responses)
+    if not packed:
+        seqs = [s for row in rows for s in row_sequences(row)]
+        return {**collate_padded(seqs, pad_id), "ws": torch.tensor(ws), "wt": torch.tensor(wt),
+                "rej": torch.tensor(rej)}
+    # units that must stay whole in a packed row: a row's sequences when they share a prompt, else each sequence
+    units, k = [], 0
+    for row in rows:
+        seqs = list(zip(range(k, k + len(row.responses)), row_sequences(row, shared_prompt)))
+        units += [seqs] if shared_prompt else [[x] for x in seqs]
+        k += len(seqs)
+    size = [sum(len(s.ids) for _, s in u) for u in units]
+    packed_rows = [[x for u in b for x in units[u]] for b in pack(size, max(size))]
+    segment = {k: i for i, (k, _) in enumerate(x for row in packed_rows for x in row)}  # collate_packed's numbering
+    remap = lambda idx: torch.tensor([segment[k] for k in idx])  # noqa: E731
+    return {**collate_packed([[s for _, s in row] for row in packed_rows], pad_id, segments=True),
+            "ws": remap(ws), "wt": remap(wt), "rej": remap(rej)}
 
 
 def collate_packed(rows, pad_id, segments=False):
@@ -403,7 +531,7 @@ def collate_packed(rows, pad_id, segments=False):
     [R, T] numbers the sequences 0, 1, ... across all rows (-1 on padding) and `n_seqs` counts
     them, so that log-probs are summed per sequence rather than per row.
     """
-    T = max(sum(len(ex.ids) for ex in row) for row in rows)
+    T = max(sum(len(s.ids) for s in row) for row in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), T), dtype=torch.long)
@@ -411,82 +539,16 @@ def collate_packed(rows, pad_id, segments=False):
     seq = 0
     for r, row in enumerate(rows):
         at = 0
-        for ex in row:
-            n = len(ex.ids)
-            input_ids[r, at : at + n] = torch.tensor(ex.ids)
-            labels[r, at : at + n] = torch.tensor(ex.labels)
-            position_ids[r, at : at + n] = torch.arange(ex.start, ex.start + n)
+        for s in row:
+            n = len(s.ids)
+            input_ids[r, at : at + n] = torch.tensor(s.ids)
+            labels[r, at : at + n] = torch.tensor(s.labels)
+            position_ids[r, at : at + n] = torch.arange(s.start, s.start + n)
             seg_ids[r, at : at + n] = seq
             at, seq = at + n, seq + 1
         position_ids[r, at:] = torch.arange(T - at)
     out = dict(input_ids=input_ids, position_ids=position_ids, labels=labels)
     return {**out, "segments": seg_ids, "n_seqs": seq} if segments else out
-
-
-def row_sequences(ex, shared_prompt=False):
-    """A preference row as its sequences: prompt + each response, scored on the response.
-
-    shared_prompt: one copy of the prompt, [prompt + y1], [prompt[-1] + y2], [prompt[-1] + y3],
-    to be packed back to back. The later ones start at position len(prompt) - 1, so that under
-    attention.packed_sdpa they attend to the prompt before them; their repeated last prompt
-    token is what predicts their first response token.
-    """
-    p = ex.prompt_ids
-    if not shared_prompt:
-        return [Sequence(p + r, [IGNORE] * len(p) + r, ex.where) for r in ex.responses]
-    first, *rest = ex.responses
-    return [Sequence(p + first, [IGNORE] * len(p) + first, ex.where)] + [
-        Sequence(p[-1:] + r, [IGNORE] + r, ex.where, start=len(p) - 1) for r in rest]
-
-
-def row_length(ex, shared_prompt=False):
-    """Tokens of a row's sequences (as laid out by row_sequences)."""
-    return sum(len(s.ids) for s in row_sequences(ex, shared_prompt))
-
-
-def collate(examples, pad_id, packed=False, shared_prompt=False):
-    """The sequences of a micro-batch of preference rows, and where each row's three are.
-
-    packed: the sequences back to back in rows as wide as the longest of them (first fit,
-    longest first, so rows come out nearly full), with position ids restarting per sequence
-    (see collate_packed). shared_prompt (packed only): each row's sequences stay together,
-    sharing one copy of the prompt (row_sequences). Otherwise one right-padded row per sequence
-    with an attention_mask. Either way the index tensors ws, wt, rej [B] select each row's
-    source-chosen, target-chosen and rejected sequence; for DPO rows ws == wt.
-    """
-    if shared_prompt and not packed:
-        raise ValueError("shared_prompt needs packed=True")
-    ws, wt, rej, n = [], [], [], 0
-    for ex in examples:
-        ws.append(n)
-        wt.append(n + ex.n_chosen - 1)
-        rej.append(n + ex.n_chosen)
-        n += len(ex.responses)
-    if not packed:
-        seqs = [s for ex in examples for s in row_sequences(ex)]
-        return {**collate_padded(seqs, pad_id), "ws": torch.tensor(ws), "wt": torch.tensor(wt),
-                "rej": torch.tensor(rej)}
-    # units that must stay whole in a row: a row's sequences when they share a prompt, else each sequence
-    units, k = [], 0
-    for ex in examples:
-        seqs = row_sequences(ex, shared_prompt)
-        numbered = list(zip(range(k, k + len(seqs)), seqs))
-        units += [numbered] if shared_prompt else [[x] for x in numbered]
-        k += len(seqs)
-    size = [sum(len(s.ids) for _, s in u) for u in units]
-    width = max(size)
-    rows, fill = [], []
-    for u in sorted(range(len(units)), key=lambda u: -size[u]):
-        r = next((r for r in range(len(rows)) if fill[r] + size[u] <= width), len(rows))
-        if r == len(rows):
-            rows.append([])
-            fill.append(0)
-        rows[r] += units[u]
-        fill[r] += size[u]
-    segment = {k: i for i, (k, _) in enumerate(x for row in rows for x in row)}  # collate_packed's numbering
-    remap = lambda idx: torch.tensor([segment[k] for k in idx])  # noqa: E731
-    return {**collate_packed([[s for _, s in row] for row in rows], pad_id, segments=True),
-            "ws": remap(ws), "wt": remap(wt), "rej": remap(rej)}
 
 
 def collate_padded(seqs, pad_id):
@@ -502,259 +564,27 @@ def collate_padded(seqs, pad_id):
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-def token_budget_batches(rows, lengths, budget):
-    """Split one rank's rows into micro-batches of at most `budget` tokens (longest rows first).
-
-    Grouping rows of similar length fills each budget well; a row longer than the budget gets a
-    micro-batch of its own.
-    """
-    batches, current, used = [], [], 0
-    for i in sorted(rows, key=lambda i: -lengths[i]):
-        if current and used + lengths[i] > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    return batches + [current] if current else batches
+# -----------------------------------------------------------------------------
+# names and fingerprints
 
 
-def row_name(ex):
+def row_name(row):
     """How messages name a row: file:line, and its prompt_id when it has one."""
-    pid = getattr(ex, "prompt_id", "")
-    return f"{ex.where} ({pid})" if pid else ex.where
+    pid = getattr(row, "prompt_id", "")
+    return f"{row.where} ({pid})" if pid else row.where
 
 
-def fingerprint(examples):
-    """A digest of tokenized rows (Examples or Sequences), in order: any change to the data, the
-    tokenizer or its chat template, or the truncation settings changes it."""
+def fingerprint(rows, groups=None):
+    """A digest of tokenized rows (PreferenceRows or Sequences), in order, and of how they are grouped
+    (SFT's packed sequences): any change to the data, the tokenizer or its chat template, the
+    truncation settings or the packing changes it."""
     h = hashlib.sha256()
-    for ex in examples:
-        parts = [[ex.n_chosen], ex.prompt_ids, *ex.responses] if isinstance(ex, Example) else [ex.ids, ex.labels]
+    for row in rows:
+        parts = [[row.n_chosen], row.prompt_ids, *row.responses] if isinstance(row, PreferenceRow) else \
+            [row.ids, row.labels]
         for p in parts:
             h.update(array("q", p).tobytes() + b"|")
         h.update(b";")
-    return f"{len(examples)} rows, sha256 {h.hexdigest()[:20]}"
-
-
-# -----------------------------------------------------------------------------
-# sharding across ranks and batching
-
-
-def step_batches(n_rows, *, epoch, seed, global_batch, micro_batch, rank, world):
-    """For each optimizer step of one epoch, this rank's micro-batches (lists of row indices).
-
-    The epoch's order is a seeded permutation; each step takes the next `global_batch` rows
-    and rank r gets the r-th contiguous slice of them, so ranks never share a row and any
-    world size sees the same rows in the same optimizer step. A last partial batch is dropped.
-    """
-    per_rank = global_batch // world
-    assert per_rank * world == global_batch and per_rank % micro_batch == 0
-    perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    for step in range(n_rows // global_batch):
-        start = step * global_batch + rank * per_rank
-        rows = perm[start : start + per_rank]
-        yield [rows[i : i + micro_batch] for i in range(0, per_rank, micro_batch)]
-
-
-
-
-# -----------------------------------------------------------------------------
-# command line: python data.py split ...
-
-
-def prompt_id_of(row):
-    """The row's prompt_id, or one derived from its prompt text (the same on every machine)."""
-    pid = row.get("prompt_id")
-    if pid not in (None, ""):
-        return str(pid)
-    text = json.dumps(row.get("prompt"), sort_keys=True, ensure_ascii=False)
-    return "sha256-" + hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def in_sft_part(prompt_id, fraction, seed):
-    """A seeded hash of the prompt id decides, so the split ignores row order and file layout."""
-    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
-    """Write out_dir/sft.jsonl (about sft_fraction of the prompts) and out_dir/wrpo.jsonl (the rest).
-
-    The paper fine-tunes on y_ws for one third of the prompts and runs WRPO on the other two
-    thirds. Rows (WRPO rows, chat rows or bare prompts) keep their content; rows without a
-    prompt_id get the derived one.
-    """
-    if not 0 < sft_fraction < 1:
-        raise DataError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
-    def checked(rec, where):  # WRPO rows, chat rows, or bare prompts ({"prompt": ...}) are all split by prompt
-        if not isinstance(rec, dict):
-            raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
-        if "messages" in rec:
-            validate_chat(rec)
-        elif "chosen" in rec or "rejected" in rec:
-            validate_row(rec)
-        elif "prompt" not in rec:
-            raise RowError("missing field 'prompt'")
-        else:
-            _prompt_messages(rec["prompt"])
-        return rec
-
-    records = convert_rows(path, checked)
-    out_dir = Path(out_dir)
-    targets = {"sft": out_dir / "sft.jsonl", "wrpo": out_dir / "wrpo.jsonl"}
-    if not overwrite and any(t.exists() for t in targets.values()):
-        raise DataError(f"{out_dir} already holds a split; pass --overwrite to replace it")
-    parts = {"sft": [], "wrpo": []}
-    for rec in records:
-        rec = {"prompt_id": prompt_id_of(rec), **{k: v for k, v in rec.items() if k != "prompt_id"}}
-        parts["sft" if in_sft_part(rec["prompt_id"], sft_fraction, seed) else "wrpo"].append(rec)
-    for name, target in targets.items():
-        write_jsonl(parts[name], target)  # never a half-written file under the final name
-    print(f"{len(records)} rows -> {len(parts['sft'])} SFT rows ({targets['sft']}), "
-          f"{len(parts['wrpo'])} WRPO rows ({targets['wrpo']})")
-    return {name: len(rows) for name, rows in parts.items()}
-
-
-def write_jsonl(rows, path):
-    """All rows or nothing: written beside the target, then renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_scored(path):
-    """Scored samples (eval/score.py): {prompt_id: (prompt, [(score, text, model)...])}, every row checked."""
-    def checked(rec, where):
-        if not isinstance(rec, dict):
-            raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
-        for field in ("prompt", "responses", "scores"):
-            if field not in rec:
-                raise RowError(f"missing field '{field}'" + (" (score the file with eval/score.py first)"
-                                                             if field == "scores" else ""))
-        _prompt_messages(rec["prompt"])
-        texts, scores = rec["responses"], rec["scores"]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise RowError("responses must be a non-empty list of strings")
-        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
-        if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(number, scores)):
-            raise RowError(f"scores must be a list of {len(texts)} finite numbers, one per response")
-        model = str(rec.get("model", Path(path).stem))
-        return prompt_id_of(rec), rec["prompt"], [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
-
-    out = {}  # empty responses (a sample that stopped at once) are left out: no row may hold one
-    for pid, prompt, samples in convert_rows(path, checked):
-        out.setdefault(pid, (prompt, []))[1].extend(samples)  # a prompt may come in several rows
-    return out
-
-
-def build(sources, out, *, target=None, prompts=None, overwrite=False):
-    """WRPO rows (with `target`) or SFT rows (without) from scored samples; returns the summary.
-
-    y_ws = the best-scored response over every source file; y_wt and y_l = the best and worst
-    of the target's non-empty samples. Prompts whose target samples all score the same (or
-    with fewer than two non-empty ones) carry no preference and are dropped, as are prompts
-    missing from the sources. Without a target, each
-    prompt becomes a chat row prompt + y_ws (SFT on the sources' best). `prompts` (any rows with
-    prompt ids, e.g. one part of `split`) restricts the output to those prompts.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; pass --overwrite to replace it")
-    source = {}
-    for path in sources:
-        for pid, (prompt, samples) in read_scored(path).items():
-            if samples:
-                source.setdefault(pid, (prompt, []))[1].extend(samples)
-    keep = None if prompts is None else {prompt_id_of(rec) for _, rec in read_records(prompts)
-                                         if isinstance(rec, dict)}
-    stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "wins": {}, "scores": {}}
-    rows = []
-
-    def add_score(role, x):
-        stats["scores"][role] = stats["scores"].get(role, 0.0) + x
-
-    def best_source(pid):
-        score, text, model = max(source[pid][1], key=lambda s: s[0])  # first of the best on ties
-        stats["wins"][model] = stats["wins"].get(model, 0) + 1
-        add_score("y_ws", score)
-        return score, text, model
-
-    if target is None:
-        for pid, (prompt, _) in source.items():
-            if keep is not None and pid not in keep:
-                stats["not_in_prompts"] += 1
-                continue
-            score, text, model = best_source(pid)
-            messages = _prompt_messages(prompt) + [{"role": "assistant", "content": text}]
-            rows.append({"prompt_id": pid, "messages": messages, "source_model": model, "score": score})
-    else:
-        for pid, (prompt, samples) in read_scored(target).items():
-            if keep is not None and pid not in keep:
-                stats["not_in_prompts"] += 1
-                continue
-            if pid not in source:
-                stats["no_source"] += 1
-                continue
-            if len(samples) < 2:
-                stats["tied"] += 1  # fewer than two non-empty samples: no preference either
-                continue
-            hi, lo = max(samples, key=lambda s: s[0]), min(samples, key=lambda s: s[0])
-            if hi[0] == lo[0]:
-                stats["tied"] += 1
-                continue
-            ws = best_source(pid)
-            add_score("y_wt", hi[0])
-            add_score("y_l", lo[0])
-            rows.append({"prompt_id": pid, "prompt": _prompt_messages(prompt),
-                         "chosen": [{"role": "assistant", "content": ws[1]}, {"role": "assistant", "content": hi[1]}],
-                         "rejected": [{"role": "assistant", "content": lo[1]}],
-                         "source_model": ws[2], "scores": {"y_ws": ws[0], "y_wt": hi[0], "y_l": lo[0]}})
-    if not rows:
-        raise DataError(f"no rows to write: {stats['no_source']} prompts without source responses, "
-                        f"{stats['tied']} without a target preference (tied, or < 2 samples), "
-                        f"{stats['not_in_prompts']} outside --prompts")
-    write_jsonl(rows, out)
-    stats["rows"] = len(rows)
-    stats["scores"] = {k: v / len(rows) for k, v in stats["scores"].items()}
-    kind = "WRPO" if target else "SFT"
-    print(f"{len(rows)} {kind} rows -> {out}; dropped: {stats['no_source']} without source responses, "
-          f"{stats['tied']} without a target preference (tied, or < 2 samples), "
-          f"{stats['not_in_prompts']} outside --prompts")
-    print("mean scores: " + ", ".join(f"{k} {v:.4g}" for k, v in stats["scores"].items()))
-    print("best source response by model: " + ", ".join(
-        f"{m} {n} ({n / len(rows):.0%})" for m, n in sorted(stats["wins"].items(), key=lambda x: -x[1])))
-    return stats
-
-
-def main(argv):
-    parser = argparse.ArgumentParser(prog="data.py", description="WRPO data tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("split", help="split WRPO rows into an SFT part and a preference part by prompt_id")
-    p.add_argument("--data", required=True, help="WRPO rows (.jsonl, .json, .parquet or a folder)")
-    p.add_argument("--out_dir", required=True, help="writes sft.jsonl and wrpo.jsonl here")
-    p.add_argument("--sft_fraction", type=float, default=1 / 3, help="share of prompts for SFT (paper: 1/3)")
-    p.add_argument("--seed", type=int, default=42, help="seed of the hash that assigns prompts")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing split in out_dir")
-    b = commands.add_parser("build", help="WRPO rows (or SFT rows) from scored source and target samples")
-    b.add_argument("--sources", nargs="+", required=True, help="scored samples of the source models (eval/score.py)")
-    b.add_argument("--target", help="scored samples of the SFT target; without it, SFT rows (prompt + y_ws)")
-    b.add_argument("--prompts", help="only the prompts in this file (e.g. one part of `split`)")
-    b.add_argument("--out", required=True, help="the .jsonl file to write")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "split":
-            split(args.data, args.out_dir, sft_fraction=args.sft_fraction, seed=args.seed, overwrite=args.overwrite)
-        else:
-            build(args.sources, args.out, target=args.target, prompts=args.prompts, overwrite=args.overwrite)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    for group in groups or []:
+        h.update(array("q", group).tobytes() + b";")
+    return f"{len(rows)} rows, sha256 {h.hexdigest()[:20]}"

@@ -1,30 +1,20 @@
-"""Distributed setup, FSDP2 sharding, sharded loading, Hugging Face-format saving and the sharded
-resumable state (model and optimizer, torch.distributed.checkpoint).
+"""Distributed setup, FSDP2 sharding and sharded loading of Hugging Face safetensors checkpoints.
 
 The same functions run on CUDA (nccl) and on CPU (gloo), under torchrun or as a plain
 single process, so the CPU tests exercise the exact code used on an 8-GPU node.
 """
 
-import copy
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
-    set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
-
-import attention
-from logprobs import attach_label_logprobs
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -186,16 +176,15 @@ def decoder_layers(model):
 
 
 def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_checkpointing=False,
-               trust_remote_code=False, attn_implementation=attention.NAME, logprobs="auto", compile=False):
+               trust_remote_code=False, attn_implementation="sdpa", compile=False):
     """Build a causal LM on the meta device, shard it, then load this rank's slices.
 
-    `path` is a local folder or a hub id (resolved to a local snapshot first). The model gets
-    a `label_logprobs` forward method (logprobs.py) computed with the `logprobs` path.
+    `path` is a local folder or a hub id (resolved to a local snapshot first). A custom
+    attn_implementation (attention.py's packed_sdpa) must be registered with transformers first.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     local = resolve_model_path(path)
-    attention.register()
     config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
     # a trained model keeps fp32 master weights; a frozen one is stored directly in the compute
     # dtype (the same values FSDP would cast to on every forward, at half the memory)
@@ -213,7 +202,6 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
         for layer in decoder_layers(model):
             layer.compile()
     apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True)
-    attach_label_logprobs(model, logprobs)
     model.to_empty(device=device)
     _init_nonpersistent_buffers(model)
     load_sharded_weights(model, local)
@@ -243,96 +231,3 @@ def resolve_model_path(path):
         return snapshot_download(path, allow_patterns=patterns)
     except Exception as e:
         raise FileNotFoundError(f"model '{path}' is neither a local folder nor a reachable hub id: {e}") from e
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face-format saving
-
-
-def save_hf_checkpoint(model, out, **kwargs):
-    """write_hf_checkpoint into `out.tmp`, then rename it to `out`: a crash mid-save never leaves a
-    half-written folder under the final name. Collective: every rank must call it."""
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if is_master() and tmp.exists():  # left by a save that crashed
-        shutil.rmtree(tmp)
-    write_hf_checkpoint(model, tmp, **kwargs)
-    if is_master():
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def write_hf_checkpoint(model, folder, *, tokenizer=None, train_config=None, dtype=torch.bfloat16,
-                        max_shard_bytes=5 * 2**30):
-    """Gather the full state dict on rank 0 (CPU-offloaded) and write a Hugging Face checkpoint into
-    `folder`. Collective: every rank must call it."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if is_master():
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if getattr(model.config, "tie_word_embeddings", False):
-            state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
-        for k in list(state):  # one tensor at a time, so fp32 and save-dtype copies never coexist whole
-            state[k] = state[k].to(dtype).contiguous()
-        _write_safetensors(state, folder, max_shard_bytes)
-        config = copy.deepcopy(model.config)
-        # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
-        config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
-        config.dtype = dtype
-        config.use_cache = True  # training turned it off; generation wants it
-        config.save_pretrained(folder)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        if train_config is not None:
-            (folder / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _write_safetensors(state, folder, max_shard_bytes):
-    shards, current, size = [], {}, 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / fname, metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# resumable state: sharded model and optimizer (torch.distributed.checkpoint)
-
-
-def save_sharded_state(model, optimizer, folder):
-    """The fp32 master weights and AdamW state, each rank writing its own shards into `folder`.
-
-    DCP files can be loaded by any number of ranks (they are resharded on load). Collective.
-    """
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
-
-
-def load_sharded_state(model, optimizer, folder):
-    """Fill a sharded model and its optimizer from save_sharded_state's files. Collective."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -1,10 +1,10 @@
 """Supervised fine-tuning of the target on the best source responses: the first stage of WRPO.
 
-The paper fine-tunes the target on y_ws for one third of the prompts (`python data.py split`),
+The paper fine-tunes the target on y_ws for one third of the prompts (`python -m eval.split`),
 then runs WRPO on the other two thirds starting from, and referenced to, this SFT model.
 
 Demo (2 CPU processes):
-    python data.py split --data=demo/data/train.jsonl --out_dir=out/demo-split
+    python -m eval.split --data=demo/data/train.jsonl --out_dir=out/demo-split
     torchrun --nproc_per_node=2 sft.py --config=demo/sft.json
 One 8-GPU node, the paper's setup:
     torchrun --nproc_per_node=8 sft.py --model=meta-llama/Meta-Llama-3-8B-Instruct --data=split/sft.jsonl \
@@ -12,22 +12,24 @@ One 8-GPU node, the paper's setup:
 Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
 import data
+from checkpoint import restore, resume_state, save_checkpoint, save_final
 from fsdp_utils import cleanup, print0
-from logprobs import model_sequence_logps
-from training import MetricSum, RunGuard, TrainConfig, eval_batches, get_lr, global_sum, load_policy, \
-    parse_config, resume_state, run_main, set_lr, start_run, throughput, to_device, total_steps_for, \
-    training_steps, write_run_config
+from logps import model_sequence_logps
+from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, finite_step, \
+    every, get_lr, global_sum, load_sharded_model, parse_config, set_lr, start_run, stop_requested, stop_signals, \
+    throughput, to_device, total_steps_for, write_run_config
 
 
 @dataclass
 class Config(TrainConfig):
-    # model and data (shared settings such as batch size and dtype: TrainConfig in training.py)
+    # model and data (the settings both stages share, such as batch size and dtype: TrainConfig in training.py)
     model: str = "demo/model"  # the target model to fine-tune: local folder or hub id
     data: str = "demo/data/train.jsonl"  # chat rows {"messages": [...]} or WRPO rows (trains on prompt + chosen[0])
     eval_data: str = ""  # held-out rows of the same kinds; their loss is reported before and after training
@@ -48,13 +50,6 @@ def sft_problems(cfg):
     return problems
 
 
-def group_examples(examples, cfg):
-    """The sequences SFT trains on: packed groups of examples, or one example each."""
-    if cfg.packing:
-        return data.pack([len(ex.ids) for ex in examples], cfg.max_length, cfg.seed)
-    return [[i] for i in range(len(examples))]
-
-
 def token_nll(policy, batch):
     """Summed negative log-likelihood of the label tokens of each sequence [N], and their counts [N]."""
     logps, counts = model_sequence_logps(policy, batch)
@@ -63,58 +58,71 @@ def token_nll(policy, batch):
 
 @torch.no_grad()
 def evaluate(policy, examples, seqs, cfg, run):
-    """Mean per-token loss on held-out examples."""
+    """Mean per-token loss on held-out examples (seqs: their grouping into sequences), over all ranks."""
     policy.eval()
     sums = MetricSum()
-    for idx, weight in eval_batches(len(seqs), cfg.micro_batch_size, run):
+    for idx, weight in data.eval_batches(len(seqs), cfg.micro_batch_size, run.rank, run.world):
         groups = [[examples[e] for e in seqs[i]] for i in idx]
         nll, counts = token_nll(policy, to_device(data.collate_packed(groups, run.pad_id), run.device))
-        sums.add({"loss": nll / counts.clamp(min=1)}, counts * weight)
+        sums.add({"loss": nll / counts.clamp(min=1)}, counts * weight.to(run.device))
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
+
+
+def held_out(policy, examples, seqs, cfg, run, step, before=None):
+    """evaluate(), printed, and compared with the metrics `before` training when given; {} without examples."""
+    if not examples:
+        return {}
+    m = evaluate(policy, examples, seqs, cfg, run)
+    print0(f"step {step}: held-out loss {m['eval/loss']:.4f}")
+    if before:
+        print0(f"held-out loss: {before['eval/loss']:.4f} before -> {m['eval/loss']:.4f} after")
+    return m
 
 
 LOG_FIELDS = [("loss", "loss", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad norm", ".3g"),
               ("tokens_per_s", "tok/s", ".0f"), ("mfu", "MFU", ".1%")]
 
 
+def load_examples(path, cfg, run):
+    """(examples, their sequences): every row of `path` read, validated and tokenized, then packed into
+    sequences of up to max_length tokens (packing) or one each; ([], []) without a path."""
+    if not path:
+        return [], []
+    examples = data.load_sft_examples(path, run.tokenizer, max_length=cfg.max_length, loss_on=cfg.loss_on,
+                                      truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows, report=print0)
+    if cfg.packing:
+        return examples, data.pack([len(ex.ids) for ex in examples], cfg.max_length)
+    return examples, [[i] for i in range(len(examples))]
+
+
 def main(argv):
-    # --- setup: settings, paths and tokenizer checked before anything is read or written
+    # --- setup: settings, paths, tokenizer and every data row checked before the model is loaded or a file written
     cfg = parse_config(Config, argv)
     run = start_run(cfg, sft_problems(cfg))
-
-    # --- data: every row validated before the model is loaded
-    load = lambda path: data.load_sft_dataset(path, run.tokenizer, max_length=cfg.max_length,  # noqa: E731
-                                              loss_on=cfg.loss_on, truncation=cfg.truncation,
-                                              skip_invalid=cfg.skip_invalid_rows, report=print0)
-    examples = load(cfg.data)
-    eval_examples = load(cfg.eval_data) if cfg.eval_data else []
-    seqs, eval_seqs = group_examples(examples, cfg), group_examples(eval_examples, cfg)
+    examples, seqs = load_examples(cfg.data, cfg, run)
+    eval_examples, eval_seqs = load_examples(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
-    fingerprint = data.fingerprint(examples)
-    state = resume_state(run, cfg, fingerprint)  # a resumed run must continue the same run
-    fill = sum(len(ex.ids) for ex in examples) / (len(seqs) * cfg.max_length)
-    print0(f"{len(examples)} examples in {len(seqs)} sequences ({fill:.0%} of max_length {cfg.max_length} used), "
-           f"{len(eval_examples)} held-out examples; world {run.world} on {run.device.type}; "
-           f"{total_steps} optimizer steps of {cfg.global_batch_size} sequences")
+    fingerprint = data.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed
+    state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE)
+    print_plan(cfg, run, examples, seqs, len(eval_examples), total_steps)
     write_run_config(run, cfg)
+    policy = load_sharded_model(run.model_path, run, cfg, trainable=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
+    start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
+    eval_before = state["eval_before"] if state else held_out(policy, eval_examples, eval_seqs, cfg, run, 0)
+    skipped = state["skipped_steps"] if state else 0
+    log = MetricsLog(run, total_steps, start, cfg.log_every, "sft", LOG_FIELDS)
 
-    # --- model
-    policy, optimizer = load_policy(run, cfg)
-
-    def run_eval(step):
-        if not eval_examples:
-            return {}
-        m = evaluate(policy, eval_examples, eval_seqs, cfg, run)
-        print0(f"step {step}: held-out loss {m['eval/loss']:.4f}")
-        return m
-
-    # --- training loop (resumed: from the checkpoint's step, with its weights and optimizer state)
-    with RunGuard(run, cfg, policy, optimizer, run_eval, total_steps, fingerprint, state, "sft", LOG_FIELDS) as guard:
-        for step, epoch, micro_batches in training_steps(len(seqs), cfg, run, total_steps, guard.start):
+    # --- training loop
+    with stop_signals(run.rank) as signals:
+        for step, epoch, rows in data.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size, run.rank,
+                                                  run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
-            groups = [[[examples[e] for e in seqs[i]] for i in rows] for rows in micro_batches]
+            micro_batches = data.micro_batches(rows, cfg.micro_batch_size)  # of sequences, each a group of examples
+            groups = [[[examples[e] for e in seqs[i]] for i in mb] for mb in micro_batches]
             batches = [data.collate_packed(g, run.pad_id) for g in groups]
             # the step's loss is the mean over every loss token of the global batch: count them first
             n_loss = global_sum(sum(int((b["labels"] != data.IGNORE).sum()) for b in batches), run.device)
@@ -126,20 +134,39 @@ def main(argv):
                 sums.add({"loss": nll.detach() / counts.clamp(min=1)}, counts)
                 seen.append(([", ".join(ex.where for ex in seq) for seq in group], nll.detach()))
             metrics = sums.mean()
-            grad_norm = guard.step(step, metrics["loss"], seen)  # clip, then update only if all is finite
+            grad_norm = clip_grad_norm(policy, cfg.grad_clip)
+            if finite_step(step + 1, metrics["loss"], grad_norm, seen, run, cfg):  # else stops, or skips the update
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
 
-            # --- log, evaluate, checkpoint (and stop here after SIGTERM / SIGINT)
+            # --- log, evaluate, checkpoint; after SIGTERM / SIGINT on any rank, save and stop
             tokens = sum(len(ex.ids) for g in groups for seq in g for ex in seq)
             m = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **metrics,
-                 **throughput(tokens, t0, run)}
-            guard.end_step(m)
+                 **throughput(tokens, t0, run, policy), "skipped_steps": skipped}
+            if every(cfg.eval_every, step + 1, total_steps):
+                m.update(held_out(policy, eval_examples, eval_seqs, cfg, run, step + 1))
+            log.log(m)
+            meta = {"fingerprint": fingerprint, "eval_before": eval_before, "skipped_steps": skipped}
+            if every(cfg.save_every, step + 1, total_steps):
+                save_checkpoint(run, cfg, policy, optimizer, step + 1, meta)
+            if signum := stop_requested(signals, run.device):  # quick: only the resumable state
+                path = save_checkpoint(run, cfg, policy, optimizer, step + 1, meta, hf=False)
+                raise Preempted(signum, step + 1, path)
 
-        # --- final evaluation and checkpoint
-        eval_after = guard.finish()
-    if eval_examples:
-        print0(f"held-out loss: {guard.eval_before['eval/loss']:.4f} before -> {eval_after['eval/loss']:.4f} after")
+    # --- final evaluation and weights
+    log.close(held_out(policy, eval_examples, eval_seqs, cfg, run, total_steps, before=eval_before))
+    save_final(run, cfg, policy, total_steps, skipped)
     cleanup()
 
 
+def print_plan(cfg, run, examples, seqs, n_eval, total_steps):
+    fill = sum(len(ex.ids) for ex in examples) / (len(seqs) * cfg.max_length)
+    print0(f"{len(examples)} examples in {len(seqs)} sequences ({fill:.0%} of max_length {cfg.max_length} used), "
+           f"{n_eval} held-out examples; world {run.world} on {run.device.type}; "
+           f"{total_steps} optimizer steps of {cfg.global_batch_size} sequences")
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli(main)

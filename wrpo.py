@@ -7,9 +7,8 @@ One 8-GPU node, the paper's setup (policy and reference = the SFT model):
 Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below.
 """
 
+import dataclasses
 import hashlib
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,21 +17,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import attention
 import data
-from fsdp_utils import DTYPES, cleanup, is_master, load_model, print0
-from logprobs import model_sequence_logps
-from training import MetricSum, RunGuard, TrainConfig, eval_batches, get_lr, load_policy, parse_config, \
-    resolve, resume_state, run_main, same_count_on_all_ranks, set_lr, start_run, throughput, to_device, \
-    total_steps_for, training_steps, write_run_config
+from checkpoint import load_reference_logps, restore, resume_state, save_checkpoint, save_final, save_reference_logps
+from fsdp_utils import cleanup, is_master, print0
+from logps import model_sequence_logps
+from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, finite_step, \
+    every, get_lr, load_sharded_model, parse_config, resolve_model, set_lr, start_run, stop_requested, \
+    stop_signals, throughput, to_device, total_steps_for, write_run_config
 
 
 @dataclass
 class Config(TrainConfig):
-    # model and data (shared settings such as batch size and dtype: TrainConfig in training.py)
+    # model and data (the settings both stages share, such as batch size and dtype: TrainConfig in training.py)
     model: str = "demo/model"  # policy init: local folder or hub id (the paper: the SFT model)
     ref_model: str = ""  # frozen reference; empty = the same checkpoint as `model`
     ref_logps: str = "precompute"  # precompute: one pass of the reference before training, cached; live: every step
@@ -53,6 +52,9 @@ class Config(TrainConfig):
     shared_prompt: bool = True  # with packing and packed_sdpa attention: one copy of each prompt for its responses
     max_prompt_length: int = 1800  # prompt tokens kept (from the end) when a row is too long
     truncation: str = "keep_end"  # keep_end: the paper's rule; error: reject over-long rows
+
+    def __post_init__(self):  # shared prompts need packing and packed_sdpa attention: off without them
+        self.shared_prompt = self.shared_prompt and self.packing and self.attn_implementation == attention.NAME
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
@@ -133,7 +135,7 @@ def get_alpha(step, total_steps, alpha, schedule):
 
 
 # -----------------------------------------------------------------------------
-# one micro-batch, metrics, evaluation
+# one micro-batch: log-probs, the loss, metrics
 
 
 def row_logps(model, batch, average=False):
@@ -147,16 +149,17 @@ def row_logps(model, batch, average=False):
     return torch.stack([logps[batch["ws"]], logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
 
 
-def preference_forward(policy, batch, ref_logps, alpha, beta, loss_type="sigmoid", gamma=0.0):
-    """Policy log-probs (with grad) of every sequence, then the loss against ref_logps [B, 3].
+def preference_forward(policy, batch, ref_logps, alpha, cfg):
+    """Policy log-probs (with grad) of every row's responses, then the loss (cfg: beta, loss_type, gamma)
+    against the reference's, ref_logps [B, 3]. Returns per-row losses, rewards and policy log-probs.
 
     SimPO has no reference: its log-probs are length-averaged and ref_logps is ignored.
     """
-    simpo = loss_type == "simpo"
+    simpo = cfg.loss_type == "simpo"
     pol = row_logps(policy, batch, average=simpo)
     ref_logps = torch.zeros_like(pol) if simpo else ref_logps
-    losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=beta, loss_type=loss_type,
-                                gamma=gamma)
+    losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=cfg.beta,
+                                loss_type=cfg.loss_type, gamma=cfg.gamma)
     logps = dict(zip(("source_chosen", "target_chosen", "rejected"), pol.detach().unbind(-1)))
     return losses, rewards, logps
 
@@ -177,28 +180,12 @@ def row_metrics(losses, rewards, logps):
     m.update({f"logps/{k}": v for k, v in logps.items()})
     return m
 
-
-@torch.no_grad()
-def evaluate(policy, reference, examples, cfg, run, alpha):
-    """Held-out implicit-reward metrics (accuracy = the weighted chosen reward beats the rejected)."""
-    policy.eval()
-    sums = MetricSum()
-    for idx, weight in eval_batches(len(examples), cfg.micro_batch_size, run):
-        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing, cfg.shared_prompt)
-        batch = to_device(batch, run.device)
-        losses, rewards, logps = preference_forward(policy, batch, reference(batch, idx), alpha, cfg.beta,
-                                                     cfg.loss_type, cfg.gamma)
-        sums.add(row_metrics(losses, rewards, logps), weight)
-    policy.train()
-    return {f"eval/{k}": v for k, v in sums.mean().items()}
-
-
 # -----------------------------------------------------------------------------
-# reference log-probs: one pass before training (cached), or the live model every step
+# the reference: its log-probs precomputed in one pass (and cached), or the live frozen model
 
 
-def reference_cache_path(cfg, ref_path, examples, data_path):
-    """Cache file for the reference log-probs of `examples`, named by a hash of all they depend on.
+def reference_cache_path(cfg, ref_path, rows, data_path):
+    """Cache file for the reference log-probs of `rows`, named by a hash of all they depend on.
 
     That is the reference checkpoint (its files' names, sizes and modification times), the
     tokenized rows themselves (so the data, tokenizer, chat template and truncation settings)
@@ -209,7 +196,7 @@ def reference_cache_path(cfg, ref_path, examples, data_path):
     for f in sorted(ref.glob("*.safetensors")) + sorted(ref.glob("*.json")):
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(data.fingerprint(examples).encode())
+    h.update(data.fingerprint(rows).encode())
     h.update(f"{cfg.dtype}:{cfg.attn_implementation}".encode())
     data_path = Path(data_path)
     folder = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else (data_path if data_path.is_dir() else data_path.parent)
@@ -217,50 +204,91 @@ def reference_cache_path(cfg, ref_path, examples, data_path):
 
 
 @torch.no_grad()
-def compute_reference(ref, examples, cfg, run, desc):
+def compute_reference(ref, rows, cfg, run, desc):
     """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks."""
-    per_rank = math.ceil(len(examples) / run.world)
+    per_rank = -(-len(rows) // run.world)
     mine = torch.zeros(per_rank, 3, device=run.device)
     at = 0
-    for idx, _ in tqdm(list(eval_batches(len(examples), cfg.micro_batch_size, run)), desc=desc,
+    for idx, _ in tqdm(list(data.eval_batches(len(rows), cfg.micro_batch_size, run.rank, run.world)), desc=desc,
                        disable=not is_master() or not sys.stderr.isatty()):
-        batch = data.collate([examples[i] for i in idx], run.pad_id, cfg.packing, cfg.shared_prompt)
-        batch = to_device(batch, run.device)
-        mine[at : at + len(idx)] = row_logps(ref, batch).float()
+        batch = data.collate_preference([rows[i] for i in idx], run.pad_id, cfg.packing, cfg.shared_prompt)
+        mine[at : at + len(idx)] = row_logps(ref, to_device(batch, run.device)).float()
         at += len(idx)
     parts = [torch.zeros_like(mine) for _ in range(run.world)]
     dist.all_gather(parts, mine)  # rank r holds rows [r * per_rank, (r + 1) * per_rank)
-    return torch.cat(parts)[: len(examples)].cpu()
+    return torch.cat(parts)[: len(rows)].cpu()
 
 
-def precomputed_reference(load_ref, ref_path, datasets, cfg, run):
-    """Reference log-probs [n_rows, 3] for each (data path, rows), from the cache or one pass.
-
-    The reference model is loaded only when a cache is missing, and freed afterwards.
-    """
+def load_reference(cfg, run, train_rows, eval_rows):
+    """The references of the training and the held-out rows: [n_rows, 3] tables of log-probs (precompute:
+    read from the cache, or one pass of the reference model, loaded only then and freed), the live
+    frozen model (live), or None (SimPO has no reference)."""
+    if cfg.loss_type == "simpo":
+        return None, None
+    ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else run.model_path
+    if cfg.ref_logps == "live":
+        ref = load_sharded_model(ref_path, run, cfg, trainable=False)
+        return ref, ref
     tables, ref = [], None
-    for data_path, examples in datasets:
-        path = reference_cache_path(cfg, ref_path, examples, data_path)
+    for data_path, rows in [(cfg.data, train_rows), (cfg.eval_data, eval_rows)]:
+        if not rows:
+            tables.append(None)
+            continue
+        path = reference_cache_path(cfg, ref_path, rows, data_path)
         if path.exists():
             print0(f"reference log-probs: {path} (cached)")
-            tables.append(load_file(path)["logps"])
+            tables.append(load_reference_logps(path))
             continue
-        if ref is None:
-            ref = load_ref()
+        ref = ref or load_sharded_model(ref_path, run, cfg, trainable=False)
         t0 = time.time()
-        table = compute_reference(ref, examples, cfg, run, f"reference {Path(data_path).name}")
-        if is_master():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp")
-                save_file({"logps": table}, tmp, metadata={"data": str(data_path), "reference": str(ref_path)})
-                os.replace(tmp, path)  # never a half-written cache under the final name
-                print0(f"reference log-probs: {path} ({len(examples)} rows in {time.time() - t0:.1f}s)")
-            except OSError as e:
-                print0(f"reference log-probs: computed, not cached ({path.parent} not writable: {e})")
-        tables.append(table)
-    del ref  # the reference is never needed again
-    return tables
+        tables.append(compute_reference(ref, rows, cfg, run, f"reference {Path(data_path).name}"))
+        if is_master() and save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)}):
+            print0(f"reference log-probs: {path} ({len(rows)} rows in {time.time() - t0:.1f}s)")
+    return tables[0], tables[1]
+
+
+def reference_logps(reference, rows, batch):
+    """[B, 3] reference log-probs of a micro-batch (`rows`: their indices, `batch`: them collated): looked up
+    in a precomputed table, or computed by the live model; None without a reference (SimPO)."""
+    if reference is None or torch.is_tensor(reference):
+        return reference if reference is None else reference[rows].to(batch["input_ids"].device)
+    with torch.no_grad():
+        return row_logps(reference, batch)
+
+
+# -----------------------------------------------------------------------------
+# held-out evaluation
+
+
+@torch.no_grad()
+def evaluate(policy, reference, rows, alpha, cfg, pad_id, device):
+    """Held-out implicit-reward metrics (accuracy: the weighted chosen reward beats the rejected one),
+    over all ranks. reference: as for reference_logps."""
+    policy.eval()
+    sums = MetricSum()
+    for idx, weight in data.eval_batches(len(rows), cfg.micro_batch_size, dist.get_rank(), dist.get_world_size()):
+        batch = to_device(data.collate_preference([rows[i] for i in idx], pad_id, cfg.packing, cfg.shared_prompt),
+                          device)
+        losses, rewards, logps = preference_forward(policy, batch, reference_logps(reference, idx, batch), alpha, cfg)
+        sums.add(row_metrics(losses, rewards, logps), weight.to(device))
+    policy.train()
+    return {f"eval/{k}": v for k, v in sums.mean().items()}
+
+
+def held_out(policy, reference, rows, cfg, run, step, total_steps, before=None):
+    """evaluate() after `step` optimizer steps (alpha as at that step), printed, and compared with the
+    metrics `before` training when given; {} without rows."""
+    if not rows:
+        return {}
+    m = evaluate(policy, reference, rows, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule), cfg,
+                 run.pad_id, run.device)
+    print0(f"step {step}: held-out reward accuracy {m['eval/rewards/accuracies']:.3f} "
+           f"(source {m['eval/rewards/source_accuracies']:.3f}, target {m['eval/rewards/target_accuracies']:.3f}), "
+           f"margin {m['eval/rewards/margins']:.4f}")
+    if before:
+        print0(f"held-out reward accuracy: {before['eval/rewards/accuracies']:.3f} before -> "
+               f"{m['eval/rewards/accuracies']:.3f} after")
+    return m
 
 
 # -----------------------------------------------------------------------------
@@ -269,103 +297,93 @@ def precomputed_reference(load_ref, ref_path, datasets, cfg, run):
 LOG_FIELDS = [("loss", "loss", ".4f"), ("rewards/accuracies", "acc", ".3f"), ("rewards/margins", "margin", ".4g"),
               ("alpha", "alpha", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad norm", ".3g"),
               ("tokens_per_s", "tok/s", ".0f"), ("mfu", "MFU", ".1%")]
+# settings a resumed run may change (speed, logging, output); TrainConfig's, and the reference cache's
+RESUME_FREE_WRPO = RESUME_FREE | {"max_tokens_per_micro_batch", "ref_logps", "ref_cache_dir"}
+
+
+def load_rows(path, cfg, run):
+    """Every row of `path` read, validated and tokenized ([] without a path): bad rows stop the run here."""
+    if not path:
+        return []
+    return data.load_preference_rows(path, run.tokenizer, max_length=cfg.max_length,
+                                     max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                                     skip_invalid=cfg.skip_invalid_rows, report=print0)
 
 
 def main(argv):
-    # --- setup: settings, paths and tokenizer checked before anything is read or written
+    # --- setup: settings, paths, tokenizer and every data row checked before a model is loaded or a file written
     cfg = parse_config(Config, argv)
     run = start_run(cfg, wrpo_problems(cfg))
-    ref_path = resolve(cfg.ref_model) if cfg.ref_model else run.model_path
-    rows_per_rank = cfg.global_batch_size // run.world
-    cfg.shared_prompt = cfg.shared_prompt and cfg.packing and cfg.attn_implementation == attention.NAME  # else off
-
-    # --- data: every row validated before any model is loaded
-    load = lambda path: data.load_dataset(path, run.tokenizer, max_length=cfg.max_length,  # noqa: E731
-                                          max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
-                                          skip_invalid=cfg.skip_invalid_rows, report=print0)
-    train_rows = load(cfg.data)
-    eval_rows = load(cfg.eval_data) if cfg.eval_data else []
+    train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
     fingerprint = data.fingerprint(train_rows)
-    state = resume_state(run, cfg, fingerprint)  # a resumed run must continue the same run
-    lengths = [data.row_length(ex) for ex in train_rows]  # tokens/s counts every sequence's prompt
-    packed_lengths = [data.row_length(ex, cfg.shared_prompt) for ex in train_rows]  # what the budget holds
-    budget = cfg.max_tokens_per_micro_batch or 3 * cfg.max_length
-    micro = f"micro-batches of <= {budget} tokens" if cfg.packing else f"micro-batches of {cfg.micro_batch_size} rows"
-    micro += ", prompts shared by their responses" if cfg.shared_prompt else ""
-    print0(f"{len(train_rows)} training rows, {len(eval_rows)} held-out rows; world {run.world} on "
-           f"{run.device.type}; {total_steps} optimizer steps of {cfg.global_batch_size} rows "
-           f"({rows_per_rank} per rank, in {micro})")
+    state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO)
+    lengths = [data.row_length(r) for r in train_rows]  # tokens/s counts every sequence with its prompt
+    packed_lengths = [data.row_length(r, cfg.shared_prompt) for r in train_rows]  # the tokens a forward runs
+    budget = (cfg.max_tokens_per_micro_batch or 3 * cfg.max_length) if cfg.packing else 0  # tokens per micro-batch
+    print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps, budget)
     write_run_config(run, cfg)
+    ref_train, ref_eval = load_reference(cfg, run, train_rows, eval_rows)
+    policy = load_sharded_model(run.model_path, run, cfg, trainable=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
+    start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
+    eval_before = state["eval_before"] if state else held_out(policy, ref_eval, eval_rows, cfg, run, 0, total_steps)
+    skipped = state["skipped_steps"] if state else 0
+    log = MetricsLog(run, total_steps, start, cfg.log_every, "wrpo", LOG_FIELDS)
 
-    # --- models: frozen sharded reference (or its cached log-probs), sharded policy (fp32 master weights)
-    def load_ref():
-        return load_model(ref_path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=False,
-                          trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
-                          logprobs=cfg.logprobs)
-
-    if cfg.loss_type == "simpo":  # no reference model at all
-        train_ref = eval_ref = lambda batch, rows: None  # noqa: E731
-    elif cfg.ref_logps == "live":
-        ref = load_ref()
-
-        @torch.no_grad()
-        def train_ref(batch, rows):
-            return row_logps(ref, batch)
-        eval_ref = train_ref
-    else:
-        datasets = [(cfg.data, train_rows)] + ([(cfg.eval_data, eval_rows)] if eval_rows else [])
-        tables = precomputed_reference(load_ref, ref_path, datasets, cfg, run)
-        train_ref = lambda batch, rows: tables[0][rows].to(run.device)  # noqa: E731
-        eval_ref = lambda batch, rows: tables[-1][rows].to(run.device)  # noqa: E731
-    policy, optimizer = load_policy(run, cfg)
-
-    def run_eval(step):
-        if not eval_rows:
-            return {}
-        m = evaluate(policy, eval_ref, eval_rows, cfg, run, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule))
-        print0(f"step {step}: held-out reward accuracy {m['eval/rewards/accuracies']:.3f} "
-               f"(source {m['eval/rewards/source_accuracies']:.3f}, target {m['eval/rewards/target_accuracies']:.3f}), "
-               f"margin {m['eval/rewards/margins']:.4f}")
-        return m
-
-    # --- training loop (resumed: from the checkpoint's step, with its weights and optimizer state)
-    with RunGuard(run, cfg, policy, optimizer, run_eval, total_steps, fingerprint, state, "wrpo", LOG_FIELDS) as guard:
-        for step, epoch, micro_batches in training_steps(len(train_rows), cfg, run, total_steps, guard.start):
+    # --- training loop
+    with stop_signals(run.rank) as signals:
+        for step, epoch, rows in data.train_steps(len(train_rows), cfg.epochs, cfg.seed, cfg.global_batch_size,
+                                                  run.rank, run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
-            if cfg.packing:  # regroup this rank's rows by token budget instead of row count
-                rows = [i for mb in micro_batches for i in mb]
-                micro_batches = same_count_on_all_ranks(data.token_budget_batches(rows, packed_lengths, budget), run)
-            sums, tokens, computed, seen = MetricSum(), 0, 0, []
-            for rows in micro_batches:
-                batch = data.collate([train_rows[i] for i in rows], run.pad_id, cfg.packing, cfg.shared_prompt)
+            sums, seen = MetricSum(), []
+            for mb in data.micro_batches(rows, cfg.micro_batch_size, budget, packed_lengths, run.device):
+                batch = data.collate_preference([train_rows[i] for i in mb], run.pad_id, cfg.packing, cfg.shared_prompt)
                 batch = to_device(batch, run.device)
-                tokens += sum(lengths[i] for i in rows)
-                computed += sum(packed_lengths[i] for i in rows)
-                losses, rewards, logps = preference_forward(policy, batch, train_ref(batch, rows), alpha, cfg.beta,
-                                                             cfg.loss_type, cfg.gamma)
-                # FSDP averages gradients over ranks, so dividing by this rank's rows per step
-                # yields the gradient of the mean loss over the global batch
-                (losses.sum() / rows_per_rank).backward()
+                ref_logps = reference_logps(ref_train, mb, batch)  # precomputed, from the live model, or None (SimPO)
+                losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
+                # FSDP averages gradients over ranks: dividing by this rank's rows gives the global mean's gradient
+                (losses.sum() / len(rows)).backward()
                 sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
-                seen.append(([data.row_name(train_rows[i]) for i in rows], losses.detach()))
+                seen.append(([data.row_name(train_rows[i]) for i in mb], losses.detach()))
             metrics = sums.mean()
-            grad_norm = guard.step(step, metrics["loss"], seen)  # clip, then update only if all is finite
+            grad_norm = clip_grad_norm(policy, cfg.grad_clip)
+            if finite_step(step + 1, metrics["loss"], grad_norm, seen, run, cfg):  # else stops, or skips the update
+                optimizer.step()
+            else:
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
 
-            # --- log, evaluate, checkpoint (and stop here after SIGTERM / SIGINT)
+            # --- log, evaluate, checkpoint; after SIGTERM / SIGINT on any rank, save and stop
             m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **metrics,
-                 **throughput(tokens, t0, run, computed)}
-            guard.end_step(m)
+                 **throughput(sum(lengths[i] for i in rows), t0, run, policy, sum(packed_lengths[i] for i in rows)),
+                 "skipped_steps": skipped}
+            if every(cfg.eval_every, step + 1, total_steps):
+                m.update(held_out(policy, ref_eval, eval_rows, cfg, run, step + 1, total_steps))
+            log.log(m)
+            meta = {"fingerprint": fingerprint, "eval_before": eval_before, "skipped_steps": skipped}
+            if every(cfg.save_every, step + 1, total_steps):
+                save_checkpoint(run, cfg, policy, optimizer, step + 1, meta)
+            if signum := stop_requested(signals, run.device):  # quick: only the resumable state
+                path = save_checkpoint(run, cfg, policy, optimizer, step + 1, meta, hf=False)
+                raise Preempted(signum, step + 1, path)
 
-        # --- final evaluation and checkpoint
-        eval_after = guard.finish()
-    if eval_rows:
-        print0(f"held-out reward accuracy: {guard.eval_before['eval/rewards/accuracies']:.3f} before -> "
-               f"{eval_after['eval/rewards/accuracies']:.3f} after")
+    # --- final evaluation and weights
+    log.close(held_out(policy, ref_eval, eval_rows, cfg, run, total_steps, total_steps, before=eval_before))
+    save_final(run, cfg, policy, total_steps, skipped)
     cleanup()
 
 
+def print_plan(cfg, run, n_train, n_eval, total_steps, budget):
+    micro = f"micro-batches of <= {budget} tokens" if budget else f"micro-batches of {cfg.micro_batch_size} rows"
+    micro += ", prompts shared by their responses" if cfg.shared_prompt else ""
+    print0(f"{n_train} training rows, {n_eval} held-out rows; world {run.world} on {run.device.type}; "
+           f"{total_steps} optimizer steps of {cfg.global_batch_size} rows ({cfg.global_batch_size // run.world} "
+           f"per rank, in {micro})")
+
+
 if __name__ == "__main__":
-    run_main(main)
+    cli(main)

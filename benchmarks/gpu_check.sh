@@ -11,6 +11,6 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-timeout 180 $PY -m pytest -q tests/test_logprobs.py
-timeout 300 $PY benchmarks/logprobs.py --dtype=bfloat16 --tokens=16384 --hidden=4096 --vocab=128256 --repeats=5
+timeout 180 $PY -m pytest -q tests/test_logps.py
+timeout 300 $PY benchmarks/logps.py --dtype=bfloat16 --tokens=16384 --hidden=4096 --vocab=128256 --repeats=5
 timeout 240 $PY benchmarks/train_step.py --preset=gpu --repeats=1

@@ -44,11 +44,11 @@ PRESETS = {
                 global_batch=32, micro_batch=1, max_length=2048, max_prompt_length=1800, dtype="bfloat16", steps=6),
 }
 VARIANTS = {
-    "(a) baseline": ["--ref_logps=live", "--packing=false", "--logprobs=naive", "--attn_implementation=sdpa"],
-    "(b) packed": ["--ref_logps=precompute", "--packing=true", "--logprobs=auto", "--shared_prompt=false"],
-    "(b) packed, sdpa attention": ["--ref_logps=precompute", "--packing=true", "--logprobs=auto",
+    "(a) baseline": ["--ref_logps=live", "--packing=false", "--logps_impl=naive", "--attn_implementation=sdpa"],
+    "(b) packed": ["--ref_logps=precompute", "--packing=true", "--logps_impl=auto", "--shared_prompt=false"],
+    "(b) packed, sdpa attention": ["--ref_logps=precompute", "--packing=true", "--logps_impl=auto",
                                    "--attn_implementation=sdpa"],
-    "(c) = default: shared prompt": ["--ref_logps=precompute", "--packing=true", "--logprobs=auto",
+    "(c) = default: shared prompt": ["--ref_logps=precompute", "--packing=true", "--logps_impl=auto",
                                      "--shared_prompt=true"],
 }
 

@@ -1,11 +1,11 @@
 """Answers to the paper's benchmarks, in the files their official judges read.
 
-    python eval/answers.py alpaca --model=out/wrpo/final --questions=alpaca_eval.json --out=model_outputs.json
-    python eval/answers.py mtbench --model=out/wrpo/final --questions=mt_bench/question.jsonl \\
+    python -m eval.answers alpaca --model=out/wrpo/final --questions=alpaca_eval.json --out=model_outputs.json
+    python -m eval.answers mtbench --model=out/wrpo/final --questions=mt_bench/question.jsonl \\
         --out=mt_bench/model_answer/wrpo.jsonl
-    python eval/answers.py arenahard --model=out/wrpo/final --questions=arena-hard-v0.1/question.jsonl \\
+    python -m eval.answers arenahard --model=out/wrpo/final --questions=arena-hard-v0.1/question.jsonl \\
         --out=arena-hard-v0.1/model_answer/wrpo.jsonl
-    torchrun --nproc_per_node=8 eval/answers.py ...        # questions split over ranks
+    torchrun --nproc_per_node=8 -m eval.answers ...        # questions split over ranks
 
 The question files are the benchmarks' own (download them; their paths are arguments):
 - alpaca: AlpacaEval 2's `alpaca_eval.json`, a list of {instruction, dataset, ...}. Output: the
@@ -34,10 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common import done_rows, fail, generate, load_for_eval, merge, model_name, write_rows  # noqa: E402
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0  # noqa: E402
+from eval import fail
+from eval.common import done_rows, generate, load_for_eval, merge, model_name, write_rows
+from eval.questions import read_questions
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
 
 # FastChat's MT-Bench sampling temperature per question category (0: greedy)
 MTBENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -68,60 +68,6 @@ def parse_args(argv):
     if (args.temperature is not None and args.temperature < 0) or not 0 < args.top_p <= 1:
         ap.error("--temperature must be >= 0 and --top_p in (0, 1]")
     return args
-
-
-# -----------------------------------------------------------------------------
-# question files -> [{"id", "turns": [str, ...], "category", ...}], every question checked
-
-
-def read_questions(benchmark, path):
-    path = Path(path)
-    try:
-        if benchmark == "alpaca":
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(rows, list):
-                raise ValueError("expected a JSON list of {instruction, dataset} rows")
-            numbered = [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
-        else:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            numbered = [(f"{path}:{i}", json.loads(line)) for i, line in enumerate(lines, 1) if line.strip()]
-    except OSError as e:
-        fail(f"cannot read the question file {path}: {e.strerror or e}")
-    except (ValueError, UnicodeDecodeError) as e:
-        fail(f"{path}: not a {benchmark} question file ({str(e).splitlines()[0]})")
-    questions, errors = [], []
-    for where, q in numbered:
-        try:
-            questions.append(_question(benchmark, q))
-        except ValueError as e:
-            errors.append(f"{where}: {e}")
-    if errors:
-        fail(f"{len(errors)} bad question(s) in {path}:\n  " + "\n  ".join(errors[:20]))
-    if not questions:
-        fail(f"{path}: no questions")
-    ids = [q["id"] for q in questions]
-    if len(set(ids)) != len(ids):
-        fail(f"{path}: a question appears twice")
-    return questions
-
-
-def _text(x, what):
-    if not isinstance(x, str) or not x.strip():
-        raise ValueError(f"{what} must be a non-empty string")
-    return x
-
-
-def _question(benchmark, q):
-    if not isinstance(q, dict):
-        raise ValueError(f"a question must be a JSON object, got {type(q).__name__}")
-    if benchmark == "alpaca":
-        instruction = _text(q.get("instruction"), "instruction")
-        return {"id": instruction, "turns": [instruction], "dataset": q.get("dataset", "")}
-    if "question_id" not in q or not isinstance(q.get("turns"), list) or not q["turns"]:
-        raise ValueError("needs question_id and a non-empty list of turns")
-    # MT-Bench's turns are strings, Arena-Hard's {"content": ...}; either is read
-    turns = [_text(t.get("content") if isinstance(t, dict) else t, "every turn") for t in q["turns"]]
-    return {"id": q["question_id"], "turns": turns, "category": q.get("category", "")}
 
 
 # -----------------------------------------------------------------------------

@@ -16,20 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-import data  # noqa: E402
-from fsdp_utils import resolve_model_path  # noqa: E402
-
-
-def fail(message):
-    """A user error: one line on stderr and exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+from checkpoint import write_atomic
+from eval import fail
+from fsdp_utils import resolve_model_path
 
 
 def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
@@ -151,10 +144,21 @@ def merge(out, prompt_ids, key="prompt_id"):
     wanted = set(prompt_ids)
     ordered = [rows[pid] for pid in prompt_ids] + [r for pid, r in rows.items() if pid not in wanted]
     if out.suffix == ".json":
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(ordered, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, out)
+        write_atomic(out, json.dumps(ordered, indent=2, ensure_ascii=False) + "\n")
     else:
-        data.write_jsonl(ordered, out)
+        write_jsonl(ordered, out)
     for path in parts(out):
         path.unlink()
+
+
+def write_jsonl(rows, path):
+    """All rows or nothing (checkpoint.write_atomic), one JSON object per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    write_atomic(path, write)

@@ -1,10 +1,10 @@
 """Sample K responses per prompt from a Hugging Face model, with its chat template.
 
-    python eval/generate.py --model=PATH_OR_HUB_ID --prompts=prompts.jsonl --out=samples.jsonl
-    torchrun --nproc_per_node=8 eval/generate.py --model=... --prompts=... --out=...   # prompts split by rank
+    python -m eval.generate --model=PATH_OR_HUB_ID --prompts=prompts.jsonl --out=samples.jsonl
+    torchrun --nproc_per_node=8 -m eval.generate --model=... --prompts=... --out=...   # prompts split by rank
 
 Prompts: any rows with a `prompt` (a string or a list of messages ending with a user turn) and
-optionally a `prompt_id`: WRPO rows, bare prompts, one part of `python data.py split`.
+optionally a `prompt_id`: WRPO rows, bare prompts, one part of `python -m eval.split`.
 Output, one line per prompt: {"prompt_id", "prompt", "responses": [K strings], "model"} plus the
 decoding settings. Defaults are the paper's: K = 5, temperature 0.8, top-p 0.95.
 
@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import data  # noqa: E402
-from common import done_rows, fail, generate, load_for_eval, merge, model_name, write_rows  # noqa: E402
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0  # noqa: E402
+import data
+from eval import fail
+from eval.common import done_rows, generate, load_for_eval, merge, model_name, write_rows
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
 
 
 def parse_args(argv):
@@ -55,7 +54,7 @@ def read_prompts(path):
     def checked(rec, where):
         if not isinstance(rec, dict) or "prompt" not in rec:
             raise data.RowError("missing field 'prompt'")
-        return data.prompt_id_of(rec), data._prompt_messages(rec["prompt"])
+        return data.prompt_id_of(rec), data.prompt_messages(rec["prompt"])
 
     prompts = data.convert_rows(path, checked)
     seen = set()

@@ -1,8 +1,8 @@
 """Judge-free check: does a trained model prefer held-out chosen responses to rejected ones by its
 implicit reward beta * log(pi / pi_ref)?
 
-    python eval/implicit_reward.py --model=out/wrpo/final --ref_model=out/sft/final --data=heldout.jsonl
-    torchrun --nproc_per_node=8 eval/implicit_reward.py --model=... --ref_model=... --data=...
+    python -m eval.implicit_reward --model=out/wrpo/final --ref_model=out/sft/final --data=heldout.jsonl
+    torchrun --nproc_per_node=8 -m eval.implicit_reward --model=... --ref_model=... --data=...
 
 Rows are WRPO rows (or DPO pairs). Reported, as in training's held-out evaluation (wrpo.py's
 `evaluate`, reused here): accuracy (the alpha-weighted chosen reward beats the rejected one),
@@ -15,14 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import attention  # noqa: E402
-import data  # noqa: E402
-import wrpo  # noqa: E402
-from common import fail  # noqa: E402
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, load_model, print0, resolve_model_path  # noqa
-from training import Run  # noqa: E402
+import attention
+import data
+import wrpo
+from eval import fail
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, load_model, print0, resolve_model_path
 
 
 def parse_args(argv):
@@ -47,23 +44,22 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    rank, world, device, mesh = init_distributed()
+    _, _, device, mesh = init_distributed()
     from transformers import AutoTokenizer
 
     try:
         paths = [resolve_model_path(p) for p in (args.model, args.ref_model)]
         tokenizer = AutoTokenizer.from_pretrained(paths[0])
-        rows = data.load_dataset(args.data, tokenizer, max_length=args.max_length,
-                                 max_prompt_length=args.max_prompt_length)
+        rows = data.load_preference_rows(args.data, tokenizer, max_length=args.max_length,
+                                         max_prompt_length=args.max_prompt_length)
     except (OSError, ValueError) as e:  # bad paths (OSError) or data (DataError is a ValueError)
         fail(str(e))
     cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype)
-    cfg.shared_prompt = cfg.packing and cfg.attn_implementation == attention.NAME
+    attention.register()
     policy, reference = (load_model(p, mesh, device, DTYPES[args.dtype], trainable=False,
                                     attn_implementation=cfg.attn_implementation) for p in paths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = Run(rank, world, device, mesh, None, paths[0], tokenizer, pad_id)
-    m = wrpo.evaluate(policy, lambda batch, rows: wrpo.row_logps(reference, batch), rows, cfg, run, args.alpha)
+    m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, pad_id, device)  # the live reference model
     m = {k.removeprefix("eval/"): v for k, v in m.items()}
     print0(f"{len(rows)} rows of {args.data}: accuracy {m['rewards/accuracies']:.3f} (alpha {args.alpha}), "
            f"source {m['rewards/source_accuracies']:.3f}, target {m['rewards/target_accuracies']:.3f}, "

@@ -1,13 +1,13 @@
 """Judge answers locally: an LLM judge behind any OpenAI-compatible endpoint, or a reward model.
 
     # pairwise against a baseline's answers (AlpacaEval- / Arena-Hard-style), both orderings
-    OPENAI_API_KEY=... python eval/judge.py pairwise --answers=model_outputs.json --baseline=gpt4_turbo.json \\
+    OPENAI_API_KEY=... python -m eval.judge pairwise --answers=model_outputs.json --baseline=gpt4_turbo.json \\
         --base_url=https://api.openai.com/v1 --judge_model=gpt-4o --out=judged.json
-    python eval/judge.py pairwise --answers=A.jsonl --baseline=B.jsonl --questions=question.jsonl ...
+    python -m eval.judge pairwise --answers=A.jsonl --baseline=B.jsonl --questions=question.jsonl ...
     # MT-Bench-style single-answer grading, 1-10 per turn
-    python eval/judge.py single --answers=mt_bench/model_answer/wrpo.jsonl --questions=mt_bench/question.jsonl ...
+    python -m eval.judge single --answers=mt_bench/model_answer/wrpo.jsonl --questions=mt_bench/question.jsonl ...
     # judge-free: a reward model's win rate (eval/score.py does the scoring)
-    python eval/judge.py rm --answers=A.json --baseline=B.json --reward_model=PATH_OR_HUB_ID --out=rm.json
+    python -m eval.judge rm --answers=A.json --baseline=B.json --reward_model=PATH_OR_HUB_ID --out=rm.json
 
 Answers are eval/answers.py's files (or the benchmarks' own: AlpacaEval's JSON list of
 {instruction, output}, MT-Bench / Arena-Hard answer JSONL with --questions). The endpoint is
@@ -42,11 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import answers  # noqa: E402
-from common import fail  # noqa: E402
+from eval import fail
+from eval.questions import read_questions as read_question_file
 
 
 class JudgeError(RuntimeError):
@@ -167,7 +164,7 @@ def read_answers(path, questions):
 
 def read_questions(path):
     """{question_id: question} from an MT-Bench or Arena-Hard question file, checked as eval/answers.py does."""
-    return None if path is None else {q["id"]: q for q in answers.read_questions("mtbench", path)}
+    return None if path is None else {q["id"]: q for q in read_question_file("mtbench", path)}
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +322,7 @@ def single(args, client):
 
 def reward_model(args):
     """Score both answer sets with eval/score.py (first turn), then the reward model's win rate."""
-    import score
+    from eval import score
 
     ours, base, ids = read_pair(args)
     out = Path(args.out)

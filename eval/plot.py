@@ -1,7 +1,7 @@
 """Curves of a run's metrics.jsonl (sft.py or wrpo.py) as PNG files; needs matplotlib.
 
-    python eval/plot.py out/wrpo/metrics.jsonl                 # -> out/wrpo/plots/*.png
-    python eval/plot.py out/sft/metrics.jsonl --out_dir=plots
+    python -m eval.plot out/wrpo/metrics.jsonl                 # -> out/wrpo/plots/*.png
+    python -m eval.plot out/sft/metrics.jsonl --out_dir=plots
 
 One figure per group of metrics the run logged: loss, rewards (source / target / weighted
 chosen, rejected, margins), accuracies, alpha, learning rate, gradient norm. Training values are
@@ -13,9 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import fail  # noqa: E402
+from eval import fail
 
 FIGURES = {
     "loss": ["loss"],

@@ -1,7 +1,7 @@
 """Score every sampled response with a reward model; adds `scores` beside `responses`.
 
-    python eval/score.py --reward_model=PATH_OR_HUB_ID --data=samples.jsonl --out=scored.jsonl
-    torchrun --nproc_per_node=8 eval/score.py --reward_model=RLHFlow/ArmoRM-Llama3-8B-v0.1 \\
+    python -m eval.score --reward_model=PATH_OR_HUB_ID --data=samples.jsonl --out=scored.jsonl
+    torchrun --nproc_per_node=8 -m eval.score --reward_model=RLHFlow/ArmoRM-Llama3-8B-v0.1 \\
         --trust_remote_code --data=samples.jsonl --out=scored.jsonl          # the paper's scorer
 
 Input: eval/generate.py's rows ({"prompt_id", "prompt", "responses": [...], ...}). Each response
@@ -20,13 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import data  # noqa: E402
-from common import done_rows, fail, load_for_eval, merge, write_rows  # noqa: E402
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0  # noqa: E402
+import data
+from eval import fail
+from eval.common import done_rows, load_for_eval, merge, write_rows
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
 
 
 def parse_args(argv):
@@ -52,7 +51,7 @@ def read_samples(path):
         for field in ("prompt", "responses"):
             if field not in rec:
                 raise data.RowError(f"missing field '{field}'")
-        data._prompt_messages(rec["prompt"])
+        data.prompt_messages(rec["prompt"])
         texts = rec["responses"]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise data.RowError("responses must be a non-empty list of strings")
@@ -104,7 +103,7 @@ def main(argv):
 
     def rows_of(chunk):
         """Scores for a chunk of rows: its (row, response) conversations sorted by length, so batches pad little."""
-        convs = [(r, k, data._prompt_messages(row["prompt"]) + [{"role": "assistant", "content": t}])
+        convs = [(r, k, data.prompt_messages(row["prompt"]) + [{"role": "assistant", "content": t}])
                  for r, row in enumerate(chunk) for k, t in enumerate(row["responses"])]
         lengths = [len(tokenizer(tokenizer.apply_chat_template(c, tokenize=False), add_special_tokens=False)
                        ["input_ids"]) for _, _, c in convs]

@@ -16,6 +16,11 @@ DEMO_MODEL = REPO / "demo" / "model"
 sys.path.insert(0, str(REPO))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs (torchrun, subprocesses, training); "
+                            "the fast tier is `python -m pytest -q -m \"not slow\" tests`")
+
+
 def torchrun(nproc, script, *args, timeout=600):
     """Run `script` under torchrun with `nproc` CPU ranks; return its stdout, fail with its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}

@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fsdp_utils import _checkpoint_tensors, cleanup, init_distributed, load_model, save_hf_checkpoint  # noqa: E402
+from checkpoint import save_hf_checkpoint  # noqa: E402
+from fsdp_utils import _checkpoint_tensors, cleanup, init_distributed, load_model  # noqa: E402
 
 
 def max_diff(a, b):

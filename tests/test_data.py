@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-from data import IGNORE, DataError, collate, load_dataset, step_batches, truncate
+from data import IGNORE, DataError, collate_preference, load_preference_rows, train_steps, truncate
 
 
 def wrpo_row(prompt="What is 2 + 2?", ws="Adding 2 and 2 gives 4.", wt="4", rej="5", **extra):
@@ -21,7 +21,7 @@ def write_jsonl(path, rows):
 
 def test_template_rendering_and_loss_mask(tmp_path, tokenizer):
     row = wrpo_row()
-    (ex,) = load_dataset(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
+    (ex,) = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
     messages = row["prompt"]
     prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert tokenizer.decode(ex.prompt_ids) == prompt_text
@@ -32,7 +32,7 @@ def test_template_rendering_and_loss_mask(tmp_path, tokenizer):
         assert tokenizer.decode(ids) == text + "<|eot_id|>"
     assert ex.n_chosen == 2
 
-    batch = collate([ex, ex], pad_id=tokenizer.pad_token_id)
+    batch = collate_preference([ex, ex], pad_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 6
     assert batch["ws"].tolist() == [0, 3] and batch["wt"].tolist() == [1, 4] and batch["rej"].tolist() == [2, 5]
     P = len(ex.prompt_ids)
@@ -48,16 +48,16 @@ def test_template_rendering_and_loss_mask(tmp_path, tokenizer):
 def test_dpo_rows_score_their_one_chosen_as_both(tmp_path, tokenizer):
     row = wrpo_row()
     row["chosen"] = row["chosen"][1:]
-    (ex,) = load_dataset(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
+    (ex,) = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
     assert ex.n_chosen == 1 and len(ex.responses) == 2
-    batch = collate([ex], pad_id=0)
+    batch = collate_preference([ex], pad_id=0)
     assert batch["ws"].tolist() == batch["wt"].tolist() == [0] and batch["rej"].tolist() == [1]
 
 
 def test_plain_string_messages(tmp_path, tokenizer):
     row = {"prompt": "Hi there", "chosen": ["Hello!", "Hey."], "rejected": ["Go away."]}
-    (ex,) = load_dataset(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
-    (ref,) = load_dataset(write_jsonl(tmp_path / "e.jsonl", [wrpo_row("Hi there", "Hello!", "Hey.", "Go away.")]),
+    (ex,) = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
+    (ref,) = load_preference_rows(write_jsonl(tmp_path / "e.jsonl", [wrpo_row("Hi there", "Hello!", "Hey.", "Go away.")]),
                           tokenizer)
     assert ex.prompt_ids == ref.prompt_ids and ex.responses == ref.responses
 
@@ -76,11 +76,11 @@ def test_truncation_branches():
     assert short_prompt == (P[:3], [[1], list(range(4))])
 
 
-def test_truncation_in_load_dataset(tmp_path, tokenizer):
+def test_truncation_in_load_preference_rows(tmp_path, tokenizer):
     long_prompt = " ".join(["apple"] * 40)
     row = wrpo_row(prompt=long_prompt, ws="word " * 30)
     path = write_jsonl(tmp_path / "d.jsonl", [row])
-    (ex,) = load_dataset(path, tokenizer, max_length=48, max_prompt_length=32)
+    (ex,) = load_preference_rows(path, tokenizer, max_length=48, max_prompt_length=32)
     assert len(ex.prompt_ids) == 32
     prompt_text = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
     full_prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
@@ -88,7 +88,7 @@ def test_truncation_in_load_dataset(tmp_path, tokenizer):
     assert ex.prompt_ids == full_prompt[-32:]  # the END of the prompt is kept
     assert max(len(r) for r in ex.responses) <= 16
     with pytest.raises(DataError, match=r"d\.jsonl:1: prompt \+ longest response is \d+ tokens, over max_length 48"):
-        load_dataset(path, tokenizer, max_length=48, max_prompt_length=32, truncation="error")
+        load_preference_rows(path, tokenizer, max_length=48, max_prompt_length=32, truncation="error")
 
 
 BAD_ROWS = [
@@ -124,13 +124,13 @@ BAD_ROWS = [
 def test_each_bad_row_names_file_line_and_reason(tmp_path, tokenizer, line, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", [wrpo_row(), "", wrpo_row(), line])
     with pytest.raises(DataError, match=rf"1 bad row\(s\)[\s\S]*bad\.jsonl:4: {reason}"):
-        load_dataset(path, tokenizer)
+        load_preference_rows(path, tokenizer)
 
 
 def test_all_bad_rows_are_reported(tmp_path, tokenizer):
     lines = [wrpo_row()] + [line for line, _ in BAD_ROWS]
     with pytest.raises(DataError) as err:
-        load_dataset(write_jsonl(tmp_path / "bad.jsonl", lines), tokenizer)
+        load_preference_rows(write_jsonl(tmp_path / "bad.jsonl", lines), tokenizer)
     msg = str(err.value)
     assert f"{len(BAD_ROWS)} bad row(s)" in msg
     for i in range(len(BAD_ROWS)):
@@ -142,10 +142,10 @@ def test_template_that_does_not_prefix_is_rejected(tmp_path, tokenizer):
     tok.chat_template = tok.chat_template.replace("\n\n{% endif %}", "\n\nSure:{% endif %}")
     assert "Sure:" in tok.chat_template
     with pytest.raises(DataError, match=r"d\.jsonl:1: the chat template does not render the prompt as a prefix"):
-        load_dataset(write_jsonl(tmp_path / "d.jsonl", [wrpo_row()]), tok)
+        load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [wrpo_row()]), tok)
     tok.chat_template = None
     with pytest.raises(DataError, match="has no chat template"):
-        load_dataset(write_jsonl(tmp_path / "d.jsonl", [wrpo_row()]), tok)
+        load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [wrpo_row()]), tok)
 
 
 def test_file_formats_and_paths(tmp_path, tokenizer):
@@ -154,24 +154,24 @@ def test_file_formats_and_paths(tmp_path, tokenizer):
     write_jsonl(tmp_path / "set" / "a.jsonl", rows[:2])
     (tmp_path / "set" / "b.json").write_text(json.dumps(rows[2:]))
     (tmp_path / "set" / "notes.txt").write_text("ignored")
-    from_folder = load_dataset(tmp_path / "set", tokenizer)
-    from_jsonl = load_dataset(write_jsonl(tmp_path / "all.jsonl", rows), tokenizer)
+    from_folder = load_preference_rows(tmp_path / "set", tokenizer)
+    from_jsonl = load_preference_rows(write_jsonl(tmp_path / "all.jsonl", rows), tokenizer)
     assert [e.prompt_ids for e in from_folder] == [e.prompt_ids for e in from_jsonl]
     assert from_folder[2].where.endswith("b.json:row 0")
     with pytest.raises(DataError, match="no such file or folder"):
-        load_dataset(tmp_path / "missing.jsonl", tokenizer)
+        load_preference_rows(tmp_path / "missing.jsonl", tokenizer)
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="unsupported data file type '.csv'"):
-        load_dataset(tmp_path / "x.csv", tokenizer)
+        load_preference_rows(tmp_path / "x.csv", tokenizer)
     (tmp_path / "obj.json").write_text('{"prompt": "x"}')
     with pytest.raises(DataError, match="must hold a list of rows"):
-        load_dataset(tmp_path / "obj.json", tokenizer)
+        load_preference_rows(tmp_path / "obj.json", tokenizer)
     (tmp_path / "broken.json").write_text('[{"prompt": "x",\n  ]')
     with pytest.raises(DataError, match=r"broken\.json:2: malformed JSON"):
-        load_dataset(tmp_path / "broken.json", tokenizer)
+        load_preference_rows(tmp_path / "broken.json", tokenizer)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no rows"):
-        load_dataset(tmp_path / "empty.jsonl", tokenizer)
+        load_preference_rows(tmp_path / "empty.jsonl", tokenizer)
 
 
 def test_parquet(tmp_path, tokenizer, monkeypatch):
@@ -183,8 +183,8 @@ def test_parquet(tmp_path, tokenizer, monkeypatch):
         pa = None
     if pa is not None:
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-        got = load_dataset(tmp_path / "d.parquet", tokenizer)
-        want = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer)
+        got = load_preference_rows(tmp_path / "d.parquet", tokenizer)
+        want = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer)
         assert [e.responses for e in got] == [e.responses for e in want]
     else:
         (tmp_path / "d.parquet").write_bytes(b"PAR1")
@@ -198,39 +198,41 @@ def test_parquet(tmp_path, tokenizer, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     with pytest.raises(DataError, match=r"needs pyarrow \(pip install pyarrow\)"):
-        load_dataset(tmp_path / "d.parquet", tokenizer)
+        load_preference_rows(tmp_path / "d.parquet", tokenizer)
 
 
 def test_config_validation_errors(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [wrpo_row()])
     with pytest.raises(DataError, match="max_prompt_length"):
-        load_dataset(path, tokenizer, max_length=10, max_prompt_length=10)
+        load_preference_rows(path, tokenizer, max_length=10, max_prompt_length=10)
     with pytest.raises(DataError, match="truncation must be"):
-        load_dataset(path, tokenizer, truncation="keep_start")
+        load_preference_rows(path, tokenizer, truncation="keep_start")
 
 
-def test_step_batches_shard_disjoint_deterministic_rows():
-    n, G, mb = 50, 12, 2
-    one = list(step_batches(n, epoch=0, seed=3, global_batch=G, micro_batch=mb, rank=0, world=1))
-    assert len(one) == n // G and all(len(m) == G // mb for m in one)
+def test_train_steps_shard_disjoint_deterministic_rows():
+    n, G, epochs = 50, 12, 2
+    steps = lambda rank=0, world=1, seed=3, total=99, start=0: list(  # noqa: E731
+        train_steps(n, epochs, seed, G, rank, world, total, start))
+    one = steps()
+    assert [(s, e) for s, e, _ in one] == [(s, s // (n // G)) for s in range(epochs * (n // G))]  # last partial dropped
+    assert all(len(rows) == G for _, _, rows in one)
     for world in (2, 3):
-        per_rank = [list(step_batches(n, epoch=0, seed=3, global_batch=G, micro_batch=mb, rank=r, world=world))
-                    for r in range(world)]
+        per_rank = [steps(r, world) for r in range(world)]
         for step in range(len(one)):
-            rows = [i for r in range(world) for micro in per_rank[r][step] for i in micro]
+            rows = [i for r in range(world) for i in per_rank[r][step][2]]
             assert len(rows) == len(set(rows)) == G  # disjoint across ranks
-            assert sorted(rows) == sorted(i for micro in one[step] for i in micro)  # same rows per step
-    again = list(step_batches(n, epoch=0, seed=3, global_batch=G, micro_batch=mb, rank=0, world=1))
-    assert again == one
-    other_epoch = list(step_batches(n, epoch=1, seed=3, global_batch=G, micro_batch=mb, rank=0, world=1))
-    assert other_epoch != one
-    seen = [i for micro_batches in one for micro in micro_batches for i in micro]
-    assert len(set(seen)) == len(seen) == (n // G) * G
+            assert sorted(rows) == sorted(one[step][2])  # same rows per step, any world size
+    assert steps() == one and steps(seed=4) != one
+    assert one[0][2] != one[n // G][2]  # another order in the next epoch
+    for epoch in range(epochs):
+        seen = [i for _, e, rows in one if e == epoch for i in rows]
+        assert len(set(seen)) == len(seen) == (n // G) * G  # an epoch never repeats a row
+    assert steps(total=5) == one[:5] and steps(total=5, start=3) == one[3:5]  # a resumed run: the same rows
 
 
 def test_collate_pads_with_pad_id():
-    ex = data.Example(prompt_ids=[1, 2], responses=[[3], [4, 5, 6], [7]], n_chosen=2, where="x:1")
-    batch = collate([ex], pad_id=99)
+    ex = data.PreferenceRow(prompt_ids=[1, 2], responses=[[3], [4, 5, 6], [7]], n_chosen=2, where="x:1")
+    batch = collate_preference([ex], pad_id=99)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 99, 99], [1, 2, 4, 5, 6], [1, 2, 7, 99, 99]]
     assert batch["labels"].tolist()[0] == [IGNORE, IGNORE, 3, IGNORE, IGNORE]
     assert batch["input_ids"].dtype == torch.long

@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, read_jsonl, torchrun
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the full suite only
+
 SHORT_RUN = ["--max_steps=5", "--global_batch_size=8", "--micro_batch_size=2", "--lr=1e-3", "--beta=0.1",
              "--save_dtype=float32", "--max_length=128", "--max_prompt_length=96"]
 
@@ -50,9 +52,9 @@ def _run(tmp_path, world, dtype, *extra):
 @pytest.mark.parametrize("dtype,loss_tol,weight_tol,shared", [("float32", 1e-5, 1e-5, "true"),
                                                               ("bfloat16", 2e-3, 5e-3, "false")])
 def test_two_ranks_match_one_rank(tmp_path, dtype, loss_tol, weight_tol, shared):
-    m1, w1 = _run(tmp_path, 1, dtype, "--ref_logps=live", "--logprobs=naive", "--packing=false",
+    m1, w1 = _run(tmp_path, 1, dtype, "--ref_logps=live", "--logps_impl=naive", "--packing=false",
                   "--attn_implementation=sdpa")
-    m2, w2 = _run(tmp_path, 2, dtype, "--logprobs=chunked", "--activation_checkpointing=true",
+    m2, w2 = _run(tmp_path, 2, dtype, "--logps_impl=chunked", "--activation_checkpointing=true",
                   "--max_tokens_per_micro_batch=200", f"--shared_prompt={shared}")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3, 4, 5]
     for a, b in zip(m1, m2):

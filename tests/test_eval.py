@@ -12,10 +12,7 @@ import pytest
 
 from conftest import DEMO_MODEL, REPO, read_jsonl, torchrun
 
-sys.path.insert(0, str(REPO / "eval"))
-
-import answers  # noqa: E402
-import judge  # noqa: E402
+from eval import answers, judge
 
 MODEL = ["--max_new_tokens=16", "--dtype=float32", "--batch_size=2", f"--model={DEMO_MODEL}"]
 
@@ -67,7 +64,7 @@ def test_answer_files_have_each_benchmarks_format_and_resume(tmp_path, capsys):
     # the second turn answers the conversation with the model's own first answer in it (greedy: reproducible)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common import generate
+    from eval.common import generate
 
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL).eval()
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL, padding_side="left")
@@ -86,10 +83,11 @@ def test_answer_files_have_each_benchmarks_format_and_resume(tmp_path, capsys):
         assert set(r["conv_metadata"]["header_count"]) == {f"h{n}" for n in range(1, 7)}
 
 
+@pytest.mark.slow
 def test_answers_on_two_ranks_and_bad_questions(tmp_path):
     alpaca, mt, _ = write_questions(tmp_path)
     out = tmp_path / "two.jsonl"
-    torchrun(2, REPO / "eval" / "answers.py", "mtbench", *MODEL, f"--questions={mt}", f"--out={out}")
+    torchrun(2, "-m", "eval.answers", "mtbench", *MODEL, f"--questions={mt}", f"--out={out}")
     assert [r["question_id"] for r in read_jsonl(out)] == [81, 82, 83] and not list(tmp_path.glob("*.part-*"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "turns": ["hi"]}\n{"turns": []}\n')
@@ -253,6 +251,7 @@ def test_length_controlled_win_rate():
 # judge-free checks
 
 
+@pytest.mark.slow
 def test_implicit_reward_accuracy_matches_training_eval(tmp_path):
     """The trained model's held-out accuracy from eval/implicit_reward.py equals wrpo.py's own final
     evaluation; a model scored against itself ties everywhere (0.5)."""
@@ -264,18 +263,19 @@ def test_implicit_reward_accuracy_matches_training_eval(tmp_path):
     final = read_jsonl(out / "metrics.jsonl")[-1]
     common = ["--data=demo/data/heldout.jsonl", "--beta=0.1", "--alpha=0.3", "--dtype=float32",
               "--max_length=128", "--max_prompt_length=96"]
-    torchrun(2, REPO / "eval" / "implicit_reward.py", f"--model={out / 'final'}", f"--ref_model={DEMO_MODEL}",
+    torchrun(2, "-m", "eval.implicit_reward", f"--model={out / 'final'}", f"--ref_model={DEMO_MODEL}",
              *common, f"--out={tmp_path / 'ir.json'}")
     got = json.loads((tmp_path / "ir.json").read_text())
     assert got["rows"] == 120 and got["rewards/accuracies"] != 0.5
     for k in ("rewards/accuracies", "rewards/source_accuracies", "rewards/target_accuracies", "rewards/margins"):
         assert got[k] == pytest.approx(final[f"eval/{k}"], abs=1e-5), k
-    torchrun(1, REPO / "eval" / "implicit_reward.py", f"--model={DEMO_MODEL}", f"--ref_model={DEMO_MODEL}",
+    torchrun(1, "-m", "eval.implicit_reward", f"--model={DEMO_MODEL}", f"--ref_model={DEMO_MODEL}",
              *common, f"--out={tmp_path / 'self.json'}")
     same = json.loads((tmp_path / "self.json").read_text())
     assert same["rewards/accuracies"] == 0.5 and same["rewards/margins"] == 0.0
 
 
+@pytest.mark.slow
 def test_reward_model_win_rate(tmp_path):
     """rm mode: both answer sets scored by a (tiny, local) reward model through eval/score.py."""
     import torch
@@ -306,7 +306,7 @@ def test_reward_model_win_rate(tmp_path):
 
 
 def test_plot_writes_pngs(tmp_path, monkeypatch, capsys):
-    import plot
+    from eval import plot
 
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 1 / s, "lr": 1e-3, "alpha": s / 10, "grad_norm": 1.0,

@@ -46,8 +46,7 @@ def poisoned(tmp_path, step):
     weights["model.embed_tokens.weight"][token] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     rows = [json.loads(x) for x in DEMO_ROWS[:24]]
-    order = [i for mbs in data.step_batches(len(rows), epoch=0, seed=42, global_batch=4, micro_batch=4, rank=0,
-                                            world=1) for mb in mbs for i in mb]
+    order = [i for _, _, step_rows in data.train_steps(len(rows), 1, 42, 4, 0, 1, len(rows) // 4) for i in step_rows]
     bad = order[(step - 1) * 4 + 1]
     rows[bad]["chosen"][0]["content"] += " §"  # y_ws: both WRPO and SFT (which trains on it) read it
     path = tmp_path / "rows.jsonl"
@@ -55,6 +54,7 @@ def poisoned(tmp_path, step):
     return model, path, f"{path}:{bad + 1} ({rows[bad]['prompt_id']})"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,extra", [("wrpo.py", ["--max_prompt_length=96"]),  # packed rows
                                           ("sft.py", ["--packing=false"])])
 def test_nonfinite_loss_stops_naming_step_and_rows(tmp_path, script, extra):
@@ -158,16 +158,18 @@ def bad_files(tmp_path):
 @pytest.mark.parametrize("args,message", BAD, ids=[a[0].split("=")[0] + ":" + m[:24] for a, m in BAD])
 def test_bad_input_gets_its_own_message(bad_files, monkeypatch, args, message):
     import wrpo
+    from checkpoint import ResumeError
     from data import DataError
     from training import ConfigError
 
     monkeypatch.chdir(REPO)
     args = [a.replace("{tmp}", str(bad_files)) for a in args]
-    with pytest.raises((ConfigError, DataError), match=message):
+    with pytest.raises((ConfigError, DataError, ResumeError), match=message):
         wrpo.main([f"--out_dir={bad_files / 'out'}", *args])
     assert not (bad_files / "out" / "config.json").exists()  # nothing written for a run that never started
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_command_line(bad_files):
     """The same errors from a script itself: exit 2, one message, no traceback (wrpo.py's: test_distributed)."""
     run = plain("sft.py", f"--data={bad_files / 'bad_json.jsonl'}", f"--out_dir={bad_files / 'out'}")
@@ -183,8 +185,8 @@ def test_skip_invalid_rows(bad_files, capsys, monkeypatch):
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
     path = write(bad_files, "mixed.jsonl", DEMO_ROWS[:5] + ["{oops", row(chosen=[]), row(rejected=["x", "y"])])
     with pytest.raises(data.DataError, match=r"3 bad row\(s\)"):
-        data.load_dataset(path, tok)
-    rows = data.load_dataset(path, tok, skip_invalid=True)
+        data.load_preference_rows(path, tok)
+    rows = data.load_preference_rows(path, tok, skip_invalid=True)
     assert len(rows) == 5
     assert "skipped 3 bad row(s)" in capsys.readouterr().out
     monkeypatch.chdir(REPO)
@@ -243,9 +245,9 @@ def test_fuzzed_jsonl_never_gives_a_traceback(tmp_path):
     for i in range(150):
         lines = [corrupt(line) if rng.random() < 0.5 else line for line in rng.sample(DEMO_ROWS, 12)]
         path = write(tmp_path, f"fuzz{i}.jsonl", lines)
-        for load in (data.load_dataset, data.load_sft_dataset):
+        for load in (data.load_preference_rows, data.load_sft_examples):
             try:
-                load(path, tok, max_length=512, **({"max_prompt_length": 256} if load is data.load_dataset else {}))
+                load(path, tok, max_length=512, **({"max_prompt_length": 256} if load is data.load_preference_rows else {}))
             except data.DataError as e:
                 reported += 1
                 assert f"{path}:" in str(e)

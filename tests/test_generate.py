@@ -1,13 +1,17 @@
-"""eval/generate.py on the tiny demo model: shapes, determinism, resuming, ranks, bad input."""
+"""eval.generate on the tiny demo model: shapes, determinism, resuming, ranks, bad input."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import DEMO_MODEL, REPO, read_jsonl, torchrun
 
-GEN = REPO / "eval" / "generate.py"
+pytestmark = pytest.mark.slow  # end-to-end runs: the full suite only
+
+GEN = ["-m", "eval.generate"]
 FAST = ["--num_samples=3", "--max_new_tokens=12", "--batch_size=2", "--dtype=float32", f"--model={DEMO_MODEL}"]
 
 
@@ -20,7 +24,7 @@ def prompts(tmp_path, n=5, name="prompts.jsonl"):
 
 def generate(*args):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(GEN), *map(str, args)], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, *GEN, *map(str, args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -56,7 +60,7 @@ def test_samples_are_shaped_deterministic_and_resumable(tmp_path):
 def test_two_ranks_split_the_prompts(tmp_path):
     path, ids = prompts(tmp_path)
     out = tmp_path / "two.jsonl"
-    torchrun(2, GEN, *FAST, f"--prompts={path}", f"--out={out}", timeout=300)
+    torchrun(2, *GEN, *FAST, f"--prompts={path}", f"--out={out}", timeout=300)
     rows = read_jsonl(out)
     assert [r["prompt_id"] for r in rows] == ids and all(len(r["responses"]) == 3 for r in rows)
     assert not list(tmp_path.glob("*.part-*"))

@@ -8,7 +8,7 @@ import torch
 import attention
 import data
 from conftest import DEMO_MODEL
-from logprobs import model_sequence_logps
+from logps import model_sequence_logps
 from wrpo import wrpo_loss
 
 
@@ -17,7 +17,7 @@ def rows(tmp_path, tokenizer, n=5):
     lines[1]["chosen"] = lines[1]["chosen"][:1]  # a DPO row among WRPO rows
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    return data.load_dataset(path, tokenizer)
+    return data.load_preference_rows(path, tokenizer)
 
 
 # (attention, collate mode): transformers' sdpa with its padding and block masks, and packed_sdpa
@@ -34,7 +34,7 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
     results = {}
     for attn, mode in MODES:
         model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32, attn_implementation=attn)
-        batch = data.collate(examples, tokenizer.pad_token_id, packed=mode != "padded", shared_prompt=mode == "shared")
+        batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=mode != "padded", shared_prompt=mode == "shared")
         assert ("attention_mask" in batch) == (mode == "padded")
         logps, counts = model_sequence_logps(model, batch)
         ref = logps.detach() - 1.0  # any fixed reference
@@ -51,12 +51,12 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
         torch.testing.assert_close(lp, lp_pad, rtol=1e-5, atol=1e-5, msg=str(key))
         for name in g_pad:
             torch.testing.assert_close(g[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
-    packed_batch = data.collate(examples, tokenizer.pad_token_id, packed=True)
+    packed_batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=True)
     n_rows, width = packed_batch["input_ids"].shape
     longest = max(len(ex.prompt_ids) + len(r) for ex in examples for r in ex.responses)
     assert width == longest and n_rows <= 14  # rows as wide as the longest sequence
     assert int((packed_batch["segments"] >= 0).sum()) == sum(data.row_length(ex) for ex in examples)
-    shared = data.collate(examples, tokenizer.pad_token_id, packed=True, shared_prompt=True)
+    shared = data.collate_preference(examples, tokenizer.pad_token_id, packed=True, shared_prompt=True)
     saved = sum(data.row_length(ex) - data.row_length(ex, shared_prompt=True) for ex in examples)
     assert int((shared["segments"] >= 0).sum()) == sum(data.row_length(ex) for ex in examples) - saved
     assert saved == sum((len(ex.prompt_ids) - 1) * (len(ex.responses) - 1) for ex in examples) > 0
@@ -79,23 +79,21 @@ def test_packed_sdpa_reads_sequences_off_position_ids():
     torch.testing.assert_close(out[:, 4:].transpose(1, 2), alone[:, :, 2:])
 
 
-def test_token_budget_batches():
-    lengths = [50, 10, 300, 40, 40, 90, 5]
-    batches = data.token_budget_batches(list(range(7)), lengths, budget=100)
-    assert sorted(i for b in batches for i in b) == list(range(7))
-    assert [2] in batches  # longer than the budget: alone
+def test_micro_batches_by_rows_or_token_budget(monkeypatch):
+    monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: None)  # one rank: nothing to even out
+    rows = [7, 3, 9, 1, 4, 0, 8]  # one step's rows on this rank (indices into the data)
+    lengths = {7: 50, 3: 10, 9: 300, 1: 40, 4: 40, 0: 90, 8: 5}
+    assert data.micro_batches(rows, 3) == [[7, 3, 9], [1, 4, 0], [8]]  # budget 0: by row count, in order
+    batches = data.micro_batches(rows, 3, budget=100, lengths=lengths, device=torch.device("cpu"))
+    assert sorted(i for b in batches for i in b) == sorted(rows)
+    assert [9] in batches  # longer than the budget: alone
     assert all(sum(lengths[i] for i in b) <= 100 for b in batches if len(b) > 1)
-    # longest first, each budget filled in turn: 300 | 90 | 50 + 40 | 40 + 10 + 5
-    assert batches == [[2], [5], [0, 3], [4, 1, 6]]
+    assert batches == [[9], [0, 3], [7, 1, 8], [4]]  # data.pack's best fit, of the rows' lengths
 
 
 def test_same_count_on_all_ranks_splits_the_largest(monkeypatch):
-    from types import SimpleNamespace
-
-    import training
-
-    monkeypatch.setattr(training.dist, "all_reduce", lambda t, op=None: t.fill_(5))  # another rank has 5
-    out = training.same_count_on_all_ranks([[1, 2, 3, 4], [5], [6, 7]], SimpleNamespace(device=torch.device("cpu")))
+    monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: t.fill_(5))  # another rank has 5
+    out = data.same_count_on_all_ranks([[1, 2, 3, 4], [5], [6, 7]], torch.device("cpu"))
     assert len(out) == 5 and sorted(i for b in out for i in b) == [1, 2, 3, 4, 5, 6, 7]
     assert all(b for b in out)
 
@@ -117,9 +115,9 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     assert path(ex=examples[:-1]) != base  # other data
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = tok.chat_template.replace("<|eot_id|>", "<|end_of_text|>")
-    retokenized = data.load_dataset(tmp_path / "rows.jsonl", tok)
+    retokenized = data.load_preference_rows(tmp_path / "rows.jsonl", tok)
     assert path(ex=retokenized) != base  # other tokenizer or chat template
-    truncated = data.load_dataset(tmp_path / "rows.jsonl", tokenizer, max_length=24, max_prompt_length=16)
+    truncated = data.load_preference_rows(tmp_path / "rows.jsonl", tokenizer, max_length=24, max_prompt_length=16)
     assert path(ex=truncated) != base  # other truncation settings
     assert path(c=Config(ref_cache_dir=cfg.ref_cache_dir, dtype="float32")) != base  # other compute dtype
     weights = ref / "model.safetensors"
@@ -131,9 +129,9 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
 def test_packed_rows_combine_sequences_and_index_them_right():
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     rand = lambda n: torch.randint(10, 99, (n,), generator=g).tolist()  # noqa: E731
-    examples = [data.Example(rand(p), [rand(a), rand(b), rand(c)], 2, f"x:{i}")
+    examples = [data.PreferenceRow(rand(p), [rand(a), rand(b), rand(c)], 2, f"x:{i}")
                 for i, (p, a, b, c) in enumerate([(5, 40, 3, 2), (3, 4, 30, 6), (8, 2, 2, 20), (4, 7, 5, 9)])]
-    batch = data.collate(examples, pad_id=0, packed=True)
+    batch = data.collate_preference(examples, pad_id=0, packed=True)
     width = batch["input_ids"].shape[1]
     assert width == 45 and batch["input_ids"].shape[0] < 12  # short sequences share rows
     for i, ex in enumerate(examples):
@@ -146,9 +144,9 @@ def test_packed_rows_combine_sequences_and_index_them_right():
 def test_shared_prompt_rows_keep_each_rows_sequences_together():
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     rand = lambda n: torch.randint(10, 99, (n,), generator=g).tolist()  # noqa: E731
-    examples = [data.Example(rand(p), [rand(a), rand(b), rand(c)][: 2 if i == 1 else 3], 2 if i != 1 else 1, f"x:{i}")
+    examples = [data.PreferenceRow(rand(p), [rand(a), rand(b), rand(c)][: 2 if i == 1 else 3], 2 if i != 1 else 1, f"x:{i}")
                 for i, (p, a, b, c) in enumerate([(5, 40, 3, 2), (3, 4, 30, 6), (8, 2, 2, 20), (1, 7, 5, 9)])]
-    batch = data.collate(examples, pad_id=0, packed=True, shared_prompt=True)
+    batch = data.collate_preference(examples, pad_id=0, packed=True, shared_prompt=True)
     assert batch["input_ids"].shape[1] == 5 + 40 + 4 + 3  # the widest row: one whole example
     for i, ex in enumerate(examples):
         p = ex.prompt_ids
@@ -161,4 +159,4 @@ def test_shared_prompt_rows_keep_each_rows_sequences_together():
             assert batch["position_ids"][where].tolist() == list(range(start, start + len(ids)))
             assert batch["labels"][where].tolist() == [data.IGNORE] * (len(ids) - len(response)) + response
     with pytest.raises(ValueError, match="packed"):
-        data.collate(examples, pad_id=0, shared_prompt=True)
+        data.collate_preference(examples, pad_id=0, shared_prompt=True)

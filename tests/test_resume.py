@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, read_jsonl, torchrun
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the full suite only
+
 RUN = ["--max_steps=12", "--save_every=3", "--global_batch_size=8", "--micro_batch_size=2", "--lr=1e-3",
        "--dtype=float32", "--save_dtype=float32", "--max_length=128", "--max_prompt_length=96", "--log_every=1"]
 SFT_RUN = ["--data=demo/data/train.jsonl", "--max_length=128", "--global_batch_size=4", "--lr=1e-3"]
@@ -134,9 +136,9 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     assert state["step"] == 9 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert (broken / "step_000009" / "model.safetensors").exists()  # each checkpoint is also an HF model
 
-    # a finished run: --resume=auto has nothing to do and says so (run_main exits 0)
+    # a finished run: --resume=auto has nothing to do and says so (training.cli exits 0)
     import wrpo
-    from training import RunFinished
+    from checkpoint import RunFinished
 
     with pytest.raises(RunFinished, match="already finished"):
         wrpo.main([*RUN, f"--out_dir={broken}", "--resume=auto"])
@@ -146,6 +148,7 @@ def test_resume_refuses_changed_settings_and_data_and_reshards(tmp_path, monkeyp
     """The checks run in-process (world 1) on trainer_state.json, before any model is loaded; then
     the 1-rank checkpoint is resumed on 2 ranks."""
     import wrpo
+    from checkpoint import ResumeError
     from training import ConfigError
 
     monkeypatch.chdir(REPO)  # the same relative model and data paths as the run being resumed
@@ -154,18 +157,18 @@ def test_resume_refuses_changed_settings_and_data_and_reshards(tmp_path, monkeyp
     uninterrupted = load_file(out / "final" / "model.safetensors")
     shutil.rmtree(out / "final")  # as if it had been killed after step 3's checkpoint
     base = [*RUN, "--max_steps=4", f"--out_dir={out}", "--resume=auto"]
-    with pytest.raises(ConfigError, match=r"global_batch_size: 8 in the checkpoint, 16 now"):
+    with pytest.raises(ResumeError, match=r"global_batch_size: 8 in the checkpoint, 16 now"):
         wrpo.main(base + ["--global_batch_size=16"])
     changed = r"beta: 0.01 in the checkpoint, 0.02 now\n  lr: 0.001 in the checkpoint, 0.002 now"
-    with pytest.raises(ConfigError, match=changed):
+    with pytest.raises(ResumeError, match=changed):
         wrpo.main(base + ["--lr=2e-3", "--beta=0.02"])
     rows = (REPO / "demo" / "data" / "train.jsonl").read_text().splitlines()
     (tmp_path / "other.jsonl").write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # same rows, other order
-    with pytest.raises(ConfigError, match=r"data: 480 rows, sha256 \w+ in the checkpoint, 480 rows, sha256 \w+ now"):
+    with pytest.raises(ResumeError, match=r"data: 480 rows, sha256 \w+ in the checkpoint, 480 rows, sha256 \w+ now"):
         wrpo.main(base + [f"--data={tmp_path / 'other.jsonl'}"])
-    with pytest.raises(ConfigError, match=r"not a complete checkpoint \(no trainer_state.json"):
+    with pytest.raises(ResumeError, match=r"not a complete checkpoint \(no trainer_state.json"):
         wrpo.main([*RUN, f"--out_dir={tmp_path / 'x'}", f"--resume={out}"])
-    with pytest.raises(ConfigError, match="no such checkpoint folder"):
+    with pytest.raises(ResumeError, match="no such checkpoint folder"):
         wrpo.main([*RUN, f"--out_dir={tmp_path / 'x'}", f"--resume={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="resume and overwrite exclude each other"):
         wrpo.main(base + ["--overwrite=true"])

@@ -1,4 +1,4 @@
-"""eval/score.py with tiny local reward models: values, batching, resuming, ranks, custom code, bad input."""
+"""eval.score with tiny local reward models: values, batching, resuming, ranks, custom code, bad input."""
 
 import json
 import os
@@ -10,7 +10,8 @@ import torch
 
 from conftest import DEMO_MODEL, REPO, read_jsonl, torchrun
 
-SCORE = REPO / "eval" / "score.py"
+pytestmark = pytest.mark.slow  # end-to-end runs: the full suite only
+SCORE = ["-m", "eval.score"]
 # a reward model whose own code returns an output with a `score` field, as ArmoRM's does
 CUSTOM_CODE = '''
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def samples(tmp_path, n=5, name="samples.jsonl"):
 
 def score(*args):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, str(SCORE), "--dtype=float32", *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, *SCORE, "--dtype=float32", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -97,7 +98,7 @@ def test_scores_match_unbatched_and_resume(tmp_path):
         assert got["scores"] == pytest.approx(direct_scores(rm, row), abs=1e-5)  # padding changes nothing
 
     two = tmp_path / "two.jsonl"
-    torchrun(2, SCORE, f"--reward_model={rm}", f"--data={path}", f"--out={two}", "--dtype=float32", timeout=300)
+    torchrun(2, *SCORE, f"--reward_model={rm}", f"--data={path}", f"--out={two}", "--dtype=float32", timeout=300)
     flat = lambda rows: [s for r in rows for s in r["scores"]]  # noqa: E731
     assert flat(read_jsonl(two)) == pytest.approx(flat(scored), abs=1e-5)
 

@@ -6,8 +6,8 @@ import torch
 
 import data
 from conftest import DEMO_MODEL
-from data import IGNORE, DataError, collate_packed, load_sft_dataset, pack, split
-from logprobs import logits_token_logps, model_sequence_logps
+from data import IGNORE, DataError, collate_packed, load_sft_examples, pack
+from logps import logits_token_logps, model_sequence_logps
 
 CHAT = {"messages": [
     {"role": "system", "content": "Answer briefly."},
@@ -32,7 +32,7 @@ def scored_text(tokenizer, ex):
 
 
 def test_loss_mask_is_exactly_the_assistant_turns(tmp_path, tokenizer):
-    chat, wrpo = load_sft_dataset(write_jsonl(tmp_path / "d.jsonl", [CHAT, WRPO_ROW]), tokenizer)
+    chat, wrpo = load_sft_examples(write_jsonl(tmp_path / "d.jsonl", [CHAT, WRPO_ROW]), tokenizer)
     assert tokenizer.decode(chat.ids) == tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
     # each assistant turn with its end-of-turn token, and nothing else (no headers, no user text)
     assert scored_text(tokenizer, chat) == "It is 4.<|eot_id|>6<|eot_id|>"
@@ -44,16 +44,16 @@ def test_loss_mask_is_exactly_the_assistant_turns(tmp_path, tokenizer):
 
 
 def test_loss_on_all_scores_every_token_but_the_first(tmp_path, tokenizer):
-    (ex,) = load_sft_dataset(write_jsonl(tmp_path / "d.jsonl", [CHAT]), tokenizer, loss_on="all")
+    (ex,) = load_sft_examples(write_jsonl(tmp_path / "d.jsonl", [CHAT]), tokenizer, loss_on="all")
     assert ex.labels[0] == IGNORE and ex.labels[1:] == ex.ids[1:]
 
 
 def test_truncation_and_bad_rows(tmp_path, tokenizer):
     long = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 60}]}
-    (ex,) = load_sft_dataset(write_jsonl(tmp_path / "d.jsonl", [long]), tokenizer, max_length=32)
+    (ex,) = load_sft_examples(write_jsonl(tmp_path / "d.jsonl", [long]), tokenizer, max_length=32)
     assert len(ex.ids) == len(ex.labels) == 32
     with pytest.raises(DataError, match=r"d\.jsonl:1: conversation is \d+ tokens, over max_length 32"):
-        load_sft_dataset(tmp_path / "d.jsonl", tokenizer, max_length=32, truncation="error")
+        load_sft_examples(tmp_path / "d.jsonl", tokenizer, max_length=32, truncation="error")
     long_prompt = {"messages": [{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]}
     bad = [long_prompt,
            {"messages": []},
@@ -63,7 +63,7 @@ def test_truncation_and_bad_rows(tmp_path, tokenizer):
            {"messages": ["x", "y"]},
            {"prompt": "x", "chosen": [], "rejected": ["y"]}]
     with pytest.raises(DataError) as err:
-        load_sft_dataset(write_jsonl(tmp_path / "bad.jsonl", bad), tokenizer, max_length=32)
+        load_sft_examples(write_jsonl(tmp_path / "bad.jsonl", bad), tokenizer, max_length=32)
     msg = str(err.value)
     for line, reason in [(1, "no assistant token within max_length 32"), (2, "messages must be a non-empty list"),
                          (3, "messages has no assistant turn"), (4, "messages[0] has role 'robot'"),
@@ -72,16 +72,20 @@ def test_truncation_and_bad_rows(tmp_path, tokenizer):
         assert f"bad.jsonl:{line}: {reason}" in msg, (line, msg)
 
 
-def test_pack_keeps_every_example_once_within_max_length():
+def test_pack_keeps_every_item_once_within_capacity_and_fills_bins():
     rng = random.Random(0)
     lengths = [rng.randint(5, 60) for _ in range(200)]
-    rows = pack(lengths, 128, seed=3)
+    rows = pack(lengths, 128)
     flat = [i for row in rows for i in row]
     assert sorted(flat) == list(range(200))
     assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
-    assert sum(lengths) / (len(rows) * 128) > 0.8  # rows are well filled
-    assert pack(lengths, 128, seed=3) == rows and pack(lengths, 128, seed=4) != rows
-    assert pack([200, 10], 128, seed=0) in ([[0], [1]], [[1], [0]])  # an over-long example gets its own row
+    assert sum(lengths) / (len(rows) * 128) > 0.95  # best-fit decreasing leaves little room unused
+    assert pack(lengths, 128) == rows  # deterministic: the data order is decided elsewhere (train_steps)
+    assert pack([200, 10], 128) == [[0], [1]]  # an item over capacity gets a bin of its own
+    # by hand, capacity 100, largest first into the fullest bin with room: 300 is over capacity (alone); 90 and 50
+    # open bins; the first 40 joins the 50 (room 10 left); the second opens a bin; 10 fills the 90 (of the two
+    # bins with room 10, the first); 5 goes to 50 + 40, now the fullest bin with room
+    assert pack([50, 10, 300, 40, 40, 90, 5], 100) == [[2], [5, 1], [0, 3, 6], [4]]
 
 
 def test_packed_forward_equals_unpacked(tokenizer):
@@ -117,43 +121,3 @@ def test_packed_forward_equals_unpacked(tokenizer):
         # pinned: with a cache, transformers lets packed examples attend to each other
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits
         assert (leaky[0, 9:] - packed[0, 9:]).abs().max() > 1e-3
-
-
-def rows_for_split(n):
-    rows = []
-    for i in range(n):
-        row = dict(WRPO_ROW, prompt=[{"role": "user", "content": f"question {i}"}], prompt_id=f"id-{i}")
-        if i % 10 == 0:
-            del row["prompt_id"]  # derived from the prompt text
-        rows.append(row)
-    return rows
-
-
-def test_split_is_deterministic_disjoint_complete_and_order_free(tmp_path):
-    rows = rows_for_split(300)
-    counts = split(write_jsonl(tmp_path / "all.jsonl", rows), tmp_path / "a")
-    sft = [json.loads(x) for x in (tmp_path / "a" / "sft.jsonl").read_text().splitlines()]
-    pref = [json.loads(x) for x in (tmp_path / "a" / "wrpo.jsonl").read_text().splitlines()]
-    assert counts == {"sft": len(sft), "wrpo": len(pref)} and len(sft) + len(pref) == 300
-    ids_sft, ids_pref = {r["prompt_id"] for r in sft}, {r["prompt_id"] for r in pref}
-    assert not ids_sft & ids_pref and len(ids_sft | ids_pref) == 300
-    assert 70 < len(sft) < 130  # about a third
-    assert all(r["prompt_id"].startswith("sha256-") for r in sft + pref if not r["prompt_id"].startswith("id-"))
-
-    shuffled = rows[:]
-    random.Random(1).shuffle(shuffled)
-    split(write_jsonl(tmp_path / "shuffled.jsonl", shuffled), tmp_path / "b")
-    again_sft = {json.loads(x)["prompt_id"] for x in (tmp_path / "b" / "sft.jsonl").read_text().splitlines()}
-    assert again_sft == ids_sft  # same prompts on each side, whatever the row order
-    other_seed = split(write_jsonl(tmp_path / "all2.jsonl", rows), tmp_path / "c", seed=7)
-    other_sft = {json.loads(x)["prompt_id"] for x in (tmp_path / "c" / "sft.jsonl").read_text().splitlines()}
-    assert other_sft != ids_sft and other_seed["sft"] + other_seed["wrpo"] == 300
-
-    with pytest.raises(DataError, match="already holds a split"):
-        split(tmp_path / "all.jsonl", tmp_path / "a")
-    write_jsonl(tmp_path / "bad.jsonl", rows[:2] + ['{"prompt": "x", "chosen": ["a"]}', '{"prompt": ""}'])
-    with pytest.raises(DataError, match=r"bad\.jsonl:3: missing field 'rejected'(.|\n)*bad\.jsonl:4: prompt is empty"):
-        split(tmp_path / "bad.jsonl", tmp_path / "d")
-    assert not (tmp_path / "d").exists()
-    write_jsonl(tmp_path / "prompts.jsonl", ['{"prompt": "x"}', '{"prompt_id": "7", "prompt": "y"}'])
-    assert sum(split(tmp_path / "prompts.jsonl", tmp_path / "e").values()) == 2  # bare prompts split too

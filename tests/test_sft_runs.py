@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, read_jsonl, torchrun
+
+pytestmark = pytest.mark.slow  # end-to-end runs: the full suite only
 
 SHORT_SFT = ["--data=demo/data/heldout.jsonl", "--max_length=128", "--global_batch_size=8", "--micro_batch_size=2",
              "--max_steps=4", "--lr=1e-3", "--dtype=float32", "--save_dtype=float32", "--warmup_ratio=0"]
@@ -31,7 +34,7 @@ def test_demo_pipeline_split_sft_wrpo(tmp_path):
     import sys
 
     split_dir, sft_dir, wrpo_dir = tmp_path / "split", tmp_path / "sft", tmp_path / "wrpo"
-    subprocess.run([sys.executable, "data.py", "split", "--data=demo/data/train.jsonl", f"--out_dir={split_dir}"],
+    subprocess.run([sys.executable, "-m", "eval.split", "--data=demo/data/train.jsonl", f"--out_dir={split_dir}"],
                    cwd=REPO, check=True, capture_output=True)
     out = torchrun(2, REPO / "sft.py", "--config=demo/sft.json", f"--data={split_dir / 'sft.jsonl'}",
                    f"--out_dir={sft_dir}", "--epochs=6")

@@ -3,13 +3,16 @@
 import json
 import random
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_toy_fusion_pipeline_runs_end_to_end(tmp_path):
     import sys
 
-    sys.path.insert(0, str(REPO / "eval"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import toy_fusion
 
     table = toy_fusion.main(["--seeds=1", "--quick", f"--out_dir={tmp_path}"])
@@ -36,7 +39,7 @@ def test_toy_fusion_pipeline_runs_end_to_end(tmp_path):
 def test_reward_and_sources():
     import sys
 
-    sys.path.insert(0, str(REPO / "eval"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import toy_fusion
 
     assert toy_fusion.answer("reverse: abc") == "cba" and toy_fusion.answer("shift: abz") == "bca"

@@ -1,10 +1,15 @@
-"""data.py build: WRPO and SFT rows from scored source and target samples."""
+"""The fusion-data commands: eval.split (prompts between SFT and WRPO) and eval.build (WRPO and SFT rows from
+scored source and target samples)."""
 
 import json
+import random
 
 import pytest
 
 import data
+from data import DataError
+from eval import build
+from eval.split import split
 
 
 def write(path, rows):
@@ -34,7 +39,7 @@ def test_rows_take_the_best_source_and_the_best_and_worst_target(tmp_path, capsy
                                      scored("p4", "four?", ["t8", "t9"], [1.0, 2.0], "T"),  # no source response
                                      scored("p5", "five?", ["", "t10"], [9.0, 1.0], "T")])  # one non-empty sample
     out = tmp_path / "rows.jsonl"
-    stats = data.build([a, b], out, target=t)
+    stats = build.build([a, b], out, target=t)
     rows = read(out)
     assert [r["prompt_id"] for r in rows] == ["p1", "p3"]
     r1 = rows[0]
@@ -46,7 +51,7 @@ def test_rows_take_the_best_source_and_the_best_and_worst_target(tmp_path, capsy
     assert stats["scores"]["y_ws"] == pytest.approx((0.9 + 0.1) / 2)
     printed = capsys.readouterr().out
     assert "2 WRPO rows" in printed and "2 without a target preference" in printed and "A 2 (100%)" in printed
-    examples = data.load_dataset(out, _tokenizer())  # the rows are valid training rows
+    examples = data.load_preference_rows(out, _tokenizer())  # the rows are valid training rows
     assert len(examples) == 2 and examples[0].n_chosen == 2
 
 
@@ -63,27 +68,27 @@ def test_one_source_missing_prompt_ids_and_sft_rows(tmp_path):
     src = write(tmp_path / "src.jsonl", [scored(None, [{"role": "user", "content": "hi"}], ["s1", "s2"], [1, 3], "S"),
                                          scored(None, "bye", ["s3"], [2], "S")])
     tgt = write(tmp_path / "tgt.jsonl", [scored(None, [{"role": "user", "content": "hi"}], ["x", "y"], [0, 1], "T")])
-    data.build([src], tmp_path / "w.jsonl", target=tgt)
+    build.build([src], tmp_path / "w.jsonl", target=tgt)
     rows = read(tmp_path / "w.jsonl")
     assert len(rows) == 1 and rows[0]["prompt_id"].startswith("sha256-")
     assert [m["content"] for m in rows[0]["chosen"]] == ["s2", "y"] and rows[0]["rejected"][0]["content"] == "x"
 
-    data.build([src], tmp_path / "sft.jsonl")  # no target: SFT rows, prompt + y_ws
+    build.build([src], tmp_path / "sft.jsonl")  # no target: SFT rows, prompt + y_ws
     sft = read(tmp_path / "sft.jsonl")
     assert [r["messages"][-1]["content"] for r in sft] == ["s2", "s3"]
     assert sft[1]["messages"] == [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "s3"}]
     assert [data.sft_messages(r)[-1]["role"] for r in sft] == ["assistant", "assistant"]  # valid SFT rows
 
     only = write(tmp_path / "only.jsonl", [{"prompt": "bye"}])  # --prompts: e.g. one part of a split
-    stats = data.build([src], tmp_path / "sft2.jsonl", prompts=only)
+    stats = build.build([src], tmp_path / "sft2.jsonl", prompts=only)
     assert stats["not_in_prompts"] == 1
     assert [r["messages"][0]["content"] for r in read(tmp_path / "sft2.jsonl")] == ["bye"]
 
     with pytest.raises(data.DataError, match="exists"):
-        data.build([src], tmp_path / "sft.jsonl")
+        build.build([src], tmp_path / "sft.jsonl")
     before = (tmp_path / "sft.jsonl").read_bytes()
     with pytest.raises(data.DataError, match="no rows to write"):  # all tied
-        data.build([src], tmp_path / "sft.jsonl", target=write(tmp_path / "tie.jsonl", [
+        build.build([src], tmp_path / "sft.jsonl", target=write(tmp_path / "tie.jsonl", [
             scored(None, "bye", ["u", "v"], [1, 1], "T")]), overwrite=True)
     assert (tmp_path / "sft.jsonl").read_bytes() == before  # nothing written earlier is lost
 
@@ -102,7 +107,7 @@ def test_bad_scored_rows_name_file_line_and_reason(tmp_path, row, reason):
     good = scored("g", "fine", ["a"], [1.0], "S")
     path = write(tmp_path / "s.jsonl", [good, row])
     with pytest.raises(data.DataError) as e:
-        data.build([path], tmp_path / "out.jsonl")
+        build.build([path], tmp_path / "out.jsonl")
     assert f"{path}:2: {reason}" in str(e.value)
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -110,8 +115,62 @@ def test_bad_scored_rows_name_file_line_and_reason(tmp_path, row, reason):
 def test_build_command_line(tmp_path, capsys):
     src = write(tmp_path / "src.jsonl", [scored("p", "q", ["a", "b"], [0, 1], "S")])
     tgt = write(tmp_path / "tgt.jsonl", [scored("p", "q", ["c", "d"], [0, 1], "T")])
-    data.main(["build", "--sources", str(src), "--target", str(tgt), "--out", str(tmp_path / "o.jsonl")])
+    build.main(["--sources", str(src), "--target", str(tgt), "--out", str(tmp_path / "o.jsonl")])
     assert read(tmp_path / "o.jsonl")[0]["chosen"][1]["content"] == "d"
     with pytest.raises(SystemExit) as e:
-        data.main(["build", "--sources", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")])
+        build.main(["--sources", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")])
     assert e.value.code == 2 and "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# eval.split
+
+WRPO_ROW = {"prompt_id": "a", "prompt": [{"role": "user", "content": "Reverse 'cat'."}],
+            "chosen": [{"role": "assistant", "content": "Backwards it is tac."},
+                       {"role": "assistant", "content": "tac"}],
+            "rejected": [{"role": "assistant", "content": "cat"}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def rows_for_split(n):
+    rows = []
+    for i in range(n):
+        row = dict(WRPO_ROW, prompt=[{"role": "user", "content": f"question {i}"}], prompt_id=f"id-{i}")
+        if i % 10 == 0:
+            del row["prompt_id"]  # derived from the prompt text
+        rows.append(row)
+    return rows
+
+
+def test_split_is_deterministic_disjoint_complete_and_order_free(tmp_path):
+    rows = rows_for_split(300)
+    counts = split(write_jsonl(tmp_path / "all.jsonl", rows), tmp_path / "a")
+    sft = [json.loads(x) for x in (tmp_path / "a" / "sft.jsonl").read_text().splitlines()]
+    pref = [json.loads(x) for x in (tmp_path / "a" / "wrpo.jsonl").read_text().splitlines()]
+    assert counts == {"sft": len(sft), "wrpo": len(pref)} and len(sft) + len(pref) == 300
+    ids_sft, ids_pref = {r["prompt_id"] for r in sft}, {r["prompt_id"] for r in pref}
+    assert not ids_sft & ids_pref and len(ids_sft | ids_pref) == 300
+    assert 70 < len(sft) < 130  # about a third
+    assert all(r["prompt_id"].startswith("sha256-") for r in sft + pref if not r["prompt_id"].startswith("id-"))
+
+    shuffled = rows[:]
+    random.Random(1).shuffle(shuffled)
+    split(write_jsonl(tmp_path / "shuffled.jsonl", shuffled), tmp_path / "b")
+    again_sft = {json.loads(x)["prompt_id"] for x in (tmp_path / "b" / "sft.jsonl").read_text().splitlines()}
+    assert again_sft == ids_sft  # same prompts on each side, whatever the row order
+    other_seed = split(write_jsonl(tmp_path / "all2.jsonl", rows), tmp_path / "c", seed=7)
+    other_sft = {json.loads(x)["prompt_id"] for x in (tmp_path / "c" / "sft.jsonl").read_text().splitlines()}
+    assert other_sft != ids_sft and other_seed["sft"] + other_seed["wrpo"] == 300
+
+    with pytest.raises(DataError, match="already holds a split"):
+        split(tmp_path / "all.jsonl", tmp_path / "a")
+    write_jsonl(tmp_path / "bad.jsonl", rows[:2] + ['{"prompt": "x", "chosen": ["a"]}', '{"prompt": ""}'])
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: missing field 'rejected'(.|\n)*bad\.jsonl:4: prompt is empty"):
+        split(tmp_path / "bad.jsonl", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+    write_jsonl(tmp_path / "prompts.jsonl", ['{"prompt": "x"}', '{"prompt_id": "7", "prompt": "y"}'])
+    assert sum(split(tmp_path / "prompts.jsonl", tmp_path / "e").values()) == 2  # bare prompts split too

@@ -1,7 +1,7 @@
 """Implicit model fusion in miniature, on 2 CPU cores: the paper's pipeline with this project's scripts.
 
-    python eval/toy_fusion.py                       # 3 seeds, the table (about 14 minutes)
-    python eval/toy_fusion.py --seeds=1 --quick     # one short seed (what CI runs)
+    python benchmarks/toy_fusion.py                     # 3 seeds, the table (about 14 minutes)
+    python benchmarks/toy_fusion.py --seeds=1 --quick   # one short seed (what CI runs)
 
 Four string tasks with checkable answers (reverse, sort, upper-case, shift each letter to the
 next); a graded reward (difflib similarity of the answer to the right one, 0..1) stands in for
@@ -10,11 +10,11 @@ weak teacher that makes one systematic mistake per task most of the time (copies
 reversing, sorts backwards, capitalises only the first letter, shifts the wrong way): it learns
 the tasks' format and both behaviours, and answers with the mistake. Three "source models" are
 programs, each reliable on two tasks and sloppy on the others, so no single source is best
-everywhere. Then, with the project's own scripts: data.py split, build of SFT rows (prompt +
-y_ws), sft.py, eval/generate.py (the SFT target samples 5 answers per prompt), scoring, data.py
-build of WRPO rows, and wrpo.py three times from the same SFT checkpoint: DPO (alpha fixed at
+everywhere. Then, with the project's own scripts: eval.split, eval.build of SFT rows (prompt +
+y_ws), sft.py, eval.generate (the SFT target samples 5 answers per prompt), scoring, eval.build
+of WRPO rows, and wrpo.py three times from the same SFT checkpoint: DPO (alpha fixed at
 0), WRPO (alpha 0 -> alpha_max) and the constant-alpha ablation. Every model answers the
-held-out prompts greedily (eval/generate.py); the table is the mean reward per task. A second
+held-out prompts greedily (eval.generate); the table is the mean reward per task. A second
 table shows the preference runs' implicit rewards beta * log(pi / pi_ref) of y_ws, y_wt and y_l
 over their last epoch: how far each objective moved the source responses' likelihood.
 """
@@ -141,7 +141,7 @@ def score_file(samples, out):
 
 def evaluate(model, heldout, folder, name, log):
     out = folder / f"answers-{name}.jsonl"
-    run("eval/generate.py", f"--model={model}", f"--prompts={heldout}", f"--out={out}", "--num_samples=1",
+    run("-m", "eval.generate", f"--model={model}", f"--prompts={heldout}", f"--out={out}", "--num_samples=1",
         "--temperature=0", "--max_new_tokens=12", "--batch_size=64", "--dtype=float32", log=log)
     per_task = {}
     for r in (json.loads(x) for x in out.read_text().splitlines()):
@@ -193,19 +193,19 @@ def one_seed(seed, folder, args, log):
         scored.append(score_file(write_jsonl(src_rows, folder / f"{name}.jsonl"), folder / f"{name}.scored.jsonl"))
 
     # the paper's pipeline
-    run("data.py", "split", f"--data={folder / 'prompts.jsonl'}", f"--out_dir={folder / 'split'}", "--overwrite",
+    run("-m", "eval.split", f"--data={folder / 'prompts.jsonl'}", f"--out_dir={folder / 'split'}", "--overwrite",
         log=log)
-    run("data.py", "build", "--sources", *scored, f"--prompts={folder / 'split' / 'sft.jsonl'}",
+    run("-m", "eval.build", "--sources", *scored, f"--prompts={folder / 'split' / 'sft.jsonl'}",
         f"--out={folder / 'sft_rows.jsonl'}", "--overwrite", log=log)
     run("sft.py", f"--model={target}", f"--data={folder / 'sft_rows.jsonl'}", f"--out_dir={folder / 'sft'}",
         f"--lr={args.sft_lr}", "--global_batch_size=16", "--micro_batch_size=16", f"--epochs={args.sft_epochs}",
         *common, log=log)
     sft = folder / "sft" / "final"
-    run("eval/generate.py", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
+    run("-m", "eval.generate", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
         f"--out={folder / 'target_samples.jsonl'}", f"--num_samples={args.k}", "--max_new_tokens=12",
         "--batch_size=64", "--dtype=float32", f"--seed={seed}", log=log)
     score_file(folder / "target_samples.jsonl", folder / "target_scored.jsonl")
-    run("data.py", "build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
+    run("-m", "eval.build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
         f"--out={folder / 'wrpo_rows.jsonl'}", "--overwrite", log=log)
     n_rows = len((folder / "wrpo_rows.jsonl").read_text().splitlines())
 
@@ -226,7 +226,7 @@ def one_seed(seed, folder, args, log):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="eval/toy_fusion.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="benchmarks/toy_fusion.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out_dir", default="out/toy_fusion")
     ap.add_argument("--quick", action="store_true", help="fewer prompts and epochs (the CI check)")

@@ -3,7 +3,7 @@
 WRPO and SFT need, for each scored token, log p(y_t) = logit(y_t) - logsumexp(logits): one
 number per token. For Llama-3 the logits of one 2048-token sequence are 2048 x 128256 floats
 (1 GB in fp32), and the readable path (matmul, log_softmax, gather) keeps several such tensors
-alive for backward. `token_logprobs` computes the same numbers three ways:
+alive for backward. `token_logps` computes the same numbers three ways:
 
   naive    lm_head matmul -> float32 log_softmax -> gather. The reference.
   chunked  an autograd.Function over chunks of the vocabulary: the forward keeps only the
@@ -43,7 +43,7 @@ def _acc(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def naive_logprobs(hidden, weight, labels, chunk=None):  # chunk: unused, the paths share one signature
+def naive_logps(hidden, weight, labels, chunk=None):  # chunk: unused, the paths share one signature
     logits = (hidden @ weight.T).to(_acc(hidden))
     return torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
 
@@ -53,7 +53,7 @@ def vocab_chunk(n_tokens, vocab, chunk=None):
     return min(vocab, chunk or max(128, CHUNK_BYTES // (4 * max(1, n_tokens))))
 
 
-class ChunkedLogProbs(torch.autograd.Function):
+class ChunkedLogps(torch.autograd.Function):
     """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, not stored.
 
     Forward: an online log-sum-exp over the chunks, and the target logit from the chunk that holds
@@ -105,20 +105,22 @@ class ChunkedLogProbs(torch.autograd.Function):
         return grad_h.to(hidden.dtype), grad_w, None, None, None
 
 
-def chunked_logprobs(hidden, weight, labels, chunk=None):
-    return ChunkedLogProbs.apply(hidden, weight, labels, chunk)
+def chunked_logps(hidden, weight, labels, chunk=None):
+    return ChunkedLogps.apply(hidden, weight, labels, chunk)
 
 
-def triton_logprobs(hidden, weight, labels, chunk=None):
-    from triton_logprobs import lse_and_target
+def triton_logps(hidden, weight, labels, chunk=None):
+    from triton_logps import lse_and_target
 
-    lse, target = lse_and_target(hidden, weight, labels)
-    return ChunkedLogProbs.apply(hidden, weight, labels, chunk, (lse, target))
+    lse = new_output((hidden.shape[0],), torch.float32, hidden.device)
+    target = new_output((hidden.shape[0],), torch.float32, hidden.device)
+    lse_and_target(hidden, weight, labels, lse, target)
+    return ChunkedLogps.apply(hidden, weight, labels, chunk, (lse, target))
 
 
 def resolve_impl(impl, device):
     if impl not in IMPLS:
-        raise ValueError(f"logprobs impl must be one of {', '.join(IMPLS)}, got '{impl}'")
+        raise ValueError(f"logps_impl must be one of {', '.join(IMPLS)}, got '{impl}'")
     if impl != "auto":
         return impl
     if device.type == "cuda":
@@ -131,7 +133,7 @@ def resolve_impl(impl, device):
     return "chunked"
 
 
-def token_logprobs(hidden, weight, labels, impl="auto", chunk=None):
+def token_logps(hidden, weight, labels, impl="auto", chunk=None):
     """log p(labels) under logits = hidden @ weight.T; 0 where labels == IGNORE.
 
     hidden [..., H] (compute dtype), weight [V, H], labels [...]. Returns float32 [...].
@@ -142,7 +144,7 @@ def token_logprobs(hidden, weight, labels, impl="auto", chunk=None):
     out = torch.zeros(labels.shape, dtype=_acc(hidden), device=hidden.device)
     if mask.any():
         h, y = hidden[mask], labels[mask]
-        fn = {"naive": naive_logprobs, "chunked": chunked_logprobs, "triton": triton_logprobs}[impl]
+        fn = {"naive": naive_logps, "chunked": chunked_logps, "triton": triton_logps}[impl]
         out = out.masked_scatter(mask, fn(h, weight, y, chunk))
     return out
 
@@ -158,10 +160,10 @@ def _fusable(model):
             and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) in (None, 1))
 
 
-def attach_label_logprobs(model, impl="auto"):
-    """Give `model` a `label_logprobs(input_ids, labels, attention_mask, position_ids)` method.
+def attach_label_logps(model, impl="auto"):
+    """Give `model` a `label_logps(input_ids, labels, attention_mask, position_ids)` method.
 
-    It runs the decoder for hidden states and scores the labels with `token_logprobs`, so the full
+    It runs the decoder for hidden states and scores the labels with `token_logps`, so the full
     logits are never built. Registered as an FSDP forward method, so the root unit's parameters
     (embedding, final norm, lm_head) are gathered for it and their gradients reduce-scattered,
     exactly as for `forward`. Heads the fused path cannot express (a bias, logit soft-capping or
@@ -169,15 +171,15 @@ def attach_label_logprobs(model, impl="auto"):
     """
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    def label_logprobs(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def label_logps(self, input_ids, labels, attention_mask=None, position_ids=None):
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if not _fusable(self):
             return logits_token_logps(self(**kwargs).logits, labels)
         hidden = self.model(**kwargs).last_hidden_state
-        return token_logprobs(hidden[:, :-1], self.lm_head.weight, labels[:, 1:], impl=impl)
+        return token_logps(hidden[:, :-1], self.lm_head.weight, labels[:, 1:], impl=impl)
 
-    model.label_logprobs = types.MethodType(label_logprobs, model)
-    register_fsdp_forward_method(model, "label_logprobs")
+    model.label_logps = types.MethodType(label_logps, model)
+    register_fsdp_forward_method(model, "label_logps")
     return model
 
 
@@ -202,9 +204,9 @@ def model_sequence_logps(model, batch):
     sequence rather than per row. use_cache=False matters for packing: with a cache,
     transformers lets packed examples attend to each other.
     """
-    if not hasattr(model, "label_logprobs"):
-        attach_label_logprobs(model)
-    logps = model.label_logprobs(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+    if not hasattr(model, "label_logps"):
+        attach_label_logps(model)
+    logps = model.label_logps(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                                  batch.get("position_ids"))
     scored = batch["labels"][:, 1:] != IGNORE
     if "segments" not in batch:  # one sequence per row

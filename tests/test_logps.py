@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-import logprobs
+import logps
 from data import IGNORE
-from logprobs import (attach_label_logprobs, chunked_logprobs, logits_token_logps, model_sequence_logps,
-                      naive_logprobs, token_logprobs, triton_logprobs)
+from logps import (attach_label_logps, chunked_logps, logits_token_logps, model_sequence_logps,
+                      naive_logps, token_logps, triton_logps)
 
 # the kernel tests run where the kernels do: on the GPU when there is one, else on CPU (interpreter)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -20,7 +20,7 @@ SHAPES = [  # tokens, hidden, vocab, vocab chunk
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(logprobs, "POISON", True)
+    monkeypatch.setattr(logps, "POISON", True)
 
 
 def inputs(tokens, hidden, vocab, dtype=torch.float64, seed=None):
@@ -39,12 +39,12 @@ def value_and_grads(fn, h, w, y, up):
     return out.detach(), h.grad.clone(), w.grad.clone()
 
 
-@pytest.mark.parametrize("fused", [chunked_logprobs, triton_logprobs], ids=["chunked", "triton"])
+@pytest.mark.parametrize("fused", [chunked_logps, triton_logps], ids=["chunked", "triton"])
 @pytest.mark.parametrize("tokens,hidden,vocab,chunk", SHAPES)
 def test_fused_matches_naive_fp32(fused, tokens, hidden, vocab, chunk):
     """triton runs under TRITON_INTERPRET=1 on CPU (fp32 only there); on a GPU, the real kernel."""
     h, w, y, up = inputs(tokens, hidden, vocab, torch.float32)
-    want = value_and_grads(naive_logprobs, h, w, y, up)
+    want = value_and_grads(naive_logps, h, w, y, up)
     got = value_and_grads(lambda *a: fused(*a, chunk), h, w, y, up)
     for a, b in zip(got, want):
         assert not a.isnan().any()  # every element written (outputs start as NaN)
@@ -54,8 +54,8 @@ def test_fused_matches_naive_fp32(fused, tokens, hidden, vocab, chunk):
 def test_chunked_bf16_matches_naive_bf16():
     h, w, y, up = inputs(48, 32, 500, torch.float32)
     h, w = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
-    want = value_and_grads(naive_logprobs, h, w, y, up)
-    got = value_and_grads(lambda *a: chunked_logprobs(*a, 96), h, w, y, up)
+    want = value_and_grads(naive_logps, h, w, y, up)
+    got = value_and_grads(lambda *a: chunked_logps(*a, 96), h, w, y, up)
     assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-2)  # logits rounded to bf16 in both
     for a, b in zip(got[1:], want[1:]):  # each path rounds its own bf16 sums: 2% of the largest gradient
@@ -64,8 +64,8 @@ def test_chunked_bf16_matches_naive_bf16():
 
 def test_float64_gradcheck_of_chunked():
     h, w, y, _ = inputs(6, 5, 23)
-    assert torch.autograd.gradcheck(lambda h, w: chunked_logprobs(h, w, y, 7), (h, w))  # recomputed logits
-    assert torch.autograd.gradcheck(lambda h, w: chunked_logprobs(h, w, y), (h, w))  # one chunk, kept logits
+    assert torch.autograd.gradcheck(lambda h, w: chunked_logps(h, w, y, 7), (h, w))  # recomputed logits
+    assert torch.autograd.gradcheck(lambda h, w: chunked_logps(h, w, y), (h, w))  # one chunk, kept logits
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunked", "triton"])
@@ -76,20 +76,20 @@ def test_ignored_positions_cost_nothing_and_score_zero(impl):
     labels = torch.randint(0, 50, (3, 9), generator=g).to(DEVICE)
     labels[0, :4] = IGNORE
     labels[2] = IGNORE  # a row with nothing to score
-    out = token_logprobs(hidden, w, labels, impl=impl)
+    out = token_logps(hidden, w, labels, impl=impl)
     assert out.shape == labels.shape and (out[labels == IGNORE] == 0).all()
-    want = naive_logprobs(hidden[labels != IGNORE], w, labels[labels != IGNORE])
+    want = naive_logps(hidden[labels != IGNORE], w, labels[labels != IGNORE])
     torch.testing.assert_close(out[labels != IGNORE], want, rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert (hidden.grad[labels == IGNORE] == 0).all() and hidden.grad[labels != IGNORE].abs().sum() > 0
-    none = token_logprobs(hidden, w, torch.full_like(labels, IGNORE), impl=impl)
+    none = token_logps(hidden, w, torch.full_like(labels, IGNORE), impl=impl)
     assert (none == 0).all()
 
 
 def test_chunked_under_torch_compile():
     h, w, y, up = inputs(20, 16, 200, torch.float32)
-    want = value_and_grads(naive_logprobs, h, w, y, up)
-    compiled = torch.compile(lambda h, w, y: chunked_logprobs(h, w, y, 64), backend="aot_eager")
+    want = value_and_grads(naive_logps, h, w, y, up)
+    compiled = torch.compile(lambda h, w, y: chunked_logps(h, w, y, 64), backend="aot_eager")
     got = value_and_grads(compiled, h, w, y, up)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -114,14 +114,14 @@ def test_logits_reference_equals_naive_loop():
 
 
 @pytest.mark.parametrize("impl", ["naive", "chunked", "triton"])
-def test_model_label_logprobs_equal_full_logits(impl):
+def test_model_label_logps_equal_full_logits(impl):
     """The decoder + fused head path equals log_softmax of the model's own logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    attach_label_logprobs(model, impl)
+    attach_label_logps(model, impl)
     ids = torch.randint(0, 97, (2, 12))
     labels = ids.clone()
     labels[:, :5] = IGNORE

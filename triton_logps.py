@@ -3,7 +3,7 @@
 Each program owns BLOCK_N tokens and walks the vocabulary in BLOCK_V tiles; a tile's logits are
 computed from BLOCK_D slices of the hidden size (accumulated in fp32), folded into a running
 max and sum of exponentials, and dropped. Logits are never written to memory. The backward is
-the chunked one in logprobs.py (cuBLAS matmuls over vocabulary chunks).
+the chunked one in logps.py (cuBLAS matmuls over vocabulary chunks).
 
 Tested on CPU under TRITON_INTERPRET=1 in fp32 (the interpreter mishandles bf16).
 """
@@ -11,8 +11,6 @@ Tested on CPU under TRITON_INTERPRET=1 in fp32 (the interpreter mishandles bf16)
 import torch
 import triton
 import triton.language as tl
-
-from logprobs import new_output
 
 
 @triton.jit
@@ -44,12 +42,10 @@ def _lse_target_kernel(h_ptr, w_ptr, y_ptr, lse_ptr, tgt_ptr, N, V, D, stride_h,
     tl.store(tgt_ptr + rows, target, mask=row_ok)
 
 
-def lse_and_target(hidden, weight, labels, block_n=64, block_v=128, block_d=64):
-    """hidden [N, D], weight [V, D], labels [N] -> (log-sum-exp [N], target logit [N]), fp32."""
+def lse_and_target(hidden, weight, labels, lse, target, block_n=64, block_v=128, block_d=64):
+    """hidden [N, D], weight [V, D], labels [N] -> fills lse [N] (log-sum-exp) and target [N] (target logit), fp32."""
     hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
     n, d = hidden.shape
-    lse = new_output((n,), torch.float32, hidden.device)
-    target = new_output((n,), torch.float32, hidden.device)
     # fp32 inputs: exact fp32 products (tl.dot would otherwise use tf32 on GPU); bf16: the default
     precision = "ieee" if hidden.dtype == torch.float32 else None
     grid = (triton.cdiv(n, block_n),)

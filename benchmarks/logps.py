@@ -1,7 +1,7 @@
 """Forward + backward of token log-probs: time and peak extra memory of each implementation.
 
-    python benchmarks/logprobs.py                                  # CPU: fp32, 2048 x 1024 x 128256
-    python benchmarks/logprobs.py --dtype=bfloat16 --tokens=16384 --hidden=4096   # on a GPU
+    python benchmarks/logps.py                                  # CPU: fp32, 2048 x 1024 x 128256
+    python benchmarks/logps.py --dtype=bfloat16 --tokens=16384 --hidden=4096   # on a GPU
 
 "Extra memory" is the peak beyond the inputs and their gradients (every method needs those).
 On CUDA it comes from the allocator's peak; on CPU each measurement runs in a fresh process
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from logprobs import chunked_logprobs, naive_logprobs  # noqa: E402
+from logps import chunked_logps, naive_logps  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,15 +36,15 @@ def rss_bytes(field):
 
 def make_fn(impl):
     if impl == "naive":
-        return naive_logprobs
+        return naive_logps
     if impl == "compiled-naive":
-        return torch.compile(naive_logprobs)
+        return torch.compile(naive_logps)
     if impl == "chunked":
-        return chunked_logprobs
+        return chunked_logps
     if impl == "triton":
-        from logprobs import triton_logprobs
+        from logps import triton_logps
 
-        return triton_logprobs
+        return triton_logps
     raise ValueError(impl)
 
 

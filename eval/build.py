@@ -1,0 +1,146 @@
+"""WRPO rows (or SFT rows) from scored samples: the last step of building fusion data.
+
+    python -m eval.build --sources fusion/scored/*.jsonl --target=fusion/target_scored.jsonl --out=wrpo.jsonl
+    python -m eval.build --sources fusion/scored/*.jsonl --prompts=split/sft.jsonl --out=sft.jsonl  # SFT rows
+
+Input: eval/score.py's rows ({"prompt_id", "prompt", "responses", "scores", "model"}), one file per
+source model and one for the SFT target's own samples. y_ws is the best-scored response over every
+source file; y_wt and y_l the best and worst of the target's. Prints the rows kept and dropped, the
+mean score of each role and how often each source model supplied y_ws.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from data import DataError, RowError, convert_rows, prompt_id_of, prompt_messages, read_records
+from eval import fail
+from eval.common import write_jsonl
+
+
+def read_scored(path):
+    """Scored samples (eval/score.py): {prompt_id: (prompt, [(score, text, model)...])}, every row checked."""
+    def checked(rec, where):
+        if not isinstance(rec, dict):
+            raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
+        for field in ("prompt", "responses", "scores"):
+            if field not in rec:
+                raise RowError(f"missing field '{field}'" + (" (score the file with eval/score.py first)"
+                                                             if field == "scores" else ""))
+        prompt_messages(rec["prompt"])
+        texts, scores = rec["responses"], rec["scores"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise RowError("responses must be a non-empty list of strings")
+        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
+        if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(number, scores)):
+            raise RowError(f"scores must be a list of {len(texts)} finite numbers, one per response")
+        model = str(rec.get("model", Path(path).stem))
+        return prompt_id_of(rec), rec["prompt"], [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
+
+    out = {}  # empty responses (a sample that stopped at once) are left out: no row may hold one
+    for pid, prompt, samples in convert_rows(path, checked):
+        out.setdefault(pid, (prompt, []))[1].extend(samples)  # a prompt may come in several rows
+    return out
+
+
+def best_source(samples, stats):
+    """(score, text, model) of the best source sample (the first of the best on ties), counted in stats."""
+    score, text, model = max(samples, key=lambda s: s[0])
+    stats["wins"][model] = stats["wins"].get(model, 0) + 1
+    stats["scores"]["y_ws"] = stats["scores"].get("y_ws", 0.0) + score
+    return score, text, model
+
+
+def sft_rows(source, keep, stats):
+    """A chat row prompt + y_ws for each source prompt (in keep, unless keep is None)."""
+    rows = []
+    for pid, (prompt, samples) in source.items():
+        if keep is not None and pid not in keep:
+            stats["not_in_prompts"] += 1
+            continue
+        score, text, model = best_source(samples, stats)
+        messages = prompt_messages(prompt) + [{"role": "assistant", "content": text}]
+        rows.append({"prompt_id": pid, "messages": messages, "source_model": model, "score": score})
+    return rows
+
+
+def wrpo_rows(source, target, keep, stats):
+    """A WRPO row for each target prompt with source responses and a preference among its samples."""
+    rows = []
+    for pid, (prompt, samples) in target.items():
+        if keep is not None and pid not in keep:
+            stats["not_in_prompts"] += 1
+            continue
+        if pid not in source:
+            stats["no_source"] += 1
+            continue
+        if len(samples) < 2:  # fewer than two non-empty samples: no preference either
+            stats["tied"] += 1
+            continue
+        hi, lo = max(samples, key=lambda s: s[0]), min(samples, key=lambda s: s[0])
+        if hi[0] == lo[0]:
+            stats["tied"] += 1
+            continue
+        ws = best_source(source[pid][1], stats)
+        for role, score in (("y_wt", hi[0]), ("y_l", lo[0])):
+            stats["scores"][role] = stats["scores"].get(role, 0.0) + score
+        rows.append({"prompt_id": pid, "prompt": prompt_messages(prompt),
+                     "chosen": [{"role": "assistant", "content": ws[1]}, {"role": "assistant", "content": hi[1]}],
+                     "rejected": [{"role": "assistant", "content": lo[1]}],
+                     "source_model": ws[2], "scores": {"y_ws": ws[0], "y_wt": hi[0], "y_l": lo[0]}})
+    return rows
+
+
+def build(sources, out, *, target=None, prompts=None, overwrite=False):
+    """WRPO rows (with `target`) or SFT rows (without) from scored samples; returns the summary.
+
+    y_ws = the best-scored response over every source file; y_wt and y_l = the best and worst
+    of the target's non-empty samples. Prompts whose target samples all score the same (or
+    with fewer than two non-empty ones) carry no preference and are dropped, as are prompts
+    missing from the sources. Without a target, each prompt becomes a chat row prompt + y_ws
+    (SFT on the sources' best). `prompts` (any rows with prompt ids, e.g. one part of
+    eval.split) restricts the output to those prompts.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    source = {}
+    for path in sources:
+        for pid, (prompt, samples) in read_scored(path).items():
+            if samples:
+                source.setdefault(pid, (prompt, []))[1].extend(samples)
+    keep = None if prompts is None else {prompt_id_of(rec) for _, rec in read_records(prompts)
+                                         if isinstance(rec, dict)}
+    stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "wins": {}, "scores": {}}
+    rows = wrpo_rows(source, read_scored(target), keep, stats) if target else sft_rows(source, keep, stats)
+    dropped = (f"{stats['no_source']} without source responses, {stats['tied']} without a target preference "
+               f"(tied, or < 2 samples), {stats['not_in_prompts']} outside --prompts")
+    if not rows:
+        raise DataError(f"no rows to write: {dropped}")
+    write_jsonl(rows, out)
+    stats["rows"] = len(rows)
+    stats["scores"] = {k: v / len(rows) for k, v in stats["scores"].items()}
+    print(f"{len(rows)} {'WRPO' if target else 'SFT'} rows -> {out}; dropped: {dropped}")
+    print("mean scores: " + ", ".join(f"{k} {v:.4g}" for k, v in stats["scores"].items()))
+    print("best source response by model: " + ", ".join(
+        f"{m} {n} ({n / len(rows):.0%})" for m, n in sorted(stats["wins"].items(), key=lambda x: -x[1])))
+    return stats
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="python -m eval.build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sources", nargs="+", required=True, help="scored samples of the source models (eval/score.py)")
+    ap.add_argument("--target", help="scored samples of the SFT target; without it, SFT rows (prompt + y_ws)")
+    ap.add_argument("--prompts", help="only the prompts in this file (e.g. one part of eval.split)")
+    ap.add_argument("--out", required=True, help="the .jsonl file to write")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = ap.parse_args(argv)
+    try:
+        build(args.sources, args.out, target=args.target, prompts=args.prompts, overwrite=args.overwrite)
+    except DataError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
