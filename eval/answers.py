@@ -46,7 +46,7 @@ BENCHMARKS = ("alpaca", "mtbench", "arenahard")
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="eval/answers.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.answers", description=__doc__.split("\n\n")[0])
     ap.add_argument("benchmark", choices=BENCHMARKS)
     ap.add_argument("--model", required=True, help="local folder or hub id")
     ap.add_argument("--questions", required=True, help="the benchmark's question file")

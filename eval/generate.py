@@ -26,7 +26,7 @@ from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="eval/generate.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="local folder or hub id")
     ap.add_argument("--prompts", required=True, help="rows with a prompt (.jsonl, .json, .parquet or a folder)")
     ap.add_argument("--out", required=True, help="the .jsonl file to write (or to resume)")

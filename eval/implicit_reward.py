@@ -23,7 +23,7 @@ from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, load_model,
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="eval/implicit_reward.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.implicit_reward", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="the trained policy: local folder or hub id")
     ap.add_argument("--ref_model", required=True, help="its reference (the paper: the SFT model)")
     ap.add_argument("--data", required=True, help="held-out WRPO rows (.jsonl, .json, .parquet or a folder)")

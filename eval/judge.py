@@ -344,7 +344,7 @@ def reward_model(args):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="eval/judge.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.judge", description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=("pairwise", "single", "rm"))
     ap.add_argument("--answers", required=True, help="the model's answers")
     ap.add_argument("--baseline", help="the baseline's answers (pairwise, rm)")
@@ -361,7 +361,7 @@ def parse_args(argv):
     ap.add_argument("--retry_delay", type=float, default=2.0, help="first backoff in seconds (doubles)")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     ap.add_argument("--max_tokens", type=int, default=2048, help="of the judge's reply")
-    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95% intervals")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reward_model", help="(rm) local folder or hub id")
     ap.add_argument("--dtype", default="bfloat16", help="(rm)")

@@ -82,7 +82,7 @@ def plot(rows, out_dir):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="eval/plot.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.plot", description=__doc__.split("\n\n")[0])
     ap.add_argument("metrics", help="a run's metrics.jsonl")
     ap.add_argument("--out_dir", default="", help="default: plots/ beside the metrics file")
     args = ap.parse_args(argv)

@@ -29,7 +29,7 @@ from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="eval/score.py", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0])
     ap.add_argument("--reward_model", required=True, help="local folder or hub id")
     ap.add_argument("--data", required=True, help="sampled responses (eval/generate.py)")
     ap.add_argument("--out", required=True, help="the .jsonl file to write (or to resume)")

@@ -320,3 +320,32 @@ def test_plot_writes_pngs(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         plot.main([str(metrics), f"--out_dir={tmp_path / 'none'}"])
     assert e.value.code == 2 and "plotting needs matplotlib: pip install matplotlib" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# the package: python -m eval.NAME, and no torch where no model is needed
+
+
+def test_judge_and_plot_never_import_torch(tmp_path):
+    """They run where only the standard library and numpy are installed (a judging box, a laptop)."""
+    import subprocess
+
+    code = ("import sys\nfrom eval import judge, plot\n"
+            "for m in (judge, plot):\n    try:\n        m.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "usage: python -m eval.judge" in run.stdout and "usage: python -m eval.plot" in run.stdout
+
+
+@pytest.mark.slow
+def test_every_eval_command_runs_as_a_module():
+    import subprocess
+
+    names = sorted(p.stem for p in (REPO / "eval").glob("*.py") if p.stem not in ("__init__", "common", "questions"))
+    assert names == ["answers", "build", "generate", "implicit_reward", "judge", "plot", "score", "split"]
+    for name in names:
+        run = subprocess.run([sys.executable, "-m", f"eval.{name}", "--help"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0 and f"usage: python -m eval.{name}" in run.stdout, (name, run.stderr[-2000:])
+    assert not [p for p in (REPO / "eval").glob("*.py") if "sys.path" in p.read_text()]  # no path edits
