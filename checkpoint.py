@@ -6,8 +6,7 @@ A step checkpoint is out_dir/step_NNNNNN/:
     trainer_state.json         step, settings, data fingerprint, every rank's random generators, the script's
                                own fields (meta) and every file with its size; written last: the completion marker
 final/ is the Hugging Face folder alone. Every file and folder is written under a temporary name and renamed
-when complete (write_atomic, or temporary + publish around collective writes), so a crash at any point leaves
-the older ones as they were.
+when complete (write_atomic), so a crash at any point leaves the older ones as they were.
 """
 
 import base64
@@ -47,28 +46,33 @@ class RunFinished(Exception):
 # atomic writes: a temporary name, then one rename
 
 
-def temporary(path):
-    """The name a file or folder is written under until it is complete."""
-    return Path(path).with_name(Path(path).name + ".tmp")
+def write_atomic(path, write, collective=False):
+    """Write `path`, a file or a folder, whole or not at all: under path.tmp, then renamed over `path`.
 
-
-def publish(tmp, path):
-    """Rename a complete file or folder to `path`, replacing what is there: readers see the old or the new."""
-    if Path(path).is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def write_atomic(path, write):
-    """Write `path` (a file or folder) whole or not at all. write: the text, or a function of the temporary path."""
+    write: the text, or a function that writes the temporary path. collective=True: every rank
+    calls this, and write(tmp) with it (a sharded save); rank 0 alone clears and renames.
+    """
     path = Path(path)
-    tmp = temporary(path)
-    shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)  # left by a crash
+    tmp = path.with_name(path.name + ".tmp")
+    owner = is_master() or not collective
+    if owner and tmp.is_dir():  # left by a crash
+        shutil.rmtree(tmp)
+    elif owner:
+        tmp.unlink(missing_ok=True)
+    if collective:
+        dist.barrier()
     if callable(write):
         write(tmp)
     else:
         tmp.write_text(write, encoding="utf-8")
-    publish(tmp, path)
+    if collective:
+        dist.barrier()
+    if owner:
+        if path.is_dir():  # a folder cannot be renamed over another: the old one goes first
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if collective:
+        dist.barrier()
     return path
 
 
@@ -129,13 +133,7 @@ def _write_safetensors(state, folder, max_shard_bytes):
 
 def save_hf_checkpoint(model, folder, **kwargs):
     """write_hf_weights, atomically: into folder.tmp, renamed to `folder` when complete. Collective."""
-    tmp = temporary(folder)
-    if is_master() and tmp.exists():  # left by a save that crashed
-        shutil.rmtree(tmp)
-    write_hf_weights(model, tmp, **kwargs)
-    if is_master():
-        publish(tmp, folder)
-    dist.barrier()
+    write_atomic(folder, lambda tmp: write_hf_weights(model, tmp, **kwargs), collective=True)
 
 
 def save_final(run, cfg, model, step, skipped=0):
@@ -196,29 +194,29 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
     run.tokenizer, run.world, cfg.save_dtype and cfg.keep_last. Older complete checkpoints beyond
     keep_last are deleted only after this one is complete.
     """
-    final = run.out_dir / f"step_{step:06d}"
-    if checkpoint_problem(final) is None:  # saved already (a run resumed here and stopped at once)
-        return final
-    tmp = temporary(final)
-    if is_master() and tmp.exists():
-        shutil.rmtree(tmp)
-    dist.barrier()
-    if hf:
-        write_hf_weights(policy, tmp, tokenizer=run.tokenizer, dtype=DTYPES[cfg.save_dtype],
-                         train_config={**dataclasses.asdict(cfg), "step": step, "world_size": run.world})
-    save_state(policy, optimizer, tmp / "state")
-    rngs = [None] * run.world
-    dist.all_gather_object(rngs, rng_state())
+    folder = run.out_dir / f"step_{step:06d}"
+    if checkpoint_problem(folder) is None:  # saved already (a run resumed here and stopped at once)
+        return folder
+
+    def write(tmp):
+        if hf:
+            write_hf_weights(policy, tmp, tokenizer=run.tokenizer, dtype=DTYPES[cfg.save_dtype],
+                             train_config={**dataclasses.asdict(cfg), "step": step, "world_size": run.world})
+        save_state(policy, optimizer, tmp / "state")
+        rngs = [None] * run.world
+        dist.all_gather_object(rngs, rng_state())
+        if is_master():  # the completion marker, last: it lists every file written before it
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            state = {"step": step, "world_size": run.world, "config": dataclasses.asdict(cfg), "rng": rngs,
+                     "files": files, **meta}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+
+    write_atomic(folder, write, collective=True)  # an incomplete folder under this name (a damaged copy) is replaced
     if is_master():
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-        state = {"step": step, "world_size": run.world, "config": dataclasses.asdict(cfg), "rng": rngs,
-                 "files": files, **meta}
-        write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1) + "\n")
-        publish(tmp, final)  # an incomplete folder under this name (a damaged copy) is replaced
         prune(run.out_dir, step, cfg.keep_last)
-        print0(f"saved {final}" + ("" if hf else " (resumable state only)"))
+        print0(f"saved {folder}" + ("" if hf else " (resumable state only)"))
     dist.barrier()
-    return final
+    return folder
 
 
 def checkpoint_problem(folder):

@@ -18,6 +18,7 @@ SFT and WRPO) is the fusion-data pipeline's job: eval/split.py, eval/build.py.
 import bisect
 import hashlib
 import json
+import math
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,15 +123,6 @@ def read_records(path):
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     raise DataError(f"{path}: unsupported data file type '{path.suffix}' (use .jsonl, .json or .parquet)")
-
-
-def prompt_id_of(row):
-    """The row's prompt_id, or one derived from its prompt text (the same on every machine)."""
-    pid = row.get("prompt_id")
-    if pid not in (None, ""):
-        return str(pid)
-    text = json.dumps(row.get("prompt"), sort_keys=True, ensure_ascii=False)
-    return "sha256-" + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 # -----------------------------------------------------------------------------
@@ -425,11 +417,14 @@ def train_steps(n_rows, epochs, seed, global_batch, rank, world, total_steps, st
             step += 1
 
 
-def micro_batches(rows, size, budget=0, lengths=None, device=None):
-    """One step's rows on this rank as micro-batches: `size` rows each (budget 0), or packed into
-    micro-batches of at most `budget` tokens (lengths: tokens per row), as many on every rank."""
-    if not budget:
-        return [rows[i : i + size] for i in range(0, len(rows), size)]
+def micro_batches_by_rows(rows, size):
+    """One step's rows on this rank as micro-batches of `size` rows (the same count on every rank)."""
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def micro_batches_by_tokens(rows, lengths, budget, device):
+    """One step's rows on this rank packed into micro-batches of at most `budget` tokens (lengths:
+    tokens per row, indexed by row), then as many micro-batches as every other rank has. Collective."""
     return same_count_on_all_ranks([[rows[i] for i in b] for b in pack([lengths[i] for i in rows], budget)], device)
 
 
@@ -454,7 +449,7 @@ def eval_batches(n_items, micro_batch, rank, world):
     Rank r takes the r-th contiguous slice. Every rank yields the same number of micro-batches
     (FSDP's collectives need it); ranks short of items repeat item 0 with weight 0.
     """
-    per_rank = -(-n_items // world)
+    per_rank = math.ceil(n_items / world)
     for start in range(0, per_rank, micro_batch):
         idx = [rank * per_rank + start + j for j in range(min(micro_batch, per_rank - start))]
         yield [i if i < n_items else 0 for i in idx], torch.tensor([float(i < n_items) for i in idx])

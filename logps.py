@@ -202,12 +202,10 @@ def model_sequence_logps(model, batch):
     A padded batch carries an attention_mask; a packed one carries position_ids that restart
     per sequence and no mask (see data.collate_packed), and `segments` when the sums are per
     sequence rather than per row. use_cache=False matters for packing: with a cache,
-    transformers lets packed examples attend to each other.
+    transformers lets packed examples attend to each other. The model needs attach_label_logps first.
     """
-    if not hasattr(model, "label_logps"):
-        attach_label_logps(model)
     logps = model.label_logps(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                                 batch.get("position_ids"))
+                              batch.get("position_ids"))
     scored = batch["labels"][:, 1:] != IGNORE
     if "segments" not in batch:  # one sequence per row
         return logps.sum(-1), scored.sum(-1)

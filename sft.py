@@ -13,6 +13,7 @@ Settings: `--config=file.json` (optional), then `--key=value` overrides; see Con
 """
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -22,9 +23,9 @@ import data
 from checkpoint import restore, resume_state, save_checkpoint, save_final
 from fsdp_utils import cleanup, print0
 from logps import model_sequence_logps
-from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, finite_step, \
-    every, get_lr, global_sum, load_sharded_model, parse_config, set_lr, start_run, stop_requested, stop_signals, \
-    throughput, to_device, total_steps_for, write_run_config
+from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, every, \
+    get_lr, global_sum, load_sharded_model, nonfinite_step, parse_config, set_lr, start_run, stop_requested, \
+    stop_signals, throughput, to_device, total_steps_for, write_run_config
 
 
 @dataclass
@@ -115,13 +116,13 @@ def main(argv):
     skipped = state["skipped_steps"] if state else 0
     log = MetricsLog(run, total_steps, start, cfg.log_every, "sft", LOG_FIELDS)
 
-    # --- training loop
+    # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
         for step, epoch, rows in data.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size, run.rank,
                                                   run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
-            micro_batches = data.micro_batches(rows, cfg.micro_batch_size)  # of sequences, each a group of examples
+            micro_batches = data.micro_batches_by_rows(rows, cfg.micro_batch_size)  # of sequences (groups of examples)
             groups = [[[examples[e] for e in seqs[i]] for i in mb] for mb in micro_batches]
             batches = [data.collate_packed(g, run.pad_id) for g in groups]
             # the step's loss is the mean over every loss token of the global batch: count them first
@@ -135,10 +136,10 @@ def main(argv):
                 seen.append(([", ".join(ex.where for ex in seq) for seq in group], nll.detach()))
             metrics = sums.mean()
             grad_norm = clip_grad_norm(policy, cfg.grad_clip)
-            if finite_step(step + 1, metrics["loss"], grad_norm, seen, run, cfg):  # else stops, or skips the update
+            if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
                 optimizer.step()
-            else:
-                skipped += 1
+            else:  # stops, naming the rows at fault (nonfinite=stop), or leaves the weights as they are (skip)
+                skipped = nonfinite_step(step + 1, metrics["loss"], grad_norm, seen, run, cfg, skipped)
             optimizer.zero_grad(set_to_none=True)
 
             # --- log, evaluate, checkpoint; after SIGTERM / SIGINT on any rank, save and stop
@@ -149,15 +150,15 @@ def main(argv):
                 m.update(held_out(policy, eval_examples, eval_seqs, cfg, run, step + 1))
             log.log(m)
             meta = {"fingerprint": fingerprint, "eval_before": eval_before, "skipped_steps": skipped}
-            if every(cfg.save_every, step + 1, total_steps):
-                save_checkpoint(run, cfg, policy, optimizer, step + 1, meta)
-            if signum := stop_requested(signals, run.device):  # quick: only the resumable state
+            if signum := stop_requested(signals, run.device):  # quick: the resumable state only, no HF weights
                 path = save_checkpoint(run, cfg, policy, optimizer, step + 1, meta, hf=False)
                 raise Preempted(signum, step + 1, path)
+            if every(cfg.save_every, step + 1, total_steps):
+                save_checkpoint(run, cfg, policy, optimizer, step + 1, meta)
 
-    # --- final evaluation and weights
-    log.close(held_out(policy, eval_examples, eval_seqs, cfg, run, total_steps, before=eval_before))
-    save_final(run, cfg, policy, total_steps, skipped)
+        # --- final evaluation and weights
+        log.close(held_out(policy, eval_examples, eval_seqs, cfg, run, total_steps, before=eval_before))
+        save_final(run, cfg, policy, total_steps, skipped)
     cleanup()
 
 

@@ -75,6 +75,9 @@ RESUME_FREE = {"resume", "overwrite", "out_dir", "data", "eval_data", "micro_bat
                "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows", "trust_remote_code"}
 
 
+RENAMED = {"logprobs": "logps_impl"}  # old setting names, to point a user's old config at the new one
+
+
 class ConfigError(ValueError):
     """A user-facing problem with settings, paths or the output folder."""
 
@@ -86,7 +89,8 @@ def parse_config(cls, argv):
 
     def convert(key, raw, source):
         if key not in fields:
-            raise ConfigError(f"{source}: unknown setting '{key}' (valid: {', '.join(fields)})")
+            renamed = f" (renamed {RENAMED[key]})" if key in RENAMED else ""
+            raise ConfigError(f"{source}: unknown setting '{key}'{renamed} (valid: {', '.join(fields)})")
         want = fields[key].type
         if isinstance(raw, str) and want is not str:
             low = raw.lower()
@@ -283,8 +287,8 @@ def load_sharded_model(path, run, cfg, trainable):
 
 
 def every(n, step, total_steps):
-    """A periodic evaluation or save after `step`: every n steps (n = 0: never), except the last, which the run's
-    end evaluates and saves anyway."""
+    """Whether a periodic evaluation or save is due after `step`: every n steps (n = 0: never), but never after
+    the last step, which the end of the run evaluates and saves anyway."""
     return n > 0 and step % n == 0 and step < total_steps
 
 
@@ -308,15 +312,13 @@ class TrainingError(RuntimeError):
     """The run stopped on a fault (a non-finite loss or gradient norm); exit code 3."""
 
 
-def finite_step(step, loss, grad_norm, seen, run, cfg):
-    """True when step's loss and gradient norm are finite (both are global: every rank agrees).
+def nonfinite_step(step, loss, grad_norm, seen, run, cfg, skipped):
+    """A step whose loss or gradient norm is not finite (both are global: every rank gets here).
 
-    Otherwise names the rows at fault (seen: this rank's (row names, per-row losses) per
-    micro-batch; those with a non-finite loss, else all of the step's) and, with nonfinite=stop,
-    raises TrainingError before the weights change; with nonfinite=skip prints them and returns False.
+    Names the rows at fault (seen: this rank's (row names, per-row losses) per micro-batch; those
+    with a non-finite loss, else all of the step's). nonfinite=stop raises TrainingError before the
+    weights change; nonfinite=skip prints them and returns the new count of skipped steps.
     """
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return True
     bad = [name for names, losses in seen
            for name, x in zip(names, losses.float().reshape(len(names), -1)) if not torch.isfinite(x).all()]
     gathered = [None] * run.world
@@ -326,8 +328,9 @@ def finite_step(step, loss, grad_norm, seen, run, cfg):
     where = "rows with a non-finite loss" if not math.isfinite(loss) else "the step's rows"
     listed = ", ".join(rows[:20]) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
     if cfg.nonfinite == "skip":
-        print0(f"step {step}: {what}; step skipped (weights not updated); {where}: {listed}")
-        return False
+        print0(f"step {step}: {what}; step skipped (weights not updated; {skipped + 1} skipped so far); "
+               f"{where}: {listed}")
+        return skipped + 1
     raise TrainingError(f"step {step}: {what}; stopped without updating the weights. {where}: {listed}. "
                         f"Newest checkpoint: {newest_checkpoint(run.out_dir) or 'none'}. Lower lr, check those "
                         "rows, or pass --nonfinite=skip to skip such steps")

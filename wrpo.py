@@ -9,6 +9,7 @@ Settings: `--config=file.json` (optional), then `--key=value` overrides; see Con
 
 import dataclasses
 import hashlib
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ import data
 from checkpoint import load_reference_logps, restore, resume_state, save_checkpoint, save_final, save_reference_logps
 from fsdp_utils import cleanup, is_master, print0
 from logps import model_sequence_logps
-from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, finite_step, \
-    every, get_lr, load_sharded_model, parse_config, resolve_model, set_lr, start_run, stop_requested, \
-    stop_signals, throughput, to_device, total_steps_for, write_run_config
+from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, \
+    every, get_lr, load_sharded_model, nonfinite_step, parse_config, resolve_model, set_lr, start_run, \
+    stop_requested, stop_signals, throughput, to_device, total_steps_for, write_run_config
 
 
 @dataclass
@@ -52,9 +53,6 @@ class Config(TrainConfig):
     shared_prompt: bool = True  # with packing and packed_sdpa attention: one copy of each prompt for its responses
     max_prompt_length: int = 1800  # prompt tokens kept (from the end) when a row is too long
     truncation: str = "keep_end"  # keep_end: the paper's rule; error: reject over-long rows
-
-    def __post_init__(self):  # shared prompts need packing and packed_sdpa attention: off without them
-        self.shared_prompt = self.shared_prompt and self.packing and self.attn_implementation == attention.NAME
 
 
 LOSS_TYPES = ("sigmoid", "ipo", "simpo")
@@ -164,6 +162,11 @@ def preference_forward(policy, batch, ref_logps, alpha, cfg):
     return losses, rewards, logps
 
 
+def collate(rows, cfg, pad_id, device):
+    """A micro-batch of preference rows as tensors on `device`, packed (and prompts shared) as cfg says."""
+    return to_device(data.collate_preference(rows, pad_id, cfg.packing, cfg.shared_prompt), device)
+
+
 def _won(a, b):
     """1 where a > b, 1/2 on ties: an untrained policy (identical to its reference) scores 0.5."""
     return (a > b).float() + 0.5 * (a == b).float()
@@ -179,6 +182,7 @@ def row_metrics(losses, rewards, logps):
     m["rewards/target_accuracies"] = _won(rewards["target_chosen"], rewards["rejected"])
     m.update({f"logps/{k}": v for k, v in logps.items()})
     return m
+
 
 # -----------------------------------------------------------------------------
 # the reference: its log-probs precomputed in one pass (and cached), or the live frozen model
@@ -206,17 +210,20 @@ def reference_cache_path(cfg, ref_path, rows, data_path):
 @torch.no_grad()
 def compute_reference(ref, rows, cfg, run, desc):
     """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks."""
-    per_rank = -(-len(rows) // run.world)
-    mine = torch.zeros(per_rank, 3, device=run.device)
-    at = 0
-    for idx, _ in tqdm(list(data.eval_batches(len(rows), cfg.micro_batch_size, run.rank, run.world)), desc=desc,
-                       disable=not is_master() or not sys.stderr.isatty()):
-        batch = data.collate_preference([rows[i] for i in idx], run.pad_id, cfg.packing, cfg.shared_prompt)
-        mine[at : at + len(idx)] = row_logps(ref, to_device(batch, run.device)).float()
-        at += len(idx)
-    parts = [torch.zeros_like(mine) for _ in range(run.world)]
-    dist.all_gather(parts, mine)  # rank r holds rows [r * per_rank, (r + 1) * per_rank)
-    return torch.cat(parts)[: len(rows)].cpu()
+    idx, weights, logps = [], [], []
+    for batch_idx, weight in tqdm(list(data.eval_batches(len(rows), cfg.micro_batch_size, run.rank, run.world)),
+                                  desc=desc, disable=not is_master() or not sys.stderr.isatty()):
+        logps.append(row_logps(ref, collate([rows[i] for i in batch_idx], cfg, run.pad_id, run.device)).float())
+        idx += batch_idx
+        weights.append(weight)
+    mine = [torch.tensor(idx, device=run.device), torch.cat(weights).to(run.device), torch.cat(logps)]
+    every_rank = [[torch.zeros_like(t) for _ in range(run.world)] for t in mine]
+    for parts, t in zip(every_rank, mine):  # each rank holds as many items (eval_batches pads with weight 0)
+        dist.all_gather(parts, t)
+    idx, weights, logps = (torch.cat(parts).cpu() for parts in every_rank)
+    table = torch.zeros(len(rows), 3)
+    table[idx[weights > 0]] = logps[weights > 0]
+    return table
 
 
 def load_reference(cfg, run, train_rows, eval_rows):
@@ -239,7 +246,8 @@ def load_reference(cfg, run, train_rows, eval_rows):
             print0(f"reference log-probs: {path} (cached)")
             tables.append(load_reference_logps(path))
             continue
-        ref = ref or load_sharded_model(ref_path, run, cfg, trainable=False)
+        if ref is None:  # loaded only when a cache is missing, and freed on return
+            ref = load_sharded_model(ref_path, run, cfg, trainable=False)
         t0 = time.time()
         tables.append(compute_reference(ref, rows, cfg, run, f"reference {Path(data_path).name}"))
         if is_master() and save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)}):
@@ -248,10 +256,14 @@ def load_reference(cfg, run, train_rows, eval_rows):
 
 
 def reference_logps(reference, rows, batch):
-    """[B, 3] reference log-probs of a micro-batch (`rows`: their indices, `batch`: them collated): looked up
-    in a precomputed table, or computed by the live model; None without a reference (SimPO)."""
-    if reference is None or torch.is_tensor(reference):
-        return reference if reference is None else reference[rows].to(batch["input_ids"].device)
+    """[B, 3] reference log-probs of a micro-batch (`rows`: their indices, `batch`: them collated).
+
+    reference (load_reference): a precomputed [n_rows, 3] table, the live frozen model, or None (SimPO).
+    """
+    if reference is None:
+        return None
+    if torch.is_tensor(reference):
+        return reference[rows].to(batch["input_ids"].device)
     with torch.no_grad():
         return row_logps(reference, batch)
 
@@ -263,12 +275,11 @@ def reference_logps(reference, rows, batch):
 @torch.no_grad()
 def evaluate(policy, reference, rows, alpha, cfg, pad_id, device):
     """Held-out implicit-reward metrics (accuracy: the weighted chosen reward beats the rejected one),
-    over all ranks. reference: as for reference_logps."""
+    over all ranks. reference: as for reference_logps; cfg: the objective's settings and the batching's."""
     policy.eval()
     sums = MetricSum()
     for idx, weight in data.eval_batches(len(rows), cfg.micro_batch_size, dist.get_rank(), dist.get_world_size()):
-        batch = to_device(data.collate_preference([rows[i] for i in idx], pad_id, cfg.packing, cfg.shared_prompt),
-                          device)
+        batch = collate([rows[i] for i in idx], cfg, pad_id, device)
         losses, rewards, logps = preference_forward(policy, batch, reference_logps(reference, idx, batch), alpha, cfg)
         sums.add(row_metrics(losses, rewards, logps), weight.to(device))
     policy.train()
@@ -314,36 +325,39 @@ def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before a model is loaded or a file written
     cfg = parse_config(Config, argv)
     run = start_run(cfg, wrpo_problems(cfg))
+    cfg.shared_prompt = cfg.shared_prompt and cfg.packing and cfg.attn_implementation == attention.NAME  # else off
     train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
     fingerprint = data.fingerprint(train_rows)
     state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO)
     lengths = [data.row_length(r) for r in train_rows]  # tokens/s counts every sequence with its prompt
     packed_lengths = [data.row_length(r, cfg.shared_prompt) for r in train_rows]  # the tokens a forward runs
-    budget = (cfg.max_tokens_per_micro_batch or 3 * cfg.max_length) if cfg.packing else 0  # tokens per micro-batch
+    budget = cfg.max_tokens_per_micro_batch or 3 * cfg.max_length  # tokens per micro-batch, with packing
     print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps, budget)
     write_run_config(run, cfg)
-    ref_train, ref_eval = load_reference(cfg, run, train_rows, eval_rows)
+    train_reference, eval_reference = load_reference(cfg, run, train_rows, eval_rows)  # tables, a model, or None
     policy = load_sharded_model(run.model_path, run, cfg, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
-    eval_before = state["eval_before"] if state else held_out(policy, ref_eval, eval_rows, cfg, run, 0, total_steps)
+    eval_before = state["eval_before"] if state else held_out(policy, eval_reference, eval_rows, cfg, run, 0,
+                                                              total_steps)
     skipped = state["skipped_steps"] if state else 0
     log = MetricsLog(run, total_steps, start, cfg.log_every, "wrpo", LOG_FIELDS)
 
-    # --- training loop
+    # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
         for step, epoch, rows in data.train_steps(len(train_rows), cfg.epochs, cfg.seed, cfg.global_batch_size,
                                                   run.rank, run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
+            micro_batches = (data.micro_batches_by_tokens(rows, packed_lengths, budget, run.device) if cfg.packing
+                             else data.micro_batches_by_rows(rows, cfg.micro_batch_size))
             sums, seen = MetricSum(), []
-            for mb in data.micro_batches(rows, cfg.micro_batch_size, budget, packed_lengths, run.device):
-                batch = data.collate_preference([train_rows[i] for i in mb], run.pad_id, cfg.packing, cfg.shared_prompt)
-                batch = to_device(batch, run.device)
-                ref_logps = reference_logps(ref_train, mb, batch)  # precomputed, from the live model, or None (SimPO)
+            for mb in micro_batches:
+                batch = collate([train_rows[i] for i in mb], cfg, run.pad_id, run.device)
+                ref_logps = reference_logps(train_reference, mb, batch)  # precomputed, the live model's, or None
                 losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
                 # FSDP averages gradients over ranks: dividing by this rank's rows gives the global mean's gradient
                 (losses.sum() / len(rows)).backward()
@@ -351,10 +365,10 @@ def main(argv):
                 seen.append(([data.row_name(train_rows[i]) for i in mb], losses.detach()))
             metrics = sums.mean()
             grad_norm = clip_grad_norm(policy, cfg.grad_clip)
-            if finite_step(step + 1, metrics["loss"], grad_norm, seen, run, cfg):  # else stops, or skips the update
+            if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
                 optimizer.step()
-            else:
-                skipped += 1
+            else:  # stops, naming the rows at fault (nonfinite=stop), or leaves the weights as they are (skip)
+                skipped = nonfinite_step(step + 1, metrics["loss"], grad_norm, seen, run, cfg, skipped)
             optimizer.zero_grad(set_to_none=True)
 
             # --- log, evaluate, checkpoint; after SIGTERM / SIGINT on any rank, save and stop
@@ -362,23 +376,23 @@ def main(argv):
                  **throughput(sum(lengths[i] for i in rows), t0, run, policy, sum(packed_lengths[i] for i in rows)),
                  "skipped_steps": skipped}
             if every(cfg.eval_every, step + 1, total_steps):
-                m.update(held_out(policy, ref_eval, eval_rows, cfg, run, step + 1, total_steps))
+                m.update(held_out(policy, eval_reference, eval_rows, cfg, run, step + 1, total_steps))
             log.log(m)
             meta = {"fingerprint": fingerprint, "eval_before": eval_before, "skipped_steps": skipped}
-            if every(cfg.save_every, step + 1, total_steps):
-                save_checkpoint(run, cfg, policy, optimizer, step + 1, meta)
-            if signum := stop_requested(signals, run.device):  # quick: only the resumable state
+            if signum := stop_requested(signals, run.device):  # quick: the resumable state only, no HF weights
                 path = save_checkpoint(run, cfg, policy, optimizer, step + 1, meta, hf=False)
                 raise Preempted(signum, step + 1, path)
+            if every(cfg.save_every, step + 1, total_steps):
+                save_checkpoint(run, cfg, policy, optimizer, step + 1, meta)
 
-    # --- final evaluation and weights
-    log.close(held_out(policy, ref_eval, eval_rows, cfg, run, total_steps, total_steps, before=eval_before))
-    save_final(run, cfg, policy, total_steps, skipped)
+        # --- final evaluation and weights
+        log.close(held_out(policy, eval_reference, eval_rows, cfg, run, total_steps, total_steps, before=eval_before))
+        save_final(run, cfg, policy, total_steps, skipped)
     cleanup()
 
 
 def print_plan(cfg, run, n_train, n_eval, total_steps, budget):
-    micro = f"micro-batches of <= {budget} tokens" if budget else f"micro-batches of {cfg.micro_batch_size} rows"
+    micro = f"micro-batches of <= {budget} tokens" if cfg.packing else f"micro-batches of {cfg.micro_batch_size} rows"
     micro += ", prompts shared by their responses" if cfg.shared_prompt else ""
     print0(f"{n_train} training rows, {n_eval} held-out rows; world {run.world} on {run.device.type}; "
            f"{total_steps} optimizer steps of {cfg.global_batch_size} rows ({cfg.global_batch_size // run.world} "

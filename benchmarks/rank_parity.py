@@ -25,7 +25,7 @@ STAGE_ARGS = {
 }
 
 
-def run(script, world, dtype, steps, out):
+def train(script, world, dtype, steps, out):
     args = [f"--max_steps={steps}", "--global_batch_size=8", "--micro_batch_size=2", "--lr=1e-3", "--max_length=128",
             "--save_dtype=float32", f"--dtype={dtype}", f"--out_dir={out}", *STAGE_ARGS[script]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -42,7 +42,7 @@ def main():
     weights = {}
     with tempfile.TemporaryDirectory() as tmp:
         for script, dtype in (("wrpo.py", "float32"), ("wrpo.py", "bfloat16"), ("sft.py", "float32")):
-            (l1, w1), (l2, w2) = (run(script, n, dtype, steps, Path(tmp) / f"{script}{dtype}{n}") for n in (1, 2))
+            (l1, w1), (l2, w2) = (train(script, n, dtype, steps, Path(tmp) / f"{script}{dtype}{n}") for n in (1, 2))
             for i, (a, b) in enumerate(zip(l1, l2), 1):
                 print(f"| {script} | {dtype} | {i} | {a:.7f} | {b:.7f} | {abs(a - b):.2e} |")
             weights[script, dtype] = max((w1[k] - w2[k]).abs().max().item() for k in w1)

@@ -97,7 +97,7 @@ def write_jsonl(rows, path):
     return path
 
 
-def run(*cmd, log):
+def call(*cmd, log):
     """A project script as a subprocess (like a user would run it); its output goes to the log."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     t0 = time.time()
@@ -141,7 +141,7 @@ def score_file(samples, out):
 
 def evaluate(model, heldout, folder, name, log):
     out = folder / f"answers-{name}.jsonl"
-    run("-m", "eval.generate", f"--model={model}", f"--prompts={heldout}", f"--out={out}", "--num_samples=1",
+    call("-m", "eval.generate", f"--model={model}", f"--prompts={heldout}", f"--out={out}", "--num_samples=1",
         "--temperature=0", "--max_new_tokens=12", "--batch_size=64", "--dtype=float32", log=log)
     per_task = {}
     for r in (json.loads(x) for x in out.read_text().splitlines()):
@@ -176,7 +176,7 @@ def one_seed(seed, folder, args, log):
     write_jsonl([{"messages": r["prompt"] + [{"role": "assistant",
                                               "content": weak_answer(rng, r["prompt"][0]["content"], args.bug_rate)}]}
                  for r in pre], folder / "pretrain.jsonl")
-    run("sft.py", f"--model={folder / 'target'}", f"--data={folder / 'pretrain.jsonl'}",
+    call("sft.py", f"--model={folder / 'target'}", f"--data={folder / 'pretrain.jsonl'}",
         f"--out_dir={folder / 'pretrained'}", "--lr=3e-3", "--global_batch_size=64", "--micro_batch_size=64",
         f"--epochs={args.pretrain_epochs}", *common, log=log)
     target = folder / "pretrained" / "final"
@@ -193,19 +193,19 @@ def one_seed(seed, folder, args, log):
         scored.append(score_file(write_jsonl(src_rows, folder / f"{name}.jsonl"), folder / f"{name}.scored.jsonl"))
 
     # the paper's pipeline
-    run("-m", "eval.split", f"--data={folder / 'prompts.jsonl'}", f"--out_dir={folder / 'split'}", "--overwrite",
+    call("-m", "eval.split", f"--data={folder / 'prompts.jsonl'}", f"--out_dir={folder / 'split'}", "--overwrite",
         log=log)
-    run("-m", "eval.build", "--sources", *scored, f"--prompts={folder / 'split' / 'sft.jsonl'}",
+    call("-m", "eval.build", "--sources", *scored, f"--prompts={folder / 'split' / 'sft.jsonl'}",
         f"--out={folder / 'sft_rows.jsonl'}", "--overwrite", log=log)
-    run("sft.py", f"--model={target}", f"--data={folder / 'sft_rows.jsonl'}", f"--out_dir={folder / 'sft'}",
+    call("sft.py", f"--model={target}", f"--data={folder / 'sft_rows.jsonl'}", f"--out_dir={folder / 'sft'}",
         f"--lr={args.sft_lr}", "--global_batch_size=16", "--micro_batch_size=16", f"--epochs={args.sft_epochs}",
         *common, log=log)
     sft = folder / "sft" / "final"
-    run("-m", "eval.generate", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
+    call("-m", "eval.generate", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
         f"--out={folder / 'target_samples.jsonl'}", f"--num_samples={args.k}", "--max_new_tokens=12",
         "--batch_size=64", "--dtype=float32", f"--seed={seed}", log=log)
     score_file(folder / "target_samples.jsonl", folder / "target_scored.jsonl")
-    run("-m", "eval.build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
+    call("-m", "eval.build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
         f"--out={folder / 'wrpo_rows.jsonl'}", "--overwrite", log=log)
     n_rows = len((folder / "wrpo_rows.jsonl").read_text().splitlines())
 
@@ -215,7 +215,7 @@ def one_seed(seed, folder, args, log):
                 "Target-SFT-WRPO (constant alpha)": [f"--alpha={args.alpha}", "--alpha_schedule=constant"]}
     for name, extra in variants.items():
         out = folder / name.replace(" ", "_").replace("(", "").replace(")", "")
-        run("wrpo.py", f"--model={sft}", f"--data={folder / 'wrpo_rows.jsonl'}", f"--out_dir={out}",
+        call("wrpo.py", f"--model={sft}", f"--data={folder / 'wrpo_rows.jsonl'}", f"--out_dir={out}",
             f"--beta={args.beta}", f"--lr={args.lr}", "--global_batch_size=16", "--micro_batch_size=16",
             f"--epochs={args.wrpo_epochs}", f"--ref_cache_dir={folder}", "--max_prompt_length=32", *common, *extra,
             log=log)

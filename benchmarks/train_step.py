@@ -96,7 +96,7 @@ def make_model(folder, p):
     return tokenizer
 
 
-def run_variant(name, args, folder, data, p):
+def time_variant(name, args, folder, data, p):
     """One `python wrpo.py` run: its per-step metrics after the first step, and the reference pass time."""
     out = folder / re.sub(r"\W+", "_", name)
     cmd = [sys.executable, "wrpo.py", f"--model={folder / 'model'}", f"--data={data}", f"--out_dir={out}",
@@ -135,7 +135,7 @@ def main():
         steps, precompute = {name: [] for name in VARIANTS}, {}
         for _ in range(args.repeats):  # interleaved, so that a slow spell of a shared machine hits all variants
             for name, a in VARIANTS.items():
-                s, pre = run_variant(name, a, folder, data, p)
+                s, pre = time_variant(name, a, folder, data, p)
                 steps[name] += s
                 precompute[name] = precompute.get(name) or pre  # the first run fills the cache
         results = {name: summary(steps[name], precompute[name]) for name in VARIANTS}

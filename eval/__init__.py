@@ -9,7 +9,8 @@
     python -m eval.implicit_reward ...  held-out implicit-reward accuracy of a policy
     python -m eval.plot ...             curves of a run's metrics.jsonl
 
-Everything here that needs no model (judge without its rm mode, plot, questions) does not import torch.
+judge (but for its rm mode), plot and questions do not import torch: they run where only the standard library
+and numpy are installed.
 """
 
 import sys

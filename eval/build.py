@@ -14,9 +14,9 @@ import math
 import sys
 from pathlib import Path
 
-from data import DataError, RowError, convert_rows, prompt_id_of, prompt_messages, read_records
+from data import DataError, RowError, convert_rows, prompt_messages, read_records
 from eval import fail
-from eval.common import write_jsonl
+from eval.common import prompt_id_of, write_jsonl
 
 
 def read_scored(path):

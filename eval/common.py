@@ -162,3 +162,12 @@ def write_jsonl(rows, path):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     write_atomic(path, write)
+
+
+def prompt_id_of(row):
+    """The row's prompt_id, or one derived from its prompt text (the same on every machine)."""
+    pid = row.get("prompt_id")
+    if pid not in (None, ""):
+        return str(pid)
+    text = json.dumps(row.get("prompt"), sort_keys=True, ensure_ascii=False)
+    return "sha256-" + hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import data
 from eval import fail
-from eval.common import done_rows, generate, load_for_eval, merge, model_name, write_rows
+from eval.common import done_rows, generate, load_for_eval, merge, model_name, prompt_id_of, write_rows
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
 
 
@@ -54,7 +54,7 @@ def read_prompts(path):
     def checked(rec, where):
         if not isinstance(rec, dict) or "prompt" not in rec:
             raise data.RowError("missing field 'prompt'")
-        return data.prompt_id_of(rec), data.prompt_messages(rec["prompt"])
+        return prompt_id_of(rec), data.prompt_messages(rec["prompt"])
 
     prompts = data.convert_rows(path, checked)
     seen = set()

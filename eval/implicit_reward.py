@@ -13,13 +13,14 @@ margins and mean log-probs. A model equal to its reference scores 0.5 (ties coun
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import attention
 import data
 import wrpo
+from checkpoint import write_atomic
 from eval import fail
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, load_model, print0, resolve_model_path
+from logps import attach_label_logps
 
 
 def parse_args(argv):
@@ -54,10 +55,11 @@ def main(argv):
                                          max_prompt_length=args.max_prompt_length)
     except (OSError, ValueError) as e:  # bad paths (OSError) or data (DataError is a ValueError)
         fail(str(e))
-    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype)
+    # the objective and the batching as in training: WRPO's own settings (packed rows, shared prompts)
+    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size)
     attention.register()
-    policy, reference = (load_model(p, mesh, device, DTYPES[args.dtype], trainable=False,
-                                    attn_implementation=cfg.attn_implementation) for p in paths)
+    policy, reference = (attach_label_logps(load_model(p, mesh, device, DTYPES[args.dtype], trainable=False,
+                                                       attn_implementation=cfg.attn_implementation)) for p in paths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, pad_id, device)  # the live reference model
     m = {k.removeprefix("eval/"): v for k, v in m.items()}
@@ -65,9 +67,9 @@ def main(argv):
            f"source {m['rewards/source_accuracies']:.3f}, target {m['rewards/target_accuracies']:.3f}, "
            f"margin {m['rewards/margins']:.4g} (beta {args.beta})")
     if args.out and is_master():
-        Path(args.out).write_text(json.dumps({"model": args.model, "ref_model": args.ref_model, "data": args.data,
-                                              "rows": len(rows), "beta": args.beta, "alpha": args.alpha, **m},
-                                             indent=1) + "\n")
+        summary = {"model": args.model, "ref_model": args.ref_model, "data": args.data, "rows": len(rows),
+                   "beta": args.beta, "alpha": args.alpha, **m}
+        write_atomic(args.out, json.dumps(summary, indent=1) + "\n")
     cleanup()
 
 

@@ -118,7 +118,7 @@ class JudgeClient:
         raise JudgeError(f"the judge endpoint {self.url} failed {self.retries + 1} times; last: {last[0]}")
 
 
-def run_all(client, requests, workers):
+def call_all(client, requests, workers):
     """Replies to every request (a list of messages), in order, `workers` at a time."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         try:
@@ -279,7 +279,7 @@ def pairwise(args, client):
     for i in ids:  # both orderings cancel the judge's position bias
         user = ours[i][0]
         requests += [pairwise_request(user, ours[i][1], base[i][1]), pairwise_request(user, base[i][1], ours[i][1])]
-    replies = run_all(client, requests, args.workers)
+    replies = call_all(client, requests, args.workers)
     per_question, malformed = [], 0
     for k, i in enumerate(ids):
         first, second = verdict(replies[2 * k]), verdict(replies[2 * k + 1])
@@ -307,7 +307,7 @@ def single(args, client):
     requests = [single_request(*ours[i], t, refs[i][1][t] if i in refs and t < len(refs[i][1]) and
                                questions[i].get("category") in args.reference_categories else None)
                 for i, t in jobs]
-    replies = run_all(client, requests, args.workers)
+    replies = call_all(client, requests, args.workers)
     ratings = [(i, t, rating(r)) for (i, t), r in zip(jobs, replies)]
     valid = [(i, t, r) for i, t, r in ratings if r is not None]
     if not valid:

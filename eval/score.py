@@ -24,7 +24,7 @@ import torch
 
 import data
 from eval import fail
-from eval.common import done_rows, load_for_eval, merge, write_rows
+from eval.common import done_rows, load_for_eval, merge, prompt_id_of, write_rows
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
 
 
@@ -55,7 +55,7 @@ def read_samples(path):
         texts = rec["responses"]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise data.RowError("responses must be a non-empty list of strings")
-        return {**rec, "prompt_id": data.prompt_id_of(rec)}
+        return {**rec, "prompt_id": prompt_id_of(rec)}
 
     rows = data.convert_rows(path, checked)
     if len({r["prompt_id"] for r in rows}) != len(rows):

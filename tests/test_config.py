@@ -28,6 +28,7 @@ def test_overrides_are_typed(tmp_path):
     (["--beta=high"], "beta must be float"),
     (["--trust_remote_code=maybe"], "trust_remote_code must be bool"),
     (["--nope=1"], "unknown setting 'nope'"),
+    (["--logprobs=naive"], r"unknown setting 'logprobs' \(renamed logps_impl\)"),  # an old config's key
     (["beta=1"], "expected --key=value"),
     (["--config=/no/such.json"], "cannot read JSON config"),
 ])

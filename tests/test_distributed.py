@@ -28,7 +28,7 @@ def test_sharded_loading_and_hf_checkpoints(tmp_path):
     assert r["save_bf16"]["architectures"] == ["LlamaForCausalLM"] and r["save_bf16"]["dtype"] == "bfloat16"
 
 
-def _run(tmp_path, world, dtype, *extra):
+def _train(tmp_path, world, dtype, *extra):
     out = tmp_path / f"{dtype}_{world}"
     torchrun(world, REPO / "wrpo.py", *SHORT_RUN, f"--dtype={dtype}", f"--out_dir={out}",
              f"--ref_cache_dir={tmp_path / 'cache'}", *extra)
@@ -52,9 +52,9 @@ def _run(tmp_path, world, dtype, *extra):
 @pytest.mark.parametrize("dtype,loss_tol,weight_tol,shared", [("float32", 1e-5, 1e-5, "true"),
                                                               ("bfloat16", 2e-3, 5e-3, "false")])
 def test_two_ranks_match_one_rank(tmp_path, dtype, loss_tol, weight_tol, shared):
-    m1, w1 = _run(tmp_path, 1, dtype, "--ref_logps=live", "--logps_impl=naive", "--packing=false",
+    m1, w1 = _train(tmp_path, 1, dtype, "--ref_logps=live", "--logps_impl=naive", "--packing=false",
                   "--attn_implementation=sdpa")
-    m2, w2 = _run(tmp_path, 2, dtype, "--logps_impl=chunked", "--activation_checkpointing=true",
+    m2, w2 = _train(tmp_path, 2, dtype, "--logps_impl=chunked", "--activation_checkpointing=true",
                   "--max_tokens_per_micro_batch=200", f"--shared_prompt={shared}")
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3, 4, 5]
     for a, b in zip(m1, m2):
@@ -141,10 +141,10 @@ def test_compiled_layers_give_the_same_losses(tmp_path):
 def test_loss_variants_train(tmp_path, loss):
     """The ablation objectives run end to end; SimPO never loads or computes a reference."""
     extra = ["--beta=2.0", "--gamma=0.5", "--lr=3e-3"] if loss == "simpo" else []
-    run = _plain(*SHORT_RUN, f"--loss_type={loss}", f"--out_dir={tmp_path / loss}", f"--ref_cache_dir={tmp_path}",
+    proc = _plain(*SHORT_RUN, f"--loss_type={loss}", f"--out_dir={tmp_path / loss}", f"--ref_cache_dir={tmp_path}",
                  *extra)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert ("reference log-probs" in run.stdout) == (loss != "simpo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("reference log-probs" in proc.stdout) == (loss != "simpo")
     losses = [m["loss"] for m in read_jsonl(tmp_path / loss / "metrics.jsonl")]
     assert len(losses) == 5 and losses[-1] < losses[0]  # it trains
     bad = _plain(f"--loss_type={loss}x", f"--out_dir={tmp_path / 'bad'}")

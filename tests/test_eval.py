@@ -165,7 +165,7 @@ def alpaca_answers(tmp_path, name, texts):
     return path
 
 
-def run_judge(monkeypatch, *args, key="good-key"):
+def judge_with(monkeypatch, *args, key="good-key"):
     monkeypatch.setenv("JUDGE_KEY", key)
     judge.main([*args, "--api_key_env=JUDGE_KEY", "--retry_delay=0.01", "--workers=4", "--bootstrap=200"])
 
@@ -178,7 +178,7 @@ def test_pairwise_judging_retries_caches_and_counts(tmp_path, server, monkeypatc
     ours[3] = "MALFORMED " + ours[3]  # the judge gives no verdict for this question (both orderings)
     a, b, out = alpaca_answers(tmp_path, "ours", ours), alpaca_answers(tmp_path, "base", base), tmp_path / "pw.json"
     state["fail"] = [429, 500, 503, "garbage"]  # four transient failures before the first success
-    run_judge(monkeypatch, "pairwise", f"--answers={a}", f"--baseline={b}", f"--out={out}", f"--base_url={url}")
+    judge_with(monkeypatch, "pairwise", f"--answers={a}", f"--baseline={b}", f"--out={out}", f"--base_url={url}")
     result = json.loads(out.read_text())
     assert state["requests"] == 60 + 4 and result["judge"] == {"model": "gpt-4o", "base_url": url, "calls": 60,
                                                                 "cached": 0}
@@ -190,7 +190,7 @@ def test_pairwise_judging_retries_caches_and_counts(tmp_path, server, monkeypatc
     assert result["win_rate"] > 70 and lo < result["win_rate"] < hi and hi - lo < 50
     assert 0 <= result["lc_win_rate"] <= 100  # too few questions to pin it down: see test_length_controlled_win_rate
 
-    run_judge(monkeypatch, "pairwise", f"--answers={a}", f"--baseline={b}", f"--out={out}", f"--base_url={url}")
+    judge_with(monkeypatch, "pairwise", f"--answers={a}", f"--baseline={b}", f"--out={out}", f"--base_url={url}")
     assert state["requests"] == 64 and json.loads(out.read_text())["judge"]["cached"] == 60  # never pays twice
 
 
@@ -199,12 +199,12 @@ def test_judge_auth_and_exhausted_retries_fail_clearly(tmp_path, server, monkeyp
     a, b = alpaca_answers(tmp_path, "ours", ["a", "bb"]), alpaca_answers(tmp_path, "base", ["cc", "d"])
     args = ["pairwise", f"--answers={a}", f"--baseline={b}", f"--out={tmp_path / 'o.json'}", f"--base_url={url}"]
     with pytest.raises(SystemExit) as e:
-        run_judge(monkeypatch, *args, key="wrong-key")
+        judge_with(monkeypatch, *args, key="wrong-key")
     assert e.value.code == 2 and "rejected the API key (HTTP 401)" in capsys.readouterr().err
     assert state["requests"] <= 4  # no retries on a bad key (at most the calls already in flight)
     state["fail"] = [503] * 100
     with pytest.raises(SystemExit):
-        run_judge(monkeypatch, *args, "--retries=2")
+        judge_with(monkeypatch, *args, "--retries=2")
     assert "failed 3 times; last: HTTP 503" in capsys.readouterr().err
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(SystemExit):
@@ -221,7 +221,7 @@ def test_single_grading_mt_bench(tmp_path, server, monkeypatch):
                                        "choices": [{"index": 0, "turns": t}], "tstamp": 0.0}) + "\n"
                            for q, t in turns.items()))
     out = tmp_path / "single.json"
-    run_judge(monkeypatch, "single", f"--answers={ans}", f"--questions={mt}", f"--out={out}", f"--base_url={url}")
+    judge_with(monkeypatch, "single", f"--answers={ans}", f"--questions={mt}", f"--out={out}", f"--base_url={url}")
     r = json.loads(out.read_text())
     # the fake judge rates 1 + len // 10, capped at 10: 3, 6 | 1, - | 10, 10
     assert r["ratings"] == 5 and r["malformed_replies"] == 1

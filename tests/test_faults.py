@@ -60,12 +60,12 @@ def poisoned(tmp_path, step):
 def test_nonfinite_loss_stops_naming_step_and_rows(tmp_path, script, extra):
     model, rows, name = poisoned(tmp_path, step=3)
     out = tmp_path / "run"
-    run = plain(script, *RUN, *extra, f"--model={model}", f"--data={rows}", f"--out_dir={out}")
-    assert run.returncode == 3, run.stderr[-3000:]
-    assert "Traceback" not in run.stderr
-    assert "error: step 3: loss nan; stopped without updating the weights" in run.stderr
-    assert f"rows with a non-finite loss: {name.split(' (')[0] if script == 'sft.py' else name}." in run.stderr
-    assert f"Newest checkpoint: {out / 'step_000002'}" in run.stderr
+    proc = plain(script, *RUN, *extra, f"--model={model}", f"--data={rows}", f"--out_dir={out}")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: step 3: loss nan; stopped without updating the weights" in proc.stderr
+    assert f"rows with a non-finite loss: {name.split(' (')[0] if script == 'sft.py' else name}." in proc.stderr
+    assert f"Newest checkpoint: {out / 'step_000002'}" in proc.stderr
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "lr" in m] == [1, 2]
     assert not (out / "final").exists() and not (out / "step_000003").exists()  # nothing after the fault saved
 
@@ -87,6 +87,28 @@ def test_nonfinite_steps_skipped_when_asked(tmp_path, capsys):
     same = lambda a, b: bool(((a == b) | (a.isnan() & b.isnan())).all())  # noqa: E731 (the NaN row stays NaN)
     assert all(same(w2[k], w3[k]) for k in w2)  # the skipped step left the weights as they were
     assert not all(same(w3[k], w4[k]) for k in w3)  # and training went on
+
+
+def test_preemption_saves_the_resumable_state_only_even_on_a_save_step(tmp_path, monkeypatch):
+    """A stop request is checked before the periodic save: on a save_every step the quick state-only
+    checkpoint is written, not the HF weights first (a scheduler's grace period is short)."""
+    import signal
+
+    import wrpo
+    from training import Preempted
+
+    monkeypatch.chdir(REPO)
+    checks = []
+    monkeypatch.setattr(wrpo, "stop_requested", lambda received, device: checks.append(1) or (
+        signal.SIGTERM if len(checks) == 2 else 0))  # SIGTERM seen by some rank during step 2
+    out = tmp_path / "run"
+    with pytest.raises(Preempted) as e:
+        wrpo.main([*RUN, "--max_prompt_length=96", f"--out_dir={out}", f"--ref_cache_dir={tmp_path}"])
+    assert e.value.signum == signal.SIGTERM and "stopped by SIGTERM after step 2" in str(e.value)
+    assert (out / "step_000001" / "model.safetensors").exists()  # save_every=1: the step before, whole
+    assert (out / "step_000002" / "trainer_state.json").exists()
+    assert not (out / "step_000002" / "model.safetensors").exists()  # the preemption save: state only
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "lr" in m] == [1, 2]
 
 
 # -----------------------------------------------------------------------------
@@ -172,9 +194,9 @@ def test_bad_input_gets_its_own_message(bad_files, monkeypatch, args, message):
 @pytest.mark.slow
 def test_bad_input_through_the_command_line(bad_files):
     """The same errors from a script itself: exit 2, one message, no traceback (wrpo.py's: test_distributed)."""
-    run = plain("sft.py", f"--data={bad_files / 'bad_json.jsonl'}", f"--out_dir={bad_files / 'out'}")
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
-    assert "bad_json.jsonl:2: malformed JSON" in run.stderr and "--skip_invalid_rows=true" in run.stderr
+    proc = plain("sft.py", f"--data={bad_files / 'bad_json.jsonl'}", f"--out_dir={bad_files / 'out'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "bad_json.jsonl:2: malformed JSON" in proc.stderr and "--skip_invalid_rows=true" in proc.stderr
 
 
 def test_skip_invalid_rows(bad_files, capsys, monkeypatch):

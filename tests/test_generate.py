@@ -33,8 +33,8 @@ def test_samples_are_shaped_deterministic_and_resumable(tmp_path):
     first3, _ = prompts(tmp_path, 3, "first3.jsonl")
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for out in (a, b):
-        run = generate(*FAST, f"--prompts={path}", f"--out={out}")
-        assert run.returncode == 0, run.stderr[-3000:]
+        proc = generate(*FAST, f"--prompts={path}", f"--out={out}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_jsonl(a)
     assert [r["prompt_id"] for r in rows] == ids
     assert all(len(r["responses"]) == 3 and all(isinstance(t, str) for t in r["responses"]) for r in rows)
@@ -50,8 +50,8 @@ def test_samples_are_shaped_deterministic_and_resumable(tmp_path):
     done = read_jsonl(c)
     torn = c.with_name(c.name + ".part-000-of-001")
     torn.write_text(json.dumps(rows[3]) + "\n" + '{"prompt_id": "' + ids[4] + '", "respo')
-    run = generate(*FAST, f"--prompts={path}", f"--out={c}")
-    assert run.returncode == 0 and "5 prompts, 4 already done" in run.stdout
+    proc = generate(*FAST, f"--prompts={path}", f"--out={c}")
+    assert proc.returncode == 0 and "5 prompts, 4 already done" in proc.stdout
     resumed = read_jsonl(c)
     assert [r["prompt_id"] for r in resumed] == ids and resumed[:3] == done and resumed[3] == rows[3]
     assert len(resumed[4]["responses"]) == 3 and not torn.exists()
@@ -69,10 +69,10 @@ def test_two_ranks_split_the_prompts(tmp_path):
 def test_bad_prompts_and_settings(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": [{"role": "assistant", "content": "x"}]}\n{"text": "y"}\n')
-    run = generate(*FAST, f"--prompts={bad}", f"--out={tmp_path / 'o.jsonl'}")
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert f"{bad}:2: prompt must end with a user turn" in run.stderr
-    assert f"{bad}:3: missing field 'prompt'" in run.stderr
+    proc = generate(*FAST, f"--prompts={bad}", f"--out={tmp_path / 'o.jsonl'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{bad}:2: prompt must end with a user turn" in proc.stderr
+    assert f"{bad}:3: missing field 'prompt'" in proc.stderr
     greedy = generate(*FAST, "--temperature=0", f"--prompts={bad}", f"--out={tmp_path / 'o.jsonl'}")
     assert greedy.returncode == 2 and "--num_samples=1" in greedy.stderr
     good, _ = prompts(tmp_path, 1)

@@ -8,7 +8,7 @@ import torch
 import attention
 import data
 from conftest import DEMO_MODEL
-from logps import model_sequence_logps
+from logps import attach_label_logps, model_sequence_logps
 from wrpo import wrpo_loss
 
 
@@ -34,7 +34,9 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
     results = {}
     for attn, mode in MODES:
         model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32, attn_implementation=attn)
-        batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=mode != "padded", shared_prompt=mode == "shared")
+        attach_label_logps(model)
+        batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=mode != "padded",
+                                        shared_prompt=mode == "shared")
         assert ("attention_mask" in batch) == (mode == "padded")
         logps, counts = model_sequence_logps(model, batch)
         ref = logps.detach() - 1.0  # any fixed reference
@@ -83,8 +85,8 @@ def test_micro_batches_by_rows_or_token_budget(monkeypatch):
     monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: None)  # one rank: nothing to even out
     rows = [7, 3, 9, 1, 4, 0, 8]  # one step's rows on this rank (indices into the data)
     lengths = {7: 50, 3: 10, 9: 300, 1: 40, 4: 40, 0: 90, 8: 5}
-    assert data.micro_batches(rows, 3) == [[7, 3, 9], [1, 4, 0], [8]]  # budget 0: by row count, in order
-    batches = data.micro_batches(rows, 3, budget=100, lengths=lengths, device=torch.device("cpu"))
+    assert data.micro_batches_by_rows(rows, 3) == [[7, 3, 9], [1, 4, 0], [8]]  # in order
+    batches = data.micro_batches_by_tokens(rows, lengths, budget=100, device=torch.device("cpu"))
     assert sorted(i for b in batches for i in b) == sorted(rows)
     assert [9] in batches  # longer than the budget: alone
     assert all(sum(lengths[i] for i in b) <= 100 for b in batches if len(b) > 1)

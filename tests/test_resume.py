@@ -219,3 +219,23 @@ def test_plain_process_sigterm_exit_code(tmp_path):
         assert "Traceback" not in log.read_text() and f"stopped by {sig.name}" in log.read_text()
         step = max(steps_logged(out))
         assert (out / f"step_{step:06d}" / "trainer_state.json").exists()
+
+
+def test_signal_during_the_final_save_is_caught_and_the_run_finishes(tmp_path):
+    """The signal catcher covers the end of the run too: SIGTERM while final/ is written (and the final
+    evaluation) does not kill the process; the weights are saved and the run ends as finished."""
+    out = tmp_path / "run"
+    code = ("import os, signal, sys\nimport wrpo\n"
+            "save_final = wrpo.save_final\n"
+            "def interrupted(*args, **kwargs):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, while the final weights are written\n"
+            "    return save_final(*args, **kwargs)\n"
+            "wrpo.save_final = interrupted\n"
+            "wrpo.cli(wrpo.main)\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, *RUN[:1], "--max_steps=2", "--global_batch_size=8",
+                           "--max_length=128", "--max_prompt_length=96", f"--out_dir={out}",
+                           f"--ref_cache_dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "got SIGTERM" in proc.stderr and (out / "final" / "model.safetensors").exists()

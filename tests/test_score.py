@@ -86,10 +86,10 @@ def test_scores_match_unbatched_and_resume(tmp_path):
     path, rows = samples(tmp_path)
     out = tmp_path / "scored.jsonl"
     first3, _ = samples(tmp_path, 3, "first3.jsonl")
-    run = score(f"--reward_model={rm}", f"--data={first3}", f"--out={out}", "--batch_size=2")
-    assert run.returncode == 0, run.stderr[-3000:]
-    run = score(f"--reward_model={rm}", f"--data={path}", f"--out={out}", "--batch_size=2")
-    assert run.returncode == 0 and "5 prompts, 3 already scored" in run.stdout
+    proc = score(f"--reward_model={rm}", f"--data={first3}", f"--out={out}", "--batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = score(f"--reward_model={rm}", f"--data={path}", f"--out={out}", "--batch_size=2")
+    assert proc.returncode == 0 and "5 prompts, 3 already scored" in proc.stdout
     scored = read_jsonl(out)
     assert [r["prompt_id"] for r in scored] == [r["prompt_id"] for r in rows]
     for got, row in zip(scored, rows):
@@ -118,13 +118,13 @@ def test_custom_code_reward_model_needs_trust_remote_code(tmp_path):
 def test_bad_input(tmp_path):
     two_labels = reward_model(tmp_path / "rm2", num_labels=2)
     path, _ = samples(tmp_path, 1)
-    run = score(f"--reward_model={two_labels}", f"--data={path}", f"--out={tmp_path / 'o.jsonl'}")
-    assert run.returncode == 2 and "2 outputs; a scalar reward" in run.stderr
+    proc = score(f"--reward_model={two_labels}", f"--data={path}", f"--out={tmp_path / 'o.jsonl'}")
+    assert proc.returncode == 2 and "2 outputs; a scalar reward" in proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "responses": "not a list"}\n{"responses": ["a"]}\n')
-    run = score(f"--reward_model={two_labels}", f"--data={bad}", f"--out={tmp_path / 'o.jsonl'}")
-    assert run.returncode == 2 and f"{bad}:1: responses must be a non-empty list" in run.stderr
-    assert f"{bad}:2: missing field 'prompt'" in run.stderr
-    run = score(f"--reward_model={tmp_path / 'nope'}", f"--data={path}", f"--out={tmp_path / 'o.jsonl'}")
-    assert run.returncode == 2 and "cannot load the reward model" in run.stderr and "Traceback" not in run.stderr
+    proc = score(f"--reward_model={two_labels}", f"--data={bad}", f"--out={tmp_path / 'o.jsonl'}")
+    assert proc.returncode == 2 and f"{bad}:1: responses must be a non-empty list" in proc.stderr
+    assert f"{bad}:2: missing field 'prompt'" in proc.stderr
+    proc = score(f"--reward_model={tmp_path / 'nope'}", f"--data={path}", f"--out={tmp_path / 'o.jsonl'}")
+    assert proc.returncode == 2 and "cannot load the reward model" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.jsonl").exists()

@@ -7,7 +7,7 @@ import torch
 import data
 from conftest import DEMO_MODEL
 from data import IGNORE, DataError, collate_packed, load_sft_examples, pack
-from logps import logits_token_logps, model_sequence_logps
+from logps import attach_label_logps, logits_token_logps, model_sequence_logps
 
 CHAT = {"messages": [
     {"role": "system", "content": "Answer briefly."},
@@ -92,7 +92,7 @@ def test_packed_forward_equals_unpacked(tokenizer):
     """Per-token log-probs of each example inside a packed row equal the example run alone (fp32)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    model = attach_label_logps(AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval())
     g = torch.Generator().manual_seed(0)
     examples = []
     for n in (9, 5, 13, 7, 4):
