@@ -398,7 +398,7 @@ def pack(sizes, capacity):
 
 
 def train_steps(n_rows, epochs, seed, global_batch, rank, world, total_steps, start=0):
-    """Yield (step, epoch, this rank's rows) for the optimizer steps start .. total_steps - 1.
+    """Yield (step, epoch, the indices of this rank's rows) for the optimizer steps start .. total_steps - 1.
 
     Each epoch's order is a seeded permutation; each step takes the next `global_batch` rows and
     rank r gets the r-th contiguous slice of them. So ranks never share a row, any world size
@@ -417,15 +417,17 @@ def train_steps(n_rows, epochs, seed, global_batch, rank, world, total_steps, st
             step += 1
 
 
-def micro_batches_by_rows(rows, size):
-    """One step's rows on this rank as micro-batches of `size` rows (the same count on every rank)."""
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+def micro_batches_by_rows(idx, size):
+    """One step's rows on this rank (idx: their indices) as micro-batches of `size` rows, the same count on
+    every rank."""
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
 
 
-def micro_batches_by_tokens(rows, lengths, budget, device):
-    """One step's rows on this rank packed into micro-batches of at most `budget` tokens (lengths:
-    tokens per row, indexed by row), then as many micro-batches as every other rank has. Collective."""
-    return same_count_on_all_ranks([[rows[i] for i in b] for b in pack([lengths[i] for i in rows], budget)], device)
+def micro_batches_by_tokens(idx, lengths, budget, device):
+    """One step's rows on this rank (idx: their indices) packed into micro-batches of at most `budget`
+    tokens (lengths: tokens per row of the data), then as many micro-batches as every other rank has.
+    Collective."""
+    return same_count_on_all_ranks([[idx[i] for i in b] for b in pack([lengths[i] for i in idx], budget)], device)
 
 
 def same_count_on_all_ranks(batches, device):

@@ -118,11 +118,11 @@ def main(argv):
 
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
-        for step, epoch, rows in data.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size, run.rank,
+        for step, epoch, idx in data.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size, run.rank,
                                                   run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
-            micro_batches = data.micro_batches_by_rows(rows, cfg.micro_batch_size)  # of sequences (groups of examples)
+            micro_batches = data.micro_batches_by_rows(idx, cfg.micro_batch_size)  # of sequences (groups of examples)
             groups = [[[examples[e] for e in seqs[i]] for i in mb] for mb in micro_batches]
             batches = [data.collate_packed(g, run.pad_id) for g in groups]
             # the step's loss is the mean over every loss token of the global batch: count them first

@@ -48,7 +48,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     global_batch_size: int = 128  # examples per optimizer step = micro_batch_size * grad_accum * world
-    micro_batch_size: int = 1  # examples per rank per forward pass
+    micro_batch_size: int = 1  # examples per rank per forward pass (WRPO's packing: per evaluation pass only)
     epochs: int = 1
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     seed: int = 42  # data order
@@ -257,12 +257,12 @@ def total_steps_for(n_examples, cfg, what):
 
 def write_run_config(run, cfg):
     """Record the resolved settings once the data has validated; --overwrite drops the old run's
-    step checkpoints here, so that --resume=auto can never pick one of them up."""
+    checkpoints here (step ones and final/), so that --resume=auto can never pick one of them up."""
     dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
     if is_master():
-        if cfg.overwrite:
-            for _, folder in step_checkpoints(run.out_dir):
-                shutil.rmtree(folder)
+        if cfg.overwrite:  # and final/: a rerun with --resume=auto must not take the old run for finished
+            for folder in [f for _, f in step_checkpoints(run.out_dir)] + [run.out_dir / "final"]:
+                shutil.rmtree(folder, ignore_errors=True)
         write_atomic(run.out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 

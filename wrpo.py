@@ -242,7 +242,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
             tables.append(None)
             continue
         path = reference_cache_path(cfg, ref_path, rows, data_path)
-        if path.exists():
+        if cached_on_every_rank(path, run.device):  # all ranks read the cache, or all compute (collectives)
             print0(f"reference log-probs: {path} (cached)")
             tables.append(load_reference_logps(path))
             continue
@@ -252,18 +252,26 @@ def load_reference(cfg, run, train_rows, eval_rows):
         tables.append(compute_reference(ref, rows, cfg, run, f"reference {Path(data_path).name}"))
         if is_master() and save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)}):
             print0(f"reference log-probs: {path} ({len(rows)} rows in {time.time() - t0:.1f}s)")
+        dist.barrier()  # the cache is complete before any rank looks for it again
     return tables[0], tables[1]
 
 
-def reference_logps(reference, rows, batch):
-    """[B, 3] reference log-probs of a micro-batch (`rows`: their indices, `batch`: them collated).
+def cached_on_every_rank(path, device):
+    """Whether every rank sees the cache file (on several nodes without a shared folder, some may not)."""
+    seen = torch.tensor(float(path.exists()), device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    return bool(seen.item())
+
+
+def reference_logps(reference, idx, batch):
+    """[B, 3] reference log-probs of a micro-batch (idx: its rows' indices, batch: the rows collated).
 
     reference (load_reference): a precomputed [n_rows, 3] table, the live frozen model, or None (SimPO).
     """
     if reference is None:
         return None
     if torch.is_tensor(reference):
-        return reference[rows].to(batch["input_ids"].device)
+        return reference[idx].to(batch["input_ids"].device)
     with torch.no_grad():
         return row_logps(reference, batch)
 
@@ -347,20 +355,20 @@ def main(argv):
 
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
-        for step, epoch, rows in data.train_steps(len(train_rows), cfg.epochs, cfg.seed, cfg.global_batch_size,
+        for step, epoch, idx in data.train_steps(len(train_rows), cfg.epochs, cfg.seed, cfg.global_batch_size,
                                                   run.rank, run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
-            micro_batches = (data.micro_batches_by_tokens(rows, packed_lengths, budget, run.device) if cfg.packing
-                             else data.micro_batches_by_rows(rows, cfg.micro_batch_size))
+            micro_batches = (data.micro_batches_by_tokens(idx, packed_lengths, budget, run.device) if cfg.packing
+                             else data.micro_batches_by_rows(idx, cfg.micro_batch_size))
             sums, seen = MetricSum(), []
             for mb in micro_batches:
                 batch = collate([train_rows[i] for i in mb], cfg, run.pad_id, run.device)
                 ref_logps = reference_logps(train_reference, mb, batch)  # precomputed, the live model's, or None
                 losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
                 # FSDP averages gradients over ranks: dividing by this rank's rows gives the global mean's gradient
-                (losses.sum() / len(rows)).backward()
+                (losses.sum() / len(idx)).backward()
                 sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
                 seen.append(([data.row_name(train_rows[i]) for i in mb], losses.detach()))
             metrics = sums.mean()
@@ -373,7 +381,7 @@ def main(argv):
 
             # --- log, evaluate, checkpoint; after SIGTERM / SIGINT on any rank, save and stop
             m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **metrics,
-                 **throughput(sum(lengths[i] for i in rows), t0, run, policy, sum(packed_lengths[i] for i in rows)),
+                 **throughput(sum(lengths[i] for i in idx), t0, run, policy, sum(packed_lengths[i] for i in idx)),
                  "skipped_steps": skipped}
             if every(cfg.eval_every, step + 1, total_steps):
                 m.update(held_out(policy, eval_reference, eval_rows, cfg, run, step + 1, total_steps))

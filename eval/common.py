@@ -165,9 +165,15 @@ def write_jsonl(rows, path):
 
 
 def prompt_id_of(row):
-    """The row's prompt_id, or one derived from its prompt text (the same on every machine)."""
+    """The row's prompt_id, or one derived from its prompt (the same on every machine): the `prompt`, or
+    for a chat row the turns before its last assistant reply."""
     pid = row.get("prompt_id")
     if pid not in (None, ""):
         return str(pid)
-    text = json.dumps(row.get("prompt"), sort_keys=True, ensure_ascii=False)
+    prompt = row.get("prompt")
+    if prompt is None and isinstance(row.get("messages"), list):
+        turns = row["messages"]
+        replies = [i for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant"]
+        prompt = turns[: replies[-1]] if replies else turns
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
     return "sha256-" + hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -111,6 +111,29 @@ def test_preemption_saves_the_resumable_state_only_even_on_a_save_step(tmp_path,
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "lr" in m] == [1, 2]
 
 
+def test_overwrite_drops_the_old_runs_checkpoints_so_a_resume_continues_the_new_one(tmp_path, monkeypatch):
+    """--overwrite=true removes the old step checkpoints and final/: if the new run is preempted, the
+    requeued --resume=auto continues it, rather than taking the old final/ for the end of this run."""
+    import signal
+
+    import wrpo
+    from training import Preempted
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    args = [*RUN, "--max_steps=3", "--max_prompt_length=96", f"--out_dir={out}", f"--ref_cache_dir={tmp_path}"]
+    wrpo.main(args)
+    assert (out / "final").exists() and (out / "step_000002").exists()
+    monkeypatch.setattr(wrpo, "stop_requested", lambda received, device: signal.SIGTERM)  # preempted at step 1
+    with pytest.raises(Preempted):
+        wrpo.main([*args, "--overwrite=true", "--lr=2e-3"])
+    assert not (out / "final").exists() and not (out / "step_000002").exists()  # the old run's are gone
+    assert (out / "step_000001" / "trainer_state.json").exists()  # the new run's preemption save
+    monkeypatch.setattr(wrpo, "stop_requested", lambda received, device: 0)
+    wrpo.main([*args, "--resume=auto", "--lr=2e-3"])
+    assert (out / "final").exists() and [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "lr" in m] == [1, 2, 3]
+
+
 # -----------------------------------------------------------------------------
 # bad input: one table, each case with the message it must get (in-process: these fail before any model)
 

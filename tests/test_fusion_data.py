@@ -174,3 +174,17 @@ def test_split_is_deterministic_disjoint_complete_and_order_free(tmp_path):
     assert not (tmp_path / "d").exists()
     write_jsonl(tmp_path / "prompts.jsonl", ['{"prompt": "x"}', '{"prompt_id": "7", "prompt": "y"}'])
     assert sum(split(tmp_path / "prompts.jsonl", tmp_path / "e").values()) == 2  # bare prompts split too
+
+
+def test_chat_rows_without_ids_are_split_by_their_prompt(tmp_path):
+    """A chat row's derived id comes from its turns before the last reply: distinct prompts get distinct
+    ids (and land on both sides), the same prompt with another reply gets the same id."""
+    chat = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}  # noqa: E731
+    rows = [chat(f"question {i}", f"answer {i}") for i in range(60)] + [chat("question 0", "another answer")]
+    split(write_jsonl(tmp_path / "chat.jsonl", rows), tmp_path / "s")
+    parts = {name: [json.loads(x) for x in (tmp_path / "s" / f"{name}.jsonl").read_text().splitlines()]
+             for name in ("sft", "wrpo")}
+    ids = [r["prompt_id"] for part in parts.values() for r in part]
+    assert len(ids) == 61 and len(set(ids)) == 60 and parts["sft"] and parts["wrpo"]
+    same = [r for part in parts.values() for r in part if r["messages"][0]["content"] == "question 0"]
+    assert len(same) == 2 and same[0]["prompt_id"] == same[1]["prompt_id"]
