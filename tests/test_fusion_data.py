@@ -10,6 +10,7 @@ import data
 from data import DataError
 from eval import build
 from eval.split import split
+from test_sft_data import WRPO_ROW, write_jsonl
 
 
 def write(path, rows):
@@ -124,17 +125,6 @@ def test_build_command_line(tmp_path, capsys):
 
 # -----------------------------------------------------------------------------
 # eval.split
-
-WRPO_ROW = {"prompt_id": "a", "prompt": [{"role": "user", "content": "Reverse 'cat'."}],
-            "chosen": [{"role": "assistant", "content": "Backwards it is tac."},
-                       {"role": "assistant", "content": "tac"}],
-            "rejected": [{"role": "assistant", "content": "cat"}]}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
 
 def rows_for_split(n):
     rows = []
