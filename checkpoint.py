@@ -136,11 +136,16 @@ def save_hf_checkpoint(model, folder, **kwargs):
     write_atomic(folder, lambda tmp: write_hf_weights(model, tmp, **kwargs), collective=True)
 
 
+def export_settings(run, cfg, step):
+    """What every Hugging Face folder of a run carries: the tokenizer, the save dtype and the settings at `step`."""
+    return dict(tokenizer=run.tokenizer, dtype=DTYPES[cfg.save_dtype],
+                train_config={**dataclasses.asdict(cfg), "step": step, "world_size": run.world})
+
+
 def save_final(run, cfg, model, step, skipped=0):
     """out_dir/final: the trained weights as a Hugging Face folder (cfg.save_dtype), with the settings. Collective."""
     path = run.out_dir / "final"
-    save_hf_checkpoint(model, path, tokenizer=run.tokenizer, dtype=DTYPES[cfg.save_dtype],
-                       train_config={**dataclasses.asdict(cfg), "step": step, "world_size": run.world})
+    save_hf_checkpoint(model, path, **export_settings(run, cfg, step))
     print0(f"saved {path}" + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
 
 
@@ -200,8 +205,7 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
 
     def write(tmp):
         if hf:
-            write_hf_weights(policy, tmp, tokenizer=run.tokenizer, dtype=DTYPES[cfg.save_dtype],
-                             train_config={**dataclasses.asdict(cfg), "step": step, "world_size": run.world})
+            write_hf_weights(policy, tmp, **export_settings(run, cfg, step))
         save_state(policy, optimizer, tmp / "state")
         rngs = [None] * run.world
         dist.all_gather_object(rngs, rng_state())

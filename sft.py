@@ -108,7 +108,7 @@ def main(argv):
     state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE)
     print_plan(cfg, run, examples, seqs, len(eval_examples), total_steps)
     write_run_config(run, cfg)
-    policy = load_sharded_model(run.model_path, run, cfg, trainable=True)
+    policy = load_sharded_model(run.model_path, run.mesh, run.device, cfg, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0

@@ -266,19 +266,19 @@ def write_run_config(run, cfg):
         write_atomic(run.out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
-def load_sharded_model(path, run, cfg, trainable):
-    """The policy (trainable: fp32 master weights, activation checkpointing as set) or a frozen reference,
-    sharded, with this run's attention and log-probs paths (attention.py, logps.py)."""
+def load_sharded_model(path, mesh, device, cfg, trainable):
+    """The policy (trainable: fp32 master weights, activation checkpointing as set) or a frozen model,
+    sharded over `mesh`, with cfg's attention and log-probs paths (attention.py, logps.py)."""
     attention.register()
     checkpointing = trainable and (cfg.activation_checkpointing == "true" or (
-        cfg.activation_checkpointing == "auto" and run.device.type == "cuda"))
-    model = load_model(path, run.mesh, run.device, DTYPES[cfg.dtype], trainable=trainable,
+        cfg.activation_checkpointing == "auto" and device.type == "cuda"))
+    model = load_model(path, mesh, device, DTYPES[cfg.dtype], trainable=trainable,
                        activation_checkpointing=checkpointing, trust_remote_code=cfg.trust_remote_code,
                        attn_implementation=cfg.attn_implementation, compile=cfg.compile and trainable)
     if trainable:
         print0(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, compute {cfg.dtype}, "
                f"activation checkpointing {'on' if checkpointing else 'off'}, "
-               f"log-probs {resolve_impl(cfg.logps_impl, run.device)}")
+               f"log-probs {resolve_impl(cfg.logps_impl, device)}")
     return attach_label_logps(model, cfg.logps_impl)
 
 

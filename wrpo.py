@@ -234,7 +234,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
         return None, None
     ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else run.model_path
     if cfg.ref_logps == "live":
-        ref = load_sharded_model(ref_path, run, cfg, trainable=False)
+        ref = load_sharded_model(ref_path, run.mesh, run.device, cfg, trainable=False)
         return ref, ref
     tables, ref = [], None
     for data_path, rows in [(cfg.data, train_rows), (cfg.eval_data, eval_rows)]:
@@ -247,7 +247,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
             tables.append(load_reference_logps(path))
             continue
         if ref is None:  # loaded only when a cache is missing, and freed on return
-            ref = load_sharded_model(ref_path, run, cfg, trainable=False)
+            ref = load_sharded_model(ref_path, run.mesh, run.device, cfg, trainable=False)
         t0 = time.time()
         tables.append(compute_reference(ref, rows, cfg, run, f"reference {Path(data_path).name}"))
         if is_master() and save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)}):
@@ -344,7 +344,7 @@ def main(argv):
     print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps, budget)
     write_run_config(run, cfg)
     train_reference, eval_reference = load_reference(cfg, run, train_rows, eval_rows)  # tables, a model, or None
-    policy = load_sharded_model(run.model_path, run, cfg, trainable=True)
+    policy = load_sharded_model(run.model_path, run.mesh, run.device, cfg, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0

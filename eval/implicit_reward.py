@@ -14,13 +14,12 @@ import argparse
 import json
 import sys
 
-import attention
 import data
 import wrpo
 from checkpoint import write_atomic
 from eval import fail
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, load_model, print0, resolve_model_path
-from logps import attach_label_logps
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path
+from training import load_sharded_model
 
 
 def parse_args(argv):
@@ -55,11 +54,9 @@ def main(argv):
                                          max_prompt_length=args.max_prompt_length)
     except (OSError, ValueError) as e:  # bad paths (OSError) or data (DataError is a ValueError)
         fail(str(e))
-    # the objective and the batching as in training: WRPO's own settings (packed rows, shared prompts)
-    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size)
-    attention.register()
-    policy, reference = (attach_label_logps(load_model(p, mesh, device, DTYPES[args.dtype], trainable=False,
-                                                       attn_implementation=cfg.attn_implementation)) for p in paths)
+    # the objective, the batching and the model setup as in training: WRPO's own settings
+    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype)
+    policy, reference = (load_sharded_model(p, mesh, device, cfg, trainable=False) for p in paths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, pad_id, device)  # the live reference model
     m = {k.removeprefix("eval/"): v for k, v in m.items()}
