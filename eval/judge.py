@@ -13,9 +13,13 @@ Answers are eval/answers.py's files (or the benchmarks' own: AlpacaEval's JSON l
 {instruction, output}, MT-Bench / Arena-Hard answer JSONL with --questions). The endpoint is
 POST {base_url}/chat/completions; the key comes from the environment variable --api_key_env
 (standard-library HTTP, no SDK). Calls run in parallel (--workers), are retried with exponential
-backoff on 429 and 5xx (honouring Retry-After), and every reply is cached (--cache, one JSON
-line per call keyed by a hash of the request), so a rerun never pays twice. A rejected key
-stops at once. A reply without a verdict is counted as malformed and left out.
+backoff on 429, 5xx and broken replies (not HTTP, cut short, a dropped connection), honouring
+Retry-After (seconds or an HTTP date) up to --max_retry_wait, and every reply is cached (--cache,
+one JSON line per call keyed by a hash of the request), so a rerun never pays twice. --timeout
+bounds each whole try (connect, TLS, send, status, headers, body), however slowly the server
+drips its bytes: at the deadline the connection is shut down and the try counts as failed. A
+rejected key stops at once; so does any other 4xx. A reply without a verdict is counted as
+malformed and left out.
 
 Scores: win rate = the mean over questions of 1 (win), 1/2 (tie), 0 (loss), each averaged over
 the two orderings, with a bootstrap 95% interval over questions; the length-controlled win rate
@@ -27,11 +31,14 @@ with a few dozen, a judge that goes by length alone separates the data and the f
 """
 
 import argparse
+import email.utils
 import hashlib
+import http.client
 import json
 import os
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -51,15 +58,123 @@ class JudgeError(RuntimeError):
 
 
 # -----------------------------------------------------------------------------
+# a deadline for a whole HTTP request
+#
+# urllib's timeout bounds each socket operation, not the request: a server that drips one byte a
+# second never trips it. So each try gets a Deadline, and http.client opens its socket through
+# the Deadline, which keeps a handle on it; when the time is up a threading.Timer shuts the socket
+# down and whatever read or write is blocked on it fails at once (a proxy's CONNECT tunnel, a TLS
+# handshake, the status line, the headers, the body). Not cut short: the DNS lookup, and the connect
+# to a host with several addresses that all stall (each is tried for the time left).
+
+
+class Deadline:
+    """Shuts down the connection it opened `seconds` from now, unless close()d first."""
+
+    def __init__(self, seconds):
+        self.end = time.monotonic() + seconds
+        self.lock, self.sock, self.fired = threading.Lock(), None, False
+        self.timer = threading.Timer(seconds, self.fire)
+        self.timer.daemon = True  # never holds up the interpreter's exit
+        self.timer.start()
+
+    def expired(self):
+        return self.fired or time.monotonic() >= self.end
+
+    def connect(self, address, timeout, *args):
+        """socket.create_connection, for http.client: within the time left, and watched."""
+        left = self.end - time.monotonic()
+        if left <= 0:  # (after a slow DNS lookup, or at a redirect)
+            raise TimeoutError("no time left to connect")
+        sock = socket.create_connection(address, min(timeout, left), *args)
+        with self.lock:
+            if self.sock is not None:  # a redirect opened a new connection
+                self.sock.close()
+            # our own handle on the connection: it outlives the object `sock` once TLS wraps it
+            # (ssl detaches it), and shutting it down cuts the connection under any TLS layer
+            self.sock = sock.dup()
+            if self.expired():
+                self._cut()
+        return sock
+
+    def fire(self):
+        with self.lock:
+            self.fired = True
+            if self.sock is not None:
+                self._cut()
+
+    def _cut(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already
+
+    def close(self):
+        self.timer.cancel()
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close()
+
+
+class _Watched:
+    """An http.client connection that opens its socket through a Deadline."""
+
+    def __init__(self, *args, deadline, **kwargs):
+        super().__init__(*args, **kwargs)
+        # http.client opens every socket through this attribute (its own test hook), before any
+        # proxy tunnel or TLS handshake
+        self._create_connection = deadline.connect
+
+
+class _HTTPConnection(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """urllib's HTTP and HTTPS handlers (so proxies, redirects and errors work as ever), with
+    connections opened through `deadline`."""
+
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req, deadline=self.deadline)
+
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context, deadline=self.deadline)
+
+
+def retry_after_seconds(value):
+    """The wait a Retry-After header asks for, in seconds (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None  # neither: the exponential backoff applies
+    return max(0.0, when.timestamp() - time.time())  # (a date without a zone is taken as local time)
+
+
+# -----------------------------------------------------------------------------
 # the client: OpenAI-compatible chat completions over urllib, retried and cached
 
 
 class JudgeClient:
     def __init__(self, base_url, model, api_key, cache, *, retries=6, retry_delay=1.0, timeout=300.0,
-                 temperature=0.0, max_tokens=2048):
+                 max_retry_wait=60.0, temperature=0.0, max_tokens=2048):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.retries, self.retry_delay = model, api_key, retries, retry_delay
-        self.timeout, self.temperature, self.max_tokens = timeout, temperature, max_tokens
+        self.timeout, self.max_retry_wait = timeout, max_retry_wait
+        self.temperature, self.max_tokens = temperature, max_tokens
         self.cache_path, self.cache, self.lock = Path(cache), {}, threading.Lock()
         self.calls = self.hits = 0
         if self.cache_path.exists():
@@ -89,33 +204,51 @@ class JudgeClient:
         return reply
 
     def _post(self, body):
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
+        """The reply's text, after up to `retries` retries; JudgeError when there is none to be had."""
+        data = json.dumps(body).encode()
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(last[1] if last[1] is not None else
-                           min(60.0, self.retry_delay * 2 ** (attempt - 1)) * (1 + 0.25 * random.random()))
-            request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
-                content = payload["choices"][0]["message"]["content"]
-                if not isinstance(content, str):
-                    raise TypeError("content is not text")
-                return content
-            except urllib.error.HTTPError as e:
-                detail = e.read().decode("utf-8", "replace")[:300]
-                if e.code in (401, 403):
-                    raise JudgeError(f"the judge endpoint {self.url} rejected the API key (HTTP {e.code}): {detail}")
-                if e.code != 429 and e.code < 500:
-                    raise JudgeError(f"the judge endpoint {self.url} refused the request (HTTP {e.code}): {detail}")
-                retry_after = e.headers.get("Retry-After")
-                last = (f"HTTP {e.code}", float(retry_after) if retry_after and retry_after.isdigit() else None)
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = (f"no connection ({getattr(e, 'reason', e)})", None)
-            except (ValueError, KeyError, IndexError, TypeError) as e:  # a body that is not a completion
-                last = (f"a malformed response ({e})", None)
+                backoff = self.retry_delay * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
+                time.sleep(min(self.max_retry_wait, backoff if last[1] is None else last[1]))
+            reply, last = self._try(data)
+            if last is None:
+                return reply
         raise JudgeError(f"the judge endpoint {self.url} failed {self.retries + 1} times; last: {last[0]}")
+
+    def _try(self, data):
+        """One request: (the reply's text, None), or (None, (what went wrong, the wait the server
+        asked for or None)) for a failure worth retrying; JudgeError for one that is not."""
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
+        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        deadline = Deadline(self.timeout)
+        opener = urllib.request.build_opener(_DeadlineHandler(deadline))
+        try:
+            with opener.open(request, timeout=self.timeout) as response:
+                payload = json.loads(response.read().decode("utf-8"))
+            content = payload["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                raise TypeError("content is not text")
+            return content, None
+        except urllib.error.HTTPError as e:
+            try:
+                detail = " ".join(e.read().decode("utf-8", "replace")[:300].split())  # on one line
+            except (http.client.HTTPException, OSError):
+                detail = ""  # the error's body was cut short (or cut off by the deadline)
+            if e.code in (401, 403):
+                raise JudgeError(f"the judge endpoint {self.url} rejected the API key (HTTP {e.code}): {detail}")
+            if e.code != 429 and e.code < 500:
+                raise JudgeError(f"the judge endpoint {self.url} refused the request (HTTP {e.code}): {detail}")
+            return None, (f"HTTP {e.code}", retry_after_seconds(e.headers.get("Retry-After")))
+        except urllib.error.URLError as e:  # (before OSError: it is one) no connection, or none sent
+            why = f"no connection ({e.reason})"
+        except (http.client.HTTPException, OSError) as e:  # not HTTP, cut short, dropped, or timed out
+            why = f"a broken reply ({e!r})"
+        except (ValueError, KeyError, IndexError, TypeError) as e:  # a body that is not a completion
+            why = f"a malformed response ({e})"
+        finally:
+            deadline.close()
+        return None, (f"no reply within --timeout={self.timeout:g} s" if deadline.expired() else why, None)
 
 
 def call_all(client, requests, workers):
@@ -359,7 +492,10 @@ def parse_args(argv):
     ap.add_argument("--workers", type=int, default=8, help="parallel requests")
     ap.add_argument("--retries", type=int, default=6)
     ap.add_argument("--retry_delay", type=float, default=2.0, help="first backoff in seconds (doubles)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="seconds for a whole request (connect, send, status, headers, body); then it is retried")
+    ap.add_argument("--max_retry_wait", type=float, default=60.0,
+                    help="longest wait in seconds between tries: caps a server's Retry-After and the backoff")
     ap.add_argument("--max_tokens", type=int, default=2048, help="of the judge's reply")
     ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
     ap.add_argument("--seed", type=int, default=0)
@@ -374,6 +510,8 @@ def parse_args(argv):
         ap.error("rm needs --reward_model")
     if args.workers < 1 or args.retries < 0 or args.bootstrap < 1:
         ap.error("--workers and --bootstrap must be >= 1 and --retries >= 0")
+    if not args.timeout > 0 or not args.max_retry_wait >= 0:
+        ap.error("--timeout must be > 0 and --max_retry_wait >= 0")
     args.reference_categories = set(args.reference_categories.split(","))
     return args
 
@@ -389,7 +527,8 @@ def main(argv):
             fail(f"set the judge's API key in ${args.api_key_env} (or name another variable with --api_key_env)")
         cache = args.cache or out.with_name(out.name + ".cache.jsonl")
         client = JudgeClient(args.base_url, args.judge_model, key, cache, retries=args.retries,
-                             retry_delay=args.retry_delay, timeout=args.timeout, max_tokens=args.max_tokens)
+                             retry_delay=args.retry_delay, timeout=args.timeout,
+                             max_retry_wait=args.max_retry_wait, max_tokens=args.max_tokens)
         result = (pairwise if args.mode == "pairwise" else single)(args, client)
         result["judge"] = {"model": args.judge_model, "base_url": args.base_url, "calls": client.calls,
                            "cached": client.hits}
