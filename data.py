@@ -16,9 +16,12 @@ SFT and WRPO) is the fusion-data pipeline's job: eval/split.py, eval/build.py.
 """
 
 import bisect
+import errno
 import hashlib
 import json
 import math
+import re
+import stat
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,15 @@ class DataError(ValueError):
 
 
 class RowError(ValueError):
-    pass
+    """A problem with one row. hint: what the user can do about it, shown once after the list of bad rows."""
+
+    def __init__(self, reason, hint=""):
+        super().__init__(reason)
+        self.hint = hint
+
+
+SKIP_HINT = "fix them, or pass --skip_invalid_rows=true to train without them"  # the trainers' hint
+SPECIAL_TOKENS_HINT = "special tokens in the text: pass --allow_special_tokens=true to keep them as control tokens"
 
 
 @dataclass
@@ -64,12 +75,24 @@ class Sequence:
 # reading files
 
 
-def _parse_json(text):
-    """json.loads, with every way a line can be broken turned into a RowError."""
+def _json_error(text, e, what):
+    """(line, reason) of a JSONDecodeError. A text cut short fails past its end (after the trailing
+    newline, so "line n + 1, column 1"): report where the text ended instead."""
+    msg, end = e.msg.removesuffix(" at"), len(text.rstrip(" \t\r\n"))  # "Unterminated string starting at"
+    if e.pos < end:
+        return e.lineno, f"{msg} at column {e.colno}"
+    line, column = text.count("\n", 0, end) + 1, end - text.rfind("\n", 0, end)
+    return line, f"{msg} at the end of the {what}, column {column}"
+
+
+def _parse_json(line):
+    """json.loads of one .jsonl line, with every way a line can be broken turned into a RowError."""
     try:
-        return json.loads(text)
+        return json.loads(line)
     except json.JSONDecodeError as e:
-        raise RowError(f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise RowError(f"malformed JSON ({_json_error(line, e, 'line')[1]})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise RowError(f"malformed JSON ({str(e).split(':')[0]})") from None
     except RecursionError:
         raise RowError("malformed JSON (nested too deeply)") from None
 
@@ -77,13 +100,21 @@ def _parse_json(text):
 def read_records(path):
     """Return [(where, record_or_RowError)] from a .jsonl/.json/.parquet file or a folder of them."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
+    try:
+        mode = path.stat().st_mode
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")) \
+            if stat.S_ISDIR(mode) else []
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise DataError(f"{path}: no such file or folder") from None
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
         if not files:
             raise DataError(f"{path}: folder has no .jsonl, .json or .parquet files")
         return [rec for f in files for rec in read_records(f)]
+    if not stat.S_ISREG(mode):  # never open it: opening a FIFO blocks until something writes to it
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise DataError(f"{path}: not a regular file ({kind}); give a data file or a folder of them")
     try:
         if path.suffix == ".jsonl":
             out = []
@@ -92,19 +123,25 @@ def read_records(path):
                     try:
                         line = raw.decode("utf-8")
                         if line.strip():
-                            out.append((f"{path}:{i}", _parse_json(line)))
+                            out.append((f"{path}:{i}", _parse_json(line.rstrip("\r\n"))))
                     except UnicodeDecodeError as e:
                         out.append((f"{path}:{i}", RowError(f"not valid UTF-8 (byte {e.start + 1})")))
                     except RowError as e:
                         out.append((f"{path}:{i}", e))
             return out
         if path.suffix == ".json":
+            raw = path.read_bytes()
             try:
-                rows = json.loads(path.read_bytes().decode("utf-8"))
+                text = raw.decode("utf-8")
+                rows = json.loads(text)
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
+                line = raw.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{path}:{line}: not valid UTF-8 (byte {e.start + 1})") from None
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+                line, reason = _json_error(text, e, "file")
+                raise DataError(f"{path}:{line}: malformed JSON ({reason})") from None
+            except ValueError as e:  # an integer of more than 4300 digits
+                raise DataError(f"{path}: malformed JSON ({str(e).split(':')[0]})") from None
             except RecursionError:
                 raise DataError(f"{path}: malformed JSON (nested too deeply)") from None
             if not isinstance(rows, list):
@@ -150,6 +187,10 @@ def _content(msg, field, i, want_role):
 def _checked_text(text, name):
     if not text.strip():
         raise RowError(f"{name} is empty")
+    return valid_text(text, name)
+
+
+def valid_text(text, name):
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -191,10 +232,14 @@ def validate_row(row):
         raise RowError("rejected must be a list of exactly 1 response")
     texts = [_content(m, "chosen", i, "assistant") for i, m in enumerate(chosen)]
     texts.append(_content(rejected[0], "rejected", 0, "assistant"))
-    prompt_id = row.get("prompt_id", "")
-    if not isinstance(prompt_id, (str, int)):
-        raise RowError(f"prompt_id must be a string, got {type(prompt_id).__name__}")
-    return messages, texts, len(chosen), str(prompt_id)
+    return messages, texts, len(chosen), prompt_id_text(row.get("prompt_id", ""))
+
+
+def prompt_id_text(prompt_id):
+    """A prompt_id as text: a string or an integer (JSON true/false is neither, though bool is an int)."""
+    if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
+        raise RowError(f"prompt_id must be a string or an integer, got {type(prompt_id).__name__}")
+    return valid_text(prompt_id, "prompt_id") if isinstance(prompt_id, str) else str(prompt_id)
 
 
 def validate_chat(row):
@@ -213,6 +258,14 @@ def validate_chat(row):
     if not any(m["role"] == "assistant" for m in out):
         raise RowError("messages has no assistant turn to learn from")
     return out
+
+
+def text_fields(row, chat):
+    """Names of a validated row's texts, in the order of its messages and then its responses."""
+    if chat:
+        return [f"messages[{i}]" for i in range(len(row["messages"]))]
+    prompt = ["prompt"] if isinstance(row["prompt"], str) else [f"prompt[{i}]" for i in range(len(row["prompt"]))]
+    return prompt + [f"chosen[{i}]" for i in range(len(row["chosen"]))] + ["rejected[0]"]
 
 
 def sft_messages(row):
@@ -234,15 +287,58 @@ def check_tokenizer(tokenizer, name=""):
         raise DataError(f"tokenizer {name} has no chat template; WRPO renders rows with it")
 
 
+def special_tokens_finder(tokenizer):
+    """A compiled regex matching any of the tokenizer's special-token strings, or None.
+
+    Text holding one (`<|eot_id|><|start_header_id|>user`) is tokenized as those control tokens,
+    which would inject turns into training. The regex is the tokens' trie, so a scan tries one
+    branch per character rather than all 256 of Llama-3's tokens at every "<|".
+    """
+    tokens = {str(t) for t in tokenizer.all_special_tokens}
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    trie = {}
+    for token in filter(None, tokens):
+        node = trie
+        for ch in token:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # a token ends here
+
+    def pattern(node):  # a token ending here is optional (?), so the longest token matches
+        alts = [re.escape(ch) + pattern(child) for ch, child in sorted(node.items()) if ch]
+        if not alts or len(alts) == 1 and "" not in node:
+            return "".join(alts)
+        return "(?:" + "|".join(alts) + ")" + ("?" if "" in node else "")
+
+    return re.compile(pattern(trie)) if trie else None
+
+
+def check_special_tokens(finder, fields, texts):
+    """A RowError naming the first text (and field) that holds a special-token string."""
+    for field, text in zip(fields, texts):
+        found = finder.search(text)
+        if found:
+            raise RowError(f"{field} holds the special token {found.group()!r}", hint=SPECIAL_TOKENS_HINT)
+
+
+def render(tokenizer, messages, **kwargs):
+    """The chat template's text of messages; a template that refuses them (raise_exception) is a RowError."""
+    from jinja2 import TemplateError  # what transformers renders chat templates with
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:
+        raise RowError(f"the chat template refuses this row ({e})") from None
+
+
 def encode(tokenizer, messages, responses):
     """Prompt tokens and per-response tokens, all from the tokenizer's chat template.
 
     prompt = template(messages, add_generation_prompt=True); each response is the rest of
     template(messages + [assistant response]), so it includes the end-of-turn token.
     """
-    texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)]
+    texts = [render(tokenizer, messages, add_generation_prompt=True)]
     for r in responses:
-        texts.append(tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": r}], tokenize=False))
+        texts.append(render(tokenizer, messages + [{"role": "assistant", "content": r}]))
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template adds BOS itself
     prompt = ids[0]
     out = []
@@ -264,9 +360,8 @@ def encode_chat(tokenizer, messages):
     """
     ids, mask = [], []
     for k, msg in enumerate(messages):
-        before = tokenizer.apply_chat_template(messages[:k], add_generation_prompt=msg["role"] == "assistant",
-                                               tokenize=False) if k else ""
-        after = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        before = render(tokenizer, messages[:k], add_generation_prompt=msg["role"] == "assistant") if k else ""
+        after = render(tokenizer, messages[: k + 1])
         head, full = tokenizer([before, after], add_special_tokens=False)["input_ids"]
         if full[: len(ids)] != ids or full[: len(head)] != head:
             raise RowError(f"the chat template does not render messages[:{k}] as a prefix of messages[:{k + 1}]")
@@ -291,13 +386,14 @@ def truncate(prompt, responses, max_length, max_prompt_length):
     return prompt, responses
 
 
-def convert_rows(path, convert, skip_invalid=False, report=print):
+def convert_rows(path, convert, skip_invalid=False, report=print, hint="fix or remove them"):
     """convert(record) for every record of `path`; every bad row is reported, as file:line: reason.
 
-    Bad rows stop the run (DataError listing them), or with skip_invalid=True are left out, and
-    `report` gets one line with their count and the first few.
+    Bad rows stop the run (DataError listing them, then `hint`: what the caller's user can do,
+    "" for nothing), or with skip_invalid=True are left out, and `report` gets one line with
+    their count and the first few. The rows' own hints (RowError.hint) follow, once each.
     """
-    out, errors = [], []
+    out, errors, row_hints = [], [], []
     for where, rec in read_records(path):
         try:
             if isinstance(rec, RowError):
@@ -305,27 +401,31 @@ def convert_rows(path, convert, skip_invalid=False, report=print):
             out.append(convert(rec, where))
         except RowError as e:
             errors.append(f"{where}: {e}")
+            if e.hint and e.hint not in row_hints:
+                row_hints.append(e.hint)
         except RecursionError:  # a record nested deeply enough to exhaust the stack while checking it
             errors.append(f"{where}: nested too deeply")
     if errors and skip_invalid:
         shown = "\n  ".join(errors[:5]) + ("\n  ..." if len(errors) > 5 else "")
-        report(f"skipped {len(errors)} bad row(s) of {path} (skip_invalid_rows):\n  {shown}")
+        hints = "".join(f"\n({h})" for h in row_hints)
+        report(f"skipped {len(errors)} bad row(s) of {path} (skip_invalid_rows):\n  {shown}{hints}")
     elif errors:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
-        raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}\n(fix them, or pass "
-                        "--skip_invalid_rows=true to train without them)")
+        hints = "".join(f"\n({h})" for h in ([hint] if hint else []) + row_hints)
+        raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}{hints}")
     if not out:
         raise DataError(f"{path}: no rows" + (" left after skipping the bad ones" if errors else ""))
     return out
 
 
 def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
-                 skip_invalid=False, report=print):
+                         skip_invalid=False, report=print, allow_special_tokens=False, hint=SKIP_HINT):
     """Read, validate and tokenize every row. Raises DataError listing every bad row (see convert_rows).
 
     truncation: "keep_end" applies the paper's rule (see `truncate`); "error" reports rows
-    longer than max_length as bad rows instead.
+    longer than max_length as bad rows instead. Text holding the tokenizer's special-token
+    strings is a bad row, unless allow_special_tokens (then they become those control tokens).
     """
     if not 0 < max_prompt_length < max_length:
         raise DataError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
@@ -333,8 +433,12 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
         raise DataError(f"truncation must be 'keep_end' or 'error', got '{truncation}'")
     check_tokenizer(tokenizer)
 
+    special = None if allow_special_tokens else special_tokens_finder(tokenizer)
+
     def convert(rec, where):
         messages, texts, n_chosen, prompt_id = validate_row(rec)
+        if special:
+            check_special_tokens(special, text_fields(rec, False), [m["content"] for m in messages] + texts)
         prompt, responses = encode(tokenizer, messages, texts)
         length = len(prompt) + max(len(r) for r in responses)
         if truncation == "error" and length > max_length:
@@ -342,16 +446,17 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
         prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
         return PreferenceRow(prompt, responses, n_chosen, where, prompt_id)
 
-    return convert_rows(path, convert, skip_invalid, report)
+    return convert_rows(path, convert, skip_invalid, report, hint)
 
 
 def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start",
-                     skip_invalid=False, report=print):
+                      skip_invalid=False, report=print, allow_special_tokens=False, hint=SKIP_HINT):
     """Read, validate and tokenize SFT rows (chat rows, or WRPO rows trained on prompt + y_ws).
 
     loss_on: "assistant" scores every assistant turn (end-of-turn token included); "all" scores
     every token after the first, the paper's setting. truncation: "keep_start" cuts an example
-    to its first max_length tokens; "error" reports longer examples as bad rows.
+    to its first max_length tokens; "error" reports longer examples as bad rows. Special-token
+    strings in the text: as in load_preference_rows.
     """
     if loss_on not in ("assistant", "all"):
         raise DataError(f"loss_on must be 'assistant' or 'all', got '{loss_on}'")
@@ -359,8 +464,13 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
         raise DataError(f"truncation must be 'keep_start' or 'error', got '{truncation}'")
     check_tokenizer(tokenizer)
 
+    special = None if allow_special_tokens else special_tokens_finder(tokenizer)
+
     def convert(rec, where):
-        ids, mask = encode_chat(tokenizer, sft_messages(rec))
+        messages = sft_messages(rec)
+        if special:
+            check_special_tokens(special, text_fields(rec, "messages" in rec), [m["content"] for m in messages])
+        ids, mask = encode_chat(tokenizer, messages)
         if len(ids) > max_length:
             if truncation == "error":
                 raise RowError(f"conversation is {len(ids)} tokens, over max_length {max_length}")
@@ -371,7 +481,7 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
             raise RowError(f"no assistant token within max_length {max_length}")
         return Sequence(ids, labels, where)
 
-    return convert_rows(path, convert, skip_invalid, report)
+    return convert_rows(path, convert, skip_invalid, report, hint)
 
 
 # -----------------------------------------------------------------------------

@@ -14,9 +14,25 @@ import math
 import sys
 from pathlib import Path
 
-from data import DataError, RowError, convert_rows, prompt_messages, read_records
+from data import DataError, RowError, convert_rows, prompt_id_text, prompt_messages, valid_text
 from eval import fail
 from eval.common import prompt_id_of, write_jsonl
+
+HINT = "fix or remove them; nothing was written"
+
+
+def finite_number(x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def checked_prompt_id(rec):
+    if rec.get("prompt_id") is not None:  # none (or null): derived from the prompt
+        prompt_id_text(rec["prompt_id"])
 
 
 def read_scored(path):
@@ -28,20 +44,35 @@ def read_scored(path):
             if field not in rec:
                 raise RowError(f"missing field '{field}'" + (" (score the file with eval/score.py first)"
                                                              if field == "scores" else ""))
+        checked_prompt_id(rec)
         prompt_messages(rec["prompt"])
         texts, scores = rec["responses"], rec["scores"]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise RowError("responses must be a non-empty list of strings")
-        number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)  # noqa: E731
-        if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(number, scores)):
+        for i, text in enumerate(texts):
+            valid_text(text, f"responses[{i}]")
+        if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(finite_number, scores)):
             raise RowError(f"scores must be a list of {len(texts)} finite numbers, one per response")
-        model = str(rec.get("model", Path(path).stem))
+        model = valid_text(str(rec.get("model", Path(path).stem)), "model")
         return prompt_id_of(rec), rec["prompt"], [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
 
     out = {}  # empty responses (a sample that stopped at once) are left out: no row may hold one
-    for pid, prompt, samples in convert_rows(path, checked):
+    for pid, prompt, samples in convert_rows(path, checked, hint=HINT):
         out.setdefault(pid, (prompt, []))[1].extend(samples)  # a prompt may come in several rows
     return out
+
+
+def read_prompt_ids(path):
+    """The prompt ids of `path`'s rows (any rows with a prompt_id, a prompt or messages), every row checked."""
+    def checked(rec, where):
+        if not isinstance(rec, dict):
+            raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
+        checked_prompt_id(rec)
+        if rec.get("prompt_id") in (None, "") and "prompt" not in rec and "messages" not in rec:
+            raise RowError("has no 'prompt_id', 'prompt' or 'messages' to take a prompt id from")
+        return prompt_id_of(rec)
+
+    return set(convert_rows(path, checked, hint=HINT))
 
 
 def best_source(samples, stats):
@@ -103,22 +134,29 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
     eval.split) restricts the output to those prompts.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    try:
+        if out.is_dir():  # write_jsonl would delete it
+            raise DataError(f"{out} is a folder; --out is the .jsonl file to write")
+        if out.exists() and not overwrite:
+            raise DataError(f"{out} exists; pass --overwrite to replace it")
+    except OSError as e:  # a folder on the way we may not look into
+        raise DataError(f"cannot write {out} ({e.strerror or e})") from None
     source = {}
     for path in sources:
         for pid, (prompt, samples) in read_scored(path).items():
             if samples:
                 source.setdefault(pid, (prompt, []))[1].extend(samples)
-    keep = None if prompts is None else {prompt_id_of(rec) for _, rec in read_records(prompts)
-                                         if isinstance(rec, dict)}
+    keep = None if prompts is None else read_prompt_ids(prompts)
     stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "wins": {}, "scores": {}}
     rows = wrpo_rows(source, read_scored(target), keep, stats) if target else sft_rows(source, keep, stats)
     dropped = (f"{stats['no_source']} without source responses, {stats['tied']} without a target preference "
                f"(tied, or < 2 samples), {stats['not_in_prompts']} outside --prompts")
     if not rows:
         raise DataError(f"no rows to write: {dropped}")
-    write_jsonl(rows, out)
+    try:
+        write_jsonl(rows, out)
+    except OSError as e:  # e.g. --out under a file, or in a read-only folder
+        raise DataError(f"cannot write {out} ({e.strerror or e})") from None
     stats["rows"] = len(rows)
     stats["scores"] = {k: v / len(rows) for k, v in stats["scores"].items()}
     print(f"{len(rows)} {'WRPO' if target else 'SFT'} rows -> {out}; dropped: {dropped}")

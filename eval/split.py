@@ -9,10 +9,11 @@ when a row has none) picks its part, so the split does not depend on row order o
 
 import argparse
 import hashlib
+import json
 import sys
 from pathlib import Path
 
-from data import DataError, RowError, convert_rows, prompt_messages, validate_chat, validate_row
+from data import DataError, RowError, convert_rows, prompt_id_text, prompt_messages, validate_chat, validate_row
 from eval import fail
 from eval.common import prompt_id_of, write_jsonl
 
@@ -27,6 +28,8 @@ def checked(rec, where):
     """A WRPO row, a chat row or a bare prompt, validated; all are split by their prompt."""
     if not isinstance(rec, dict):
         raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
+    if rec.get("prompt_id") is not None:  # none (or null): derived from the prompt
+        prompt_id_text(rec["prompt_id"])
     if "messages" in rec:
         validate_chat(rec)
     elif "chosen" in rec or "rejected" in rec:
@@ -35,6 +38,10 @@ def checked(rec, where):
         raise RowError("missing field 'prompt'")
     else:
         prompt_messages(rec["prompt"])
+    try:  # rows are written back whole, extra fields too
+        json.dumps(rec, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError("holds text that cannot be written (an unpaired surrogate escape such as \\ud800)") from None
     return rec
 
 
@@ -46,17 +53,22 @@ def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
     """
     if not 0 < sft_fraction < 1:
         raise DataError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
-    records = convert_rows(path, checked)
+    records = convert_rows(path, checked, hint="fix or remove them; nothing was written")
     out_dir = Path(out_dir)
     targets = {"sft": out_dir / "sft.jsonl", "wrpo": out_dir / "wrpo.jsonl"}
-    if not overwrite and any(t.exists() for t in targets.values()):
-        raise DataError(f"{out_dir} already holds a split; pass --overwrite to replace it")
     parts = {"sft": [], "wrpo": []}
     for rec in records:
         rec = {"prompt_id": prompt_id_of(rec), **{k: v for k, v in rec.items() if k != "prompt_id"}}
         parts["sft" if in_sft_part(rec["prompt_id"], sft_fraction, seed) else "wrpo"].append(rec)
-    for name, target in targets.items():
-        write_jsonl(parts[name], target)  # never a half-written file under the final name
+    try:
+        if any(t.is_dir() for t in targets.values()):  # write_jsonl would delete a folder in the way
+            raise DataError(f"{out_dir} holds a folder named sft.jsonl or wrpo.jsonl; pick another --out_dir")
+        if not overwrite and any(t.exists() for t in targets.values()):
+            raise DataError(f"{out_dir} already holds a split; pass --overwrite to replace it")
+        for name, target in targets.items():
+            write_jsonl(parts[name], target)  # never a half-written file under the final name
+    except OSError as e:  # e.g. out_dir under a file, or read-only
+        raise DataError(f"cannot write the split to {out_dir} ({e.strerror or e})") from None
     print(f"{len(records)} rows -> {len(parts['sft'])} SFT rows ({targets['sft']}), "
           f"{len(parts['wrpo'])} WRPO rows ({targets['wrpo']})")
     return {name: len(rows) for name, rows in parts.items()}
