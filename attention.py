@@ -87,3 +87,12 @@ def register():
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, packed_sdpa)
+
+
+def known(name):
+    """Whether transformers (with packed_sdpa registered) accepts this attn_implementation; hub kernels
+    ("org/repo") are left for transformers to fetch and check."""
+    from transformers import AttentionInterface
+
+    register()
+    return name == "eager" or name in AttentionInterface().valid_keys() or "/" in name

@@ -4,9 +4,12 @@ A step checkpoint is out_dir/step_NNNNNN/:
     model.safetensors, config.json, tokenizer files, train_config.json   Hugging Face weights (hf=True)
     state/                     fp32 master weights and AdamW state, one shard per rank (torch.distributed.checkpoint)
     trainer_state.json         step, settings, data fingerprint, every rank's random generators, the script's
-                               own fields (meta) and every file with its size; written last: the completion marker
+                               own fields (meta) and every file with its size and CRC-32; written last: the
+                               completion marker
 final/ is the Hugging Face folder alone. Every file and folder is written under a temporary name and renamed
-when complete (write_atomic), so a crash at any point leaves the older ones as they were.
+when complete (write_atomic), so a crash at any point leaves the older ones as they were. Each rank computes
+the CRC-32 of its state shards as it writes them; resuming checks every file against its CRC first and skips
+a damaged checkpoint for the newest one that verifies.
 """
 
 import base64
@@ -17,15 +20,20 @@ import os
 import random
 import re
 import shutil
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
     set_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.fsdp import FSDPModule
 
 from fsdp_utils import DTYPES, is_master, print0
@@ -40,6 +48,35 @@ class ResumeError(ValueError):
 
 class RunFinished(Exception):
     """--resume=auto found the run in out_dir already finished: nothing to do (exit 0)."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint or the final weights could not be written (e.g. the disk is full); the partial folder is gone
+    and older checkpoints are untouched. Raised on every rank."""
+
+
+def reason(e):
+    """One line for an exception met while writing: the OSError inside (no space left on device, ...), if any."""
+    if isinstance(e, CheckpointException):  # torch.distributed.checkpoint wraps each rank's exception
+        inner = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+        return next((reason(x) for x in inner if isinstance(x, BaseException)), str(e).splitlines()[0])
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    if e.__cause__ or e.__context__:
+        return reason(e.__cause__ or e.__context__)
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def all_ok(error=None):
+    """Collective: every rank passes the reason it failed (or None) and all raise SaveError if any failed, so that
+    a write that failed on one rank never leaves the others waiting in the next collective."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = dict.fromkeys(e for e in errors if e)  # DCP gives every rank the same one: say it once
+    if len(failed) > 1:
+        failed = [f"rank {r}: {e}" for r, e in enumerate(errors) if e]
+    if failed:
+        raise SaveError("; ".join(failed))
 
 
 # -----------------------------------------------------------------------------
@@ -61,10 +98,15 @@ def write_atomic(path, write, collective=False):
         tmp.unlink(missing_ok=True)
     if collective:
         dist.barrier()
-    if callable(write):
-        write(tmp)
-    else:
-        tmp.write_text(write, encoding="utf-8")
+    try:
+        if callable(write):
+            write(tmp)
+        else:
+            tmp.write_text(write, encoding="utf-8")
+    except BaseException:  # a failed write leaves nothing behind (collective: every rank gets here, see all_ok)
+        if owner:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
     if collective:
         dist.barrier()
     if owner:
@@ -85,27 +127,34 @@ def write_hf_weights(model, folder, *, tokenizer=None, train_config=None, dtype=
     """Gather the full state dict on rank 0 (CPU-offloaded) and write a Hugging Face checkpoint into `folder`.
     Collective: every rank must call it."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if is_master():
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        if getattr(model.config, "tie_word_embeddings", False):
-            state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
-        for k in list(state):  # one tensor at a time, so fp32 and save-dtype copies never coexist whole
-            state[k] = state[k].to(dtype).contiguous()
-        _write_safetensors(state, folder, max_shard_bytes)
-        config = copy.deepcopy(model.config)
-        # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
-        config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
-        config.dtype = dtype
-        config.use_cache = True  # training turned it off; generation wants it
-        config.save_pretrained(folder)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        if train_config is not None:
-            (folder / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
-    dist.barrier()
+    error = None
+    try:
+        if is_master():
+            _write_hf_folder(model, state, Path(folder), tokenizer, train_config, dtype, max_shard_bytes)
+    except Exception as e:  # rank 0 alone writes: tell the others, which would otherwise wait for it forever
+        error = reason(e)
+    all_ok(error)
+
+
+def _write_hf_folder(model, state, folder, tokenizer, train_config, dtype, max_shard_bytes):
+    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    for k in list(state):  # one tensor at a time, so fp32 and save-dtype copies never coexist whole
+        state[k] = state[k].to(dtype).contiguous()
+    _write_safetensors(state, folder, max_shard_bytes)
+    config = copy.deepcopy(model.config)
+    # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
+    config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
+    config.dtype = dtype
+    config.use_cache = True  # training turned it off; generation wants it
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if train_config is not None:
+        (folder / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
 
 
 def _write_safetensors(state, folder, max_shard_bytes):
@@ -145,7 +194,10 @@ def export_settings(run, cfg, step):
 def save_final(run, cfg, model, step, skipped=0):
     """out_dir/final: the trained weights as a Hugging Face folder (cfg.save_dtype), with the settings. Collective."""
     path = run.out_dir / "final"
-    save_hf_checkpoint(model, path, **export_settings(run, cfg, step))
+    try:
+        save_hf_checkpoint(model, path, **export_settings(run, cfg, step))
+    except SaveError as e:
+        raise SaveError(f"cannot write {path}: {e}; removed the partial folder. {_newest_note(run.out_dir)}") from None
     print0(f"saved {path}" + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
 
 
@@ -155,16 +207,24 @@ def save_final(run, cfg, model, step, skipped=0):
 
 def save_state(model, optimizer, folder):
     """The fp32 master weights and AdamW state, each rank writing its own shards into `folder`. Collective.
-    DCP files load on any number of ranks (they are resharded)."""
+    DCP files load on any number of ranks (they are resharded). Returns {file name: CRC-32} of the files
+    this rank wrote, computed as they were written."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    writer = dcp.FileSystemWriter(folder)
+    if type(getattr(writer, "fs", None)) is FileSystem:  # else (another torch) the CRCs are read back afterwards
+        writer.fs = _Crc32FileSystem()
+    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
+    return getattr(writer.fs, "crcs", {})
 
 
 def load_state(model, optimizer, folder):
     """Fill a sharded model and its optimizer from save_state's files. Collective."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(folder))
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except CheckpointException as e:
+        raise ResumeError(f"cannot load {folder}: {reason(e)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -189,15 +249,95 @@ def set_rng_state(s):
 
 
 # -----------------------------------------------------------------------------
+# checksums: the CRC-32 of every file, computed as it is written, checked before resuming
+
+
+def file_crc32(path, chunk=1 << 24):
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+class _Crc32Writer:
+    """A file open for writing that keeps the CRC-32 of every byte written through it."""
+
+    def __init__(self, f):
+        self.f, self.crc = f, 0
+
+    def write(self, b):
+        if self.crc is not None:
+            self.crc = zlib.crc32(b, self.crc)
+        return self.f.write(b)
+
+    def seek(self, *args):  # a writer that goes back invalidates the running CRC: the file is read back instead
+        self.crc = None
+        return self.f.seek(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+class _Crc32FileSystem(FileSystem):
+    """torch.distributed.checkpoint's local file system, keeping {file name: CRC-32} of what this rank writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.crcs = {}
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as f:
+            if "w" not in mode:
+                yield f
+                return
+            stream = _Crc32Writer(f)
+            yield stream
+        self.crcs[Path(path).name] = f"{stream.crc:08x}" if stream.crc is not None else file_crc32(path)
+
+    def rename(self, path, new_path):  # the metadata file is written as .metadata.tmp, then renamed
+        super().rename(path, new_path)
+        if Path(path).name in self.crcs:
+            self.crcs[Path(new_path).name] = self.crcs.pop(Path(path).name)
+
+
+def usable(folder):
+    """Collective: why checkpoint `folder` cannot be resumed from ([] if it can). Rank 0's quick check
+    (checkpoint_problem), then every file against its CRC-32, the ranks sharing the reading."""
+    box = [checkpoint_problem(folder) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)  # all ranks take the same branch: there are collectives below
+    if box[0]:
+        return [box[0]]
+    state = read_state(folder)
+    crcs = state.get("crc32")
+    if crcs is None:  # written before checksums existed: its sizes were checked, which is all it records
+        return []
+    mine = []
+    for name in sorted(state["files"])[dist.get_rank()::dist.get_world_size()]:
+        try:
+            if name not in crcs:
+                mine.append(f"{name} has no recorded CRC-32")
+            elif file_crc32(Path(folder) / name) != crcs[name]:
+                mine.append(f"{name} does not match its CRC-32 (damaged after it was written)")
+        except OSError as e:
+            mine.append(f"{name} is unreadable ({e.strerror or e})")
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, mine)
+    return sorted(p for part in found for p in part)
+
+
+# -----------------------------------------------------------------------------
 # step checkpoints: save, find, check, restore, prune
 
 
 def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
     """out_dir/step_NNNNNN: HF weights (hf=True) and the resumable state, written atomically. Collective.
 
-    meta: the script's own fields for trainer_state.json (e.g. the data fingerprint). Uses run.out_dir,
-    run.tokenizer, run.world, cfg.save_dtype and cfg.keep_last. Older complete checkpoints beyond
-    keep_last are deleted only after this one is complete.
+    meta: the script's own fields for trainer_state.json (the data fingerprint, eval_before, skipped_steps).
+    Uses run.out_dir, run.tokenizer, run.world, cfg.save_dtype and cfg.keep_last. Older complete checkpoints
+    beyond keep_last are deleted only after this one is complete. A write that fails (a full disk) raises
+    SaveError on every rank and leaves no partial folder.
     """
     folder = run.out_dir / f"step_{step:06d}"
     if checkpoint_problem(folder) is None:  # saved already (a run resumed here and stopped at once)
@@ -206,16 +346,35 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
     def write(tmp):
         if hf:
             write_hf_weights(policy, tmp, **export_settings(run, cfg, step))
-        save_state(policy, optimizer, tmp / "state")
-        rngs = [None] * run.world
-        dist.all_gather_object(rngs, rng_state())
-        if is_master():  # the completion marker, last: it lists every file written before it
-            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            state = {"step": step, "world_size": run.world, "config": dataclasses.asdict(cfg), "rng": rngs,
-                     "files": files, **meta}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        try:
+            crcs, error = save_state(policy, optimizer, tmp / "state"), None
+        except (Exception, CheckpointException) as e:  # (a BaseException) DCP's, on every rank when one failed
+            crcs, error = {}, reason(e)
+        all_ok(error)
+        per_rank = [None] * run.world
+        dist.all_gather_object(per_rank, (rng_state(), crcs))
+        error = None
+        if is_master():  # the completion marker, last: it lists every file written before it, with its CRC
+            try:
+                written = {f"state/{name}": crc for _, part in per_rank for name, crc in part.items()}
+                files, crc32 = {}, {}
+                for f in sorted(tmp.rglob("*")):
+                    if f.is_file():
+                        name = str(f.relative_to(tmp))
+                        files[name] = f.stat().st_size
+                        crc32[name] = written.get(name) or file_crc32(f)  # rank 0's HF files: read back
+                state = {"step": step, "world_size": run.world, "config": dataclasses.asdict(cfg),
+                         "rng": [rng for rng, _ in per_rank], "files": files, "crc32": crc32, **meta}
+                (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            except Exception as e:
+                error = reason(e)
+        all_ok(error)
 
-    write_atomic(folder, write, collective=True)  # an incomplete folder under this name (a damaged copy) is replaced
+    try:  # an incomplete folder under this name (a damaged copy) is replaced
+        write_atomic(folder, write, collective=True)
+    except SaveError as e:
+        raise SaveError(f"cannot save {folder}: {e}; removed the partial folder. {_newest_note(run.out_dir)}") \
+            from None
     if is_master():
         prune(run.out_dir, step, cfg.keep_last)
         print0(f"saved {folder}" + ("" if hf else " (resumable state only)"))
@@ -223,17 +382,62 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
     return folder
 
 
+def _newest_note(out_dir):
+    newest = newest_checkpoint(out_dir)
+    return (f"Older checkpoints are untouched (newest: {newest}); free space, then rerun with --resume=auto"
+            if newest else "There is no older checkpoint to resume from")
+
+
+# the fields of trainer_state.json that resuming reads, with their types (the scripts' meta included)
+STATE_FIELDS = {"step": int, "world_size": int, "config": dict, "rng": list, "files": dict,
+                "fingerprint": str, "eval_before": dict, "skipped_steps": int}
+
+
+def read_state(folder):
+    """The trainer state of a checkpoint folder, checked field by field; ValueError says what is wrong."""
+    state = json.loads((Path(folder) / STATE_FILE).read_text())
+    if not isinstance(state, dict):
+        raise ValueError(f"{STATE_FILE} is not a JSON object")
+    for key, kind in STATE_FIELDS.items():
+        if key not in state:
+            raise ValueError(f"{STATE_FILE} has no '{key}'")
+        if type(state[key]) is not kind:
+            raise ValueError(f"{STATE_FILE}: '{key}' must be {kind.__name__}, got {state[key]!r:.40}")
+    if state["step"] < 1:
+        raise ValueError(f"{STATE_FILE}: step must be >= 1, got {state['step']}")
+    if state["world_size"] < 1 or len(state["rng"]) != state["world_size"]:
+        raise ValueError(f"{STATE_FILE}: needs one rng entry per rank ({state['world_size']})")
+    saved = rng_state()
+    try:  # every rank's generators must load: try them, then put this process's back
+        for rng in state["rng"]:
+            set_rng_state(rng)
+    except Exception:
+        raise ValueError(f"{STATE_FILE}: a damaged rng entry") from None
+    finally:
+        set_rng_state(saved)
+    for name, size in state["files"].items():
+        if type(size) is not int or ".." in Path(name).parts or Path(name).is_absolute():
+            raise ValueError(f"{STATE_FILE}: a damaged files entry ({name!r:.40})")
+    if not isinstance(state.get("crc32", {}), dict):
+        raise ValueError(f"{STATE_FILE}: 'crc32' must be a dict")
+    return state
+
+
 def checkpoint_problem(folder):
-    """None for a complete checkpoint folder, else why it is not one."""
-    state_file = Path(folder) / STATE_FILE
-    if not state_file.is_file():
+    """None for a complete checkpoint folder (its state file is sound, every file there at its size), else why
+    it is not one. Quick: reads no weights (verify_files checks their content)."""
+    if Path(folder).name == "final" and (Path(folder) / "config.json").is_file():
+        return ("final/ is the finished run's weights, a Hugging Face folder without trainer state: resume from a "
+                "step_NNNNNN folder, or train on from these weights as a new run with --model")
+    if not (Path(folder) / STATE_FILE).is_file():
         return f"no {STATE_FILE} (the save did not finish)"
     try:
-        state = json.loads(state_file.read_text())
-        files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"unreadable {STATE_FILE}"
-    for name, size in files.items():
+        state = read_state(folder)
+    except (OSError, UnicodeDecodeError) as e:
+        return f"unreadable {STATE_FILE} ({e})"
+    except ValueError as e:  # malformed JSON included
+        return f"unreadable {STATE_FILE} ({str(e).splitlines()[0]})"
+    for name, size in state["files"].items():
         f = Path(folder) / name
         if not f.is_file() or f.stat().st_size != size:
             return f"{name} is missing or truncated"
@@ -247,33 +451,38 @@ def step_checkpoints(out_dir):
 
 
 def newest_checkpoint(out_dir):
-    """The newest complete step checkpoint in out_dir, or None."""
+    """The newest complete step checkpoint in out_dir, or None (sizes checked, not CRCs)."""
     complete = [f for _, f in step_checkpoints(out_dir) if checkpoint_problem(f) is None]
     return complete[-1] if complete else None
 
 
 def find_resume(resume, out_dir):
-    """The checkpoint folder to continue from (resume: "", "auto" or a folder); None to start at step 0."""
+    """The checkpoint folder to continue from (resume: "", "auto" or a folder); None to start at step 0.
+
+    Collective (every rank calls it): the candidates are checked against their CRCs, the ranks sharing the
+    reading. auto takes the newest that verifies, naming each one skipped and why.
+    """
     if not resume:
         return None
     if resume != "auto":
         path = Path(resume)
         if not path.is_dir():
             raise ResumeError(f"--resume={resume}: no such checkpoint folder")
-        problem = checkpoint_problem(path)
-        if problem:
-            raise ResumeError(f"--resume={resume}: not a complete checkpoint ({problem})")
+        if problems := usable(path):
+            raise ResumeError(f"--resume={resume}: not a complete checkpoint ({'; '.join(problems)})")
         return path
     if (out_dir / "final").is_dir():
         raise RunFinished(f"the run in {out_dir} already finished ({out_dir / 'final'}); nothing to resume "
                           "(pass another --out_dir, or --overwrite=true to train again)")
-    for step, folder in reversed(step_checkpoints(out_dir)):
-        problem = checkpoint_problem(folder)
-        if problem is None:
+    candidates = [[folder for _, folder in step_checkpoints(out_dir)]]
+    dist.broadcast_object_list(candidates, src=0)  # every rank walks the same list (usable is collective)
+    for folder in reversed(candidates[0]):
+        problems = usable(folder)
+        if not problems:
             return folder
-        print0(f"resume: skipping {folder}: {problem}")
+        print0(f"resume: skipping {folder}: {'; '.join(problems)}")
     if (out_dir / "metrics.jsonl").exists():
-        print0(f"resume: no complete checkpoint in {out_dir}; starting again from step 0")
+        print0(f"resume: no usable checkpoint in {out_dir}; starting again from step 0")
     return None
 
 
@@ -286,7 +495,7 @@ def resume_state(folder, config, fingerprint, free):
     """
     if folder is None:
         return None
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = read_state(folder)
     saved = state["config"]
     changed = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in sorted(config.items())
                if k not in free and saved.get(k) != v]
@@ -332,7 +541,9 @@ def prune(out_dir, newest, keep_last):
 
 
 def save_reference_logps(path, logps, metadata):
-    """Write a [n_rows, 3] table of reference log-probs; a cache that cannot be written is only reported."""
+    """Write a [n_rows, 3] table of reference log-probs, with its shape and CRC-32 for load_reference_logps;
+    a cache that cannot be written is only reported."""
+    metadata = {**metadata, "shape": json.dumps(list(logps.shape)), "crc32": _tensor_crc32(logps)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: save_file({"logps": logps}, tmp, metadata=metadata))
@@ -342,5 +553,26 @@ def save_reference_logps(path, logps, metadata):
         return False
 
 
-def load_reference_logps(path):
-    return load_file(path)["logps"]
+def load_reference_logps(path, n_rows):
+    """The cached [n_rows, 3] table, or None (printed) when the file is damaged: unreadable, another shape,
+    or values that do not match the CRC-32 stored with them. The caller then computes it again."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        logps = load_file(path).get("logps")
+    except (OSError, SafetensorError, ValueError) as e:
+        problem = f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    else:
+        want = [n_rows, 3]
+        if logps is None or list(logps.shape) != want or logps.dtype != torch.float32:
+            problem = f"holds {None if logps is None else list(logps.shape)}, expected {want} float32"
+        elif metadata.get("crc32") != _tensor_crc32(logps):
+            problem = "its values do not match their CRC-32" if "crc32" in metadata else "it has no CRC-32"
+        else:
+            return logps
+    print0(f"reference log-probs: {path} is damaged ({problem}); computing them again")
+    return None
+
+
+def _tensor_crc32(t):
+    return f"{zlib.crc32(t.contiguous().numpy().tobytes()):08x}"

@@ -213,6 +213,29 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
     return model
 
 
+def loading_problem(path, trust_remote_code=False):
+    """The one rule for loading a model folder, in every script: weights from safetensors only (never a
+    pickle), and code shipped with the checkpoint (an `auto_map` in its config or tokenizer config) only
+    with --trust_remote_code. Returns why `path` breaks it, or None."""
+    path = Path(path)
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        try:
+            auto_map = json.loads(f.read_text(encoding="utf-8")).get("auto_map") if f.is_file() else None
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{f} is unreadable ({e})"
+        if auto_map and not trust_remote_code:
+            shown = ", ".join(f"{k}: {v}" for k, v in (auto_map.items() if isinstance(auto_map, dict) else []))
+            return (f"{path} ships its own code ({name}: auto_map {shown or auto_map}); it runs only with "
+                    "--trust_remote_code, if you trust it")
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        found = f" (it has {', '.join(pickles[:3])}: pickled weights, never loaded here)" if pickles else ""
+        return (f"{path} has no safetensors weights (model.safetensors or model.safetensors.index.json){found}; "
+                "convert them to safetensors where you trust the files")
+    return None
+
+
 def resolve_model_path(path):
     """A local folder as is; otherwise download the hub snapshot's safetensors and configs."""
     if os.path.isdir(path):

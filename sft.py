@@ -91,7 +91,8 @@ def load_examples(path, cfg, run):
     if not path:
         return [], []
     examples = data.load_sft_examples(path, run.tokenizer, max_length=cfg.max_length, loss_on=cfg.loss_on,
-                                      truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows, report=print0)
+                                      truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows, report=print0,
+                                      allow_special_tokens=cfg.allow_special_tokens)
     if cfg.packing:
         return examples, data.pack([len(ex.ids) for ex in examples], cfg.max_length)
     return examples, [[i] for i in range(len(examples))]

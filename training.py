@@ -5,12 +5,16 @@ throughput and exit codes.
 Each script's main holds its own loop and every decision in it; nothing here calls back into a script.
 """
 
+import atexit
+import ctypes
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,8 +27,10 @@ import torch.distributed as dist
 
 import attention
 import data
-from checkpoint import ResumeError, RunFinished, find_resume, newest_checkpoint, step_checkpoints, write_atomic
-from fsdp_utils import DTYPES, count_parameters, init_distributed, is_master, load_model, print0, resolve_model_path
+from checkpoint import ResumeError, RunFinished, SaveError, find_resume, newest_checkpoint, step_checkpoints, \
+    write_atomic
+from fsdp_utils import DTYPES, count_parameters, init_distributed, is_master, load_model, loading_problem, print0, \
+    resolve_model_path
 from logps import IMPLS, attach_label_logps, resolve_impl
 
 
@@ -40,6 +46,8 @@ class TrainConfig:
     resume: str = ""  # auto: continue from the newest complete checkpoint in out_dir (if any); or a checkpoint folder
     trust_remote_code: bool = False  # only for models whose code you trust
     skip_invalid_rows: bool = False  # leave bad data rows out (counted) instead of stopping before training
+    allow_special_tokens: bool = False  # text holding the tokenizer's special tokens (<|eot_id|>, ...) keeps them
+    # as control tokens; by default such a row is a bad row, as it would forge chat turns
     # optimisation
     lr: float = 1e-6  # peak learning rate (AdamW)
     warmup_ratio: float = 0.1  # fraction of optimizer steps of linear warmup, then cosine to 0
@@ -72,7 +80,7 @@ class TrainConfig:
 # compared by its tokenized rows instead of its path); each script adds its own
 RESUME_FREE = {"resume", "overwrite", "out_dir", "data", "eval_data", "micro_batch_size", "activation_checkpointing",
                "attn_implementation", "logps_impl", "compile", "dtype", "log_every", "eval_every", "save_every",
-               "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows", "trust_remote_code"}
+               "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows", "allow_special_tokens", "trust_remote_code"}
 
 
 RENAMED = {"logprobs": "logps_impl"}  # old setting names, to point a user's old config at the new one
@@ -104,15 +112,21 @@ def parse_config(cls, argv):
             raw = float(raw)
         if type(raw) is not want:
             raise ConfigError(f"{source}: {key} must be {want.__name__}, got {raw!r}")
+        if want is float and not math.isfinite(raw):
+            raise ConfigError(f"{source}: {key} must be a finite number, got {raw!r}")
         return raw
 
     for arg in argv:
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
+            if Path(path).exists() and not Path(path).is_file():  # a folder, or a FIFO that would never end
+                raise ConfigError(f"--config={path}: not a regular file")
             try:
-                loaded = json.loads(Path(path).read_text())
-            except (OSError, json.JSONDecodeError) as e:
+                loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:  # unreadable, malformed JSON or not UTF-8
                 raise ConfigError(f"--config={path}: cannot read JSON config: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"--config={path}: must hold one JSON object of settings, got {type(loaded).__name__}")
             values.update({k: convert(k, v, path) for k, v in loaded.items()})
     for arg in argv:
         if arg.startswith("--config="):
@@ -189,27 +203,37 @@ class Run:
     resume_from: Path = None  # the checkpoint this run continues from, if any
 
 
-def start_run(cfg, problems=()):
-    """Process group, settings, output folder, checkpoint to resume, model path and tokenizer.
+def start_run(cfg, problems=(), other_models=()):
+    """Process group, settings, the output folder (locked for this run), the checkpoint to resume, model path
+    and tokenizer. other_models: more models the script loads (a reference), checked like cfg.model.
 
-    Runs before any data is read, so every user error surfaces in seconds; nothing is written yet.
+    Runs before any data is read, so every user error surfaces in seconds; nothing is written yet but
+    out_dir itself and its lock file.
     """
     rank, world, device, mesh = init_distributed()
+    exit_with_launcher()
     problems = list(problems) + config_problems(cfg, world)
+    if not attention.known(cfg.attn_implementation):
+        problems.append(f"attn_implementation '{cfg.attn_implementation}' is not one transformers knows "
+                        f"({attention.NAME}, sdpa, eager, flex_attention, flash_attention_2, ...)")
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
     out_dir = Path(cfg.out_dir)
-    resume_from = find_resume(cfg.resume, out_dir)
-    if (out_dir / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.resume):
-        raise ConfigError(f"out_dir {out_dir} already holds a run; pass --resume=auto to continue it, another "
-                          "--out_dir, or --overwrite=true to replace it")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
             raise PermissionError("permission denied")
     except OSError as e:
         raise ConfigError(f"out_dir {out_dir} is not writable: {e}") from None
+    lock_out_dir(out_dir)  # before anything in out_dir is read or changed: no second run writes beside this one
+    resume_from = find_resume(cfg.resume, out_dir)
+    if (out_dir / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"out_dir {out_dir} already holds a run; pass --resume=auto to continue it, another "
+                          "--out_dir, or --overwrite=true to replace it")
     model_path = resolve_model(cfg.model)
+    for path in [model_path] + [resolve_model(m) for m in other_models if m]:
+        if problem := loading_problem(path, cfg.trust_remote_code):
+            raise ConfigError(f"model error: {problem}")
     check_free_space(out_dir, model_path, cfg)
     from transformers import AutoTokenizer
 
@@ -218,9 +242,108 @@ def start_run(cfg, problems=()):
     return Run(rank, world, device, mesh, out_dir, model_path, tokenizer, pad_id, resume_from)
 
 
+LOCK_FILE = "run.lock"
+_locks = {}  # out_dir -> the open lock file of a run in this process (tests run several in one process)
+
+
+def lock_out_dir(out_dir):
+    """Collective: rank 0 holds out_dir/run.lock until this process exits, and a second run into the same
+    out_dir stops here, naming the holder. The lock is the kernel's (flock): it dies with its process however
+    that ends, so a holder that was killed leaves only a stale file, which the next run takes over."""
+    holder = None
+    if is_master() and str(out_dir.resolve()) not in _locks:
+        holder = _lock(out_dir / LOCK_FILE)
+    box = [holder]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ConfigError(f"out_dir {out_dir} is in use by another run ({box[0]}); wait for it to end or stop it, "
+                          "or pass another --out_dir")
+
+
+def _lock(path):
+    """Take the lock on `path` for this process: None, or the holder's line when another process has it."""
+    while True:
+        f = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "holder unknown"
+            f.close()
+            return holder
+        except OSError as e:  # a file system without locks
+            f.close()
+            print0(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run into {path.parent}")
+            return None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # its holder ended and removed it between our open and our lock: lock the new file
+    f.seek(0)
+    if stale := f.read().strip():
+        print0(f"out_dir {path.parent}: taking over the lock of a run that ended without releasing it ({stale})")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+            f"{' '.join(sys.argv)[:300]}\n")
+    f.flush()
+    _locks[str(path.parent.resolve())] = f
+    return None
+
+
+@atexit.register
+def release_locks():
+    """At exit (or after a run called in-process): remove each lock file, then let go of its lock (in this
+    order, so that no other run ever locks a file about to disappear)."""
+    while _locks:
+        _, f = _locks.popitem()
+        Path(f.name).unlink(missing_ok=True)
+        f.close()
+
+
+_launcher = None  # torchrun's pid, the parent of this worker
+
+
+def exit_with_launcher():
+    """Under torchrun: end this worker when its launcher dies (a scheduler's SIGKILL, say) rather than train on
+    unsupervised beside a requeued run. On Linux the kernel sends SIGTERM then (the loop saves and exits as on
+    preemption); elsewhere stop_requested notices the new parent pid at the next step."""
+    global _launcher
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _launcher is not None:
+        return
+    _launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != _launcher:  # it died before the call above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone():
+    return _launcher is not None and os.getppid() != _launcher
+
+
+def leftover_partial_saves(out_dir):
+    """Folders of saves that a crash interrupted (step_N.tmp, final.tmp): never complete, safe to remove once
+    out_dir is locked."""
+    return sorted(Path(out_dir).glob("step_*.tmp")) + sorted(Path(out_dir).glob("final.tmp"))
+
+
+def folder_bytes(folder):
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def human_bytes(n):
+    """1.5 GiB, 12.0 MiB, 800 B: a unit that fits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 def check_free_space(out_dir, model_path, cfg):
     """Refuse to start when out_dir cannot hold one checkpoint and the final weights; warn when it
-    cannot hold keep_last + 1 checkpoints (the newest are written before the oldest go)."""
+    cannot hold keep_last + 1 checkpoints (the newest are written before the oldest go). The partial
+    folders of interrupted saves count as free: the run removes them first."""
     try:
         params = count_parameters(model_path)
     except Exception as e:  # no safetensors files, or a damaged header: say so before any data is read
@@ -229,15 +352,22 @@ def check_free_space(out_dir, model_path, cfg):
     # resumable state: fp32 master weights and AdamW's two fp32 moments; plus the HF weights
     checkpoint = params * (12 + save_bytes)
     need = checkpoint + params * save_bytes  # one checkpoint (at least on SIGTERM) and final/
-    free = shutil.disk_usage(out_dir).free
-    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+    leftovers = leftover_partial_saves(out_dir)
+    reclaimable = sum(folder_bytes(f) for f in leftovers)
+    free = shutil.disk_usage(out_dir).free + reclaimable
+    note = f" (with {human_bytes(reclaimable)} of interrupted saves removed)" if leftovers else ""
     if free < need:
-        raise ConfigError(f"out_dir {out_dir} has {gib(free)} free; this model ({params / 1e6:.1f}M parameters) "
-                          f"needs about {gib(need)}: one resumable checkpoint ({gib(checkpoint)}: fp32 weights and "
-                          f"AdamW state, and {cfg.save_dtype} weights) and the final weights")
+        raise ConfigError(f"out_dir {out_dir} has {human_bytes(free)} free{note}; this model ({params / 1e6:.1f}M "
+                          f"parameters) needs about {human_bytes(need)}: one resumable checkpoint "
+                          f"({human_bytes(checkpoint)}: fp32 weights and AdamW state, and {cfg.save_dtype} weights) "
+                          "and the final weights")
     if cfg.save_every and cfg.keep_last and free < (cfg.keep_last + 1) * checkpoint + params * save_bytes:
-        print0(f"warning: out_dir {out_dir} has {gib(free)} free; keep_last={cfg.keep_last} checkpoints of "
-               f"{gib(checkpoint)} each may not fit")
+        print0(f"warning: out_dir {out_dir} has {human_bytes(free)} free{note}; keep_last={cfg.keep_last} "
+               f"checkpoints of {human_bytes(checkpoint)} each may not fit")
+    dist.barrier()  # every rank has measured before rank 0 removes the leftovers
+    for folder in leftovers if is_master() else []:
+        shutil.rmtree(folder, ignore_errors=True)
+        print0(f"removed {folder}, left by a save that was interrupted")
 
 
 def resolve_model(path):
@@ -370,7 +500,11 @@ def stop_signals(rank):
 
 
 def stop_requested(received, device):
-    """The signal number if any rank received SIGTERM or SIGINT, else 0: collective, so all ranks stop together."""
+    """The signal number if any rank received SIGTERM or SIGINT (or lost its launcher: SIGTERM), else 0:
+    collective, so all ranks stop together."""
+    if not received and launcher_gone():  # the kernel's SIGTERM covers Linux; this, everywhere else
+        print(f"the launcher (pid {_launcher}) is gone; saving after this step", file=sys.stderr, flush=True)
+        received.append(signal.SIGTERM)
     signum = torch.tensor(float(received[0] if received else 0), device=device)
     dist.all_reduce(signum, op=dist.ReduceOp.MAX)
     return int(signum.item())
@@ -405,6 +539,24 @@ class MetricSum:
         return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
 
+def kept_metrics(path, start):
+    """The lines of metrics.jsonl up to step `start` (a resumed run's checkpoint). Rows past it were never saved,
+    and a line that is not a JSON row (torn by a crash mid-append) is dropped, with a note."""
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+            step = row.get("step", 0)
+        except (ValueError, AttributeError):  # malformed, or JSON but not an object
+            torn += bool(line.strip())
+            continue
+        if type(step) is int and step <= start:
+            kept.append(line)
+    if torn:
+        print0(f"{path}: dropped {torn} unreadable line(s), left by a crash while writing")
+    return kept
+
+
 class MetricsLog:
     """Rank 0: one JSONL row per optimizer step, a tqdm bar on a terminal, a line every `log_every` steps.
 
@@ -420,10 +572,7 @@ class MetricsLog:
             from tqdm import tqdm
 
             path = run.out_dir / "metrics.jsonl"
-            kept = []
-            if start and path.exists():  # rows past the checkpoint were never saved: drop them
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= start]
+            kept = kept_metrics(path, start) if start else []
             write_atomic(path, "".join(line + "\n" for line in kept))
             self.file = open(path, "a")
             # a live bar on a terminal; in a log file only the `log_every` lines
@@ -506,7 +655,7 @@ def cli(main):
         sys.exit(2)
     except RunFinished as e:
         quiet or print(e)
-    except TrainingError as e:
+    except (TrainingError, SaveError) as e:
         quiet or print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
     except Preempted as e:

@@ -74,6 +74,9 @@ def wrpo_problems(cfg):
         problems.append(f"need 0 < max_prompt_length < max_length, got {cfg.max_prompt_length}, {cfg.max_length}")
     if cfg.ref_logps not in ("precompute", "live"):
         problems.append(f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'")
+    if cfg.max_tokens_per_micro_batch < 0:
+        problems.append(f"max_tokens_per_micro_batch must be >= 0 (0: 3 x max_length), "
+                        f"got {cfg.max_tokens_per_micro_batch}")
     return problems
 
 
@@ -242,9 +245,10 @@ def load_reference(cfg, run, train_rows, eval_rows):
             tables.append(None)
             continue
         path = reference_cache_path(cfg, ref_path, rows, data_path)
-        if cached_on_every_rank(path, run.device):  # all ranks read the cache, or all compute (collectives)
+        table = load_reference_logps(path, len(rows)) if path.exists() else None  # None: missing or damaged
+        if on_every_rank(table is not None, run.device):  # all ranks read the cache, or all compute (collectives)
             print0(f"reference log-probs: {path} (cached)")
-            tables.append(load_reference_logps(path))
+            tables.append(table)
             continue
         if ref is None:  # loaded only when a cache is missing, and freed on return
             ref = load_sharded_model(ref_path, run.mesh, run.device, cfg, trainable=False)
@@ -256,9 +260,10 @@ def load_reference(cfg, run, train_rows, eval_rows):
     return tables[0], tables[1]
 
 
-def cached_on_every_rank(path, device):
-    """Whether every rank sees the cache file (on several nodes without a shared folder, some may not)."""
-    seen = torch.tensor(float(path.exists()), device=device)
+def on_every_rank(ok, device):
+    """Whether `ok` holds on every rank: each read the cache (on several nodes without a shared folder, or with
+    a damaged copy, some may not)."""
+    seen = torch.tensor(float(ok), device=device)
     dist.all_reduce(seen, op=dist.ReduceOp.MIN)
     return bool(seen.item())
 
@@ -326,13 +331,14 @@ def load_rows(path, cfg, run):
         return []
     return data.load_preference_rows(path, run.tokenizer, max_length=cfg.max_length,
                                      max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
-                                     skip_invalid=cfg.skip_invalid_rows, report=print0)
+                                     skip_invalid=cfg.skip_invalid_rows, report=print0,
+                                     allow_special_tokens=cfg.allow_special_tokens)
 
 
 def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before a model is loaded or a file written
     cfg = parse_config(Config, argv)
-    run = start_run(cfg, wrpo_problems(cfg))
+    run = start_run(cfg, wrpo_problems(cfg), other_models=[cfg.ref_model])
     cfg.shared_prompt = cfg.shared_prompt and cfg.packing and cfg.attn_implementation == attention.NAME  # else off
     train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")

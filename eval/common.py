@@ -20,25 +20,26 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import data
 from checkpoint import write_atomic
 from eval import fail
-from fsdp_utils import resolve_model_path
+from fsdp_utils import loading_problem, resolve_model_path
 
 
 def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
-    """(model, tokenizer) for inference, or a one-line error: a bad path, a tokenizer without a
-    chat template, or a checkpoint that ships its own code for `auto_class` without
-    --trust_remote_code (transformers would load its weights into a stock class and run garbage).
+    """(model, tokenizer) for inference, or a one-line error: a bad path, a tokenizer without a chat
+    template, or a folder that breaks the loading rule of every script (fsdp_utils.loading_problem:
+    safetensors weights only, shipped code only with --trust_remote_code).
     """
     from transformers import AutoTokenizer
 
     try:
         local = resolve_model_path(path)
-        custom = json.loads((Path(local) / "config.json").read_text()).get("auto_map", {})
-        if auto_class.__name__ in custom and not trust_remote_code:
-            fail(f"{path} ships its own model code ({custom[auto_class.__name__]}); pass --trust_remote_code to run it")
+        if problem := loading_problem(local, trust_remote_code):
+            fail(f"cannot load the {what}: {problem}")
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
-        model = auto_class.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
+        model = auto_class.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code,
+                                           use_safetensors=True).to(device).eval()
     except (OSError, ValueError) as e:  # a bad path or files, or custom code transformers refuses
         fail(f"cannot load the {what} {path}: {str(e).splitlines()[0]}")
     if tokenizer.chat_template is None:
@@ -169,7 +170,7 @@ def prompt_id_of(row):
     for a chat row the turns before its last assistant reply."""
     pid = row.get("prompt_id")
     if pid not in (None, ""):
-        return str(pid)
+        return data.prompt_id_text(pid)  # a string or an integer; a RowError (file:line) otherwise
     prompt = row.get("prompt")
     if prompt is None and isinstance(row.get("messages"), list):
         turns = row["messages"]

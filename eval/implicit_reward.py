@@ -18,7 +18,7 @@ import data
 import wrpo
 from checkpoint import write_atomic
 from eval import fail
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0, resolve_model_path
+from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, loading_problem, print0, resolve_model_path
 from training import load_sharded_model
 
 
@@ -34,6 +34,9 @@ def parse_args(argv):
     ap.add_argument("--micro_batch_size", type=int, default=4, help="rows per forward pass and rank")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--out", default="", help="also write the metrics here (JSON)")
+    ap.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the models")
+    ap.add_argument("--allow_special_tokens", action="store_true",
+                    help="keep special-token strings in the rows' text as control tokens (else such rows are refused)")
     args = ap.parse_args(argv)
     if args.beta <= 0 or not 0 <= args.alpha <= 1 or args.micro_batch_size < 1:
         ap.error("need beta > 0, 0 <= alpha <= 1 and micro_batch_size >= 1")
@@ -49,13 +52,18 @@ def main(argv):
 
     try:
         paths = [resolve_model_path(p) for p in (args.model, args.ref_model)]
-        tokenizer = AutoTokenizer.from_pretrained(paths[0])
+        for path in paths:  # the loading rule of every script: safetensors only, shipped code only if trusted
+            if problem := loading_problem(path, args.trust_remote_code):
+                fail(problem)
+        tokenizer = AutoTokenizer.from_pretrained(paths[0], trust_remote_code=args.trust_remote_code)
         rows = data.load_preference_rows(args.data, tokenizer, max_length=args.max_length,
-                                         max_prompt_length=args.max_prompt_length)
+                                         max_prompt_length=args.max_prompt_length,
+                                         allow_special_tokens=args.allow_special_tokens, hint="fix or remove them")
     except (OSError, ValueError) as e:  # bad paths (OSError) or data (DataError is a ValueError)
         fail(str(e))
     # the objective, the batching and the model setup as in training: WRPO's own settings
-    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype)
+    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code)
     policy, reference = (load_sharded_model(p, mesh, device, cfg, trainable=False) for p in paths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, pad_id, device)  # the live reference model

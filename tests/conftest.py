@@ -36,6 +36,15 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+@pytest.fixture(autouse=True)
+def release_out_dir_locks():
+    """A run's out_dir lock lasts as long as its process; a run called in-process ends with its test."""
+    yield
+    import training
+
+    training.release_locks()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer

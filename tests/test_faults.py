@@ -163,12 +163,22 @@ BAD = [
     (["--lr=fast"], "lr must be float"),
     (["--max_prompt_length=4096"], "max_prompt_length"),
     (["--bogus=1"], "unknown setting 'bogus'"),
+    (["--lr=Infinity"], "lr must be a finite number"),
+    (["--config={tmp}/list.json"], "must hold one JSON object of settings, got list"),
+    (["--config={tmp}/nan.json"], "lr must be a finite number"),
+    (["--config={tmp}/fifo.json"], "not a regular file"),  # a FIFO would block the read forever
+    (["--attn_implementation=foo", "--data={tmp}/none.jsonl"], "attn_implementation 'foo' is not one"),  # first
+    (["--max_tokens_per_micro_batch=-5"], "max_tokens_per_micro_batch must be >= 0"),
     # paths
     (["--model={tmp}/no_model"], "model error"),
     (["--data={tmp}/none.jsonl"], r"none\.jsonl: no such file or folder"),
     (["--data={tmp}/rows.txt"], "unsupported data file type '.txt'"),
     (["--out_dir={tmp}/rows.txt/sub"], "is not writable"),
     (["--resume={tmp}"], "not a complete checkpoint"),
+    (["--resume={tmp}/finished/final"], "final/ is the finished run's weights, a Hugging Face folder without"),
+    (["--model={tmp}/pickled"], r"no safetensors weights .*it has pytorch_model\.bin: pickled weights, never loaded"),
+    (["--model={tmp}/custom"], r"ships its own code \(config\.json: auto_map AutoModelForCausalLM: x\.Y\).*--trust"),
+    (["--ref_model={tmp}/custom"], r"ships its own code"),
     # data rows, each named file:line
     (["--data={tmp}/bad_json.jsonl"], r"bad_json\.jsonl:2: malformed JSON"),
     (["--data={tmp}/missing.jsonl"], r"missing\.jsonl:1: missing field 'rejected'"),
@@ -197,6 +207,18 @@ def bad_files(tmp_path):
     write(tmp_path, "deep.jsonl", ["[" * 100000 + "]" * 100000])
     write(tmp_path, "long.jsonl", [json.dumps(long)])
     write(tmp_path, "blank.jsonl", ["", "  "])
+    write(tmp_path, "list.json", ['[{"lr": 1e-6}]'])
+    write(tmp_path, "nan.json", ['{"lr": NaN}'])
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "finished" / "final").mkdir(parents=True)
+    (tmp_path / "finished" / "final" / "config.json").write_text("{}")
+    import shutil
+
+    shutil.copytree(DEMO_MODEL, tmp_path / "pickled", ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"a pickle, never opened")
+    shutil.copytree(DEMO_MODEL, tmp_path / "custom")
+    config = json.loads((tmp_path / "custom" / "config.json").read_text())
+    (tmp_path / "custom" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
     return tmp_path
 
 
@@ -250,7 +272,7 @@ def test_low_disk_space_refused_at_start(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(ConfigError, match=r"has 0.0 GiB free; this model \([\d.]+M parameters\) needs about"):
+    with pytest.raises(ConfigError, match=r"has 1000 B free; this model \([\d.]+M parameters\) needs about [\d.]+ MiB"):
         wrpo.main([f"--out_dir={tmp_path / 'out'}"])
 
 
@@ -297,3 +319,36 @@ def test_fuzzed_jsonl_never_gives_a_traceback(tmp_path):
                 reported += 1
                 assert f"{path}:" in str(e)
     assert reported >= 240  # nearly every file has some bad row
+
+
+def test_fuzzed_configs_never_give_a_traceback(tmp_path):
+    """Random config files and --key=value overrides: each is accepted or refused with a ConfigError naming the
+    setting, never anything else (a TypeError, a NaN slipping through, a hang on a strange file)."""
+    import dataclasses
+
+    import wrpo
+    from training import ConfigError, config_problems, parse_config
+
+    rng = random.Random(0)
+    keys = [f.name for f in dataclasses.fields(wrpo.Config)] + ["bogus", "logprobs", ""]
+    junk = [None, True, False, 0, 1, -1, 2**70, 0.5, -0.0, 1e309, float("nan"), "", "x", "auto", "NaN", "-Infinity",
+            "1e-3", "true", "[]", "{}", [], {}, [1], {"a": 1}, "\u0000", "packed_sdpa", "linear", "stop"]
+    refused = accepted = 0
+    for i in range(400):
+        config = {rng.choice(keys): rng.choice(junk) for _ in range(rng.randrange(4))}
+        text = rng.choice([json.dumps(config, allow_nan=True), json.dumps([config]), "null", '"lr"', "{", "1"])
+        path = tmp_path / f"c{i}.json"
+        path.write_text(text)
+        argv = [f"--config={path}"] if rng.random() < 0.7 else []
+        argv += [f"--{rng.choice(keys)}={rng.choice(junk)}" for _ in range(rng.randrange(3))]
+        try:
+            cfg = parse_config(wrpo.Config, argv)
+            problems = config_problems(cfg, 2) + wrpo.wrpo_problems(cfg)
+        except ConfigError as e:
+            refused += 1
+            assert str(e).strip() and "Traceback" not in str(e)
+            continue
+        accepted += 1
+        assert all(math.isfinite(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.type is float)
+        assert all(isinstance(p, str) and p for p in problems)
+    assert refused > 300 and accepted > 20  # the fuzz reaches both sides

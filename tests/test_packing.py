@@ -172,7 +172,7 @@ def test_the_reference_cache_is_read_only_when_every_rank_sees_it(tmp_path, monk
     path = tmp_path / "rows.jsonl.ref-logps-x.safetensors"
     path.write_bytes(b"cache")
     monkeypatch.setattr(wrpo.dist, "all_reduce", lambda t, op=None: None)  # one rank: it sees the file
-    assert wrpo.cached_on_every_rank(path, torch.device("cpu"))
+    assert wrpo.on_every_rank(path.exists(), torch.device("cpu"))
     other_rank_misses_it = lambda t, op=None: t.fill_(0) if op == wrpo.dist.ReduceOp.MIN else None  # noqa: E731
     monkeypatch.setattr(wrpo.dist, "all_reduce", other_rank_misses_it)
-    assert not wrpo.cached_on_every_rank(path, torch.device("cpu"))
+    assert not wrpo.on_every_rank(path.exists(), torch.device("cpu"))

@@ -175,6 +175,9 @@ def test_resume_refuses_changed_settings_and_data_and_reshards(tmp_path, monkeyp
     # settings that only change speed or logging may change, the data file may move, and the
     # world size may change: DCP reshards the 1-rank state for 2 ranks
     shutil.copy(REPO / "demo" / "data" / "train.jsonl", tmp_path / "moved.jsonl")
+    import training
+
+    training.release_locks()  # out_dir's lock, held by the runs above as their own processes would until exit
     stdout = torchrun(2, REPO / "wrpo.py", *base, "--micro_batch_size=4", "--log_every=2",
                       f"--data={tmp_path / 'moved.jsonl'}", f"--ref_cache_dir={tmp_path}")
     assert "world size 1 -> 2" in stdout and "at step 3" in stdout
