@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
     set_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
@@ -110,7 +110,7 @@ def write_atomic(path, write, collective=False):
     if collective:
         dist.barrier()
     if owner:
-        if path.is_dir():  # a folder cannot be renamed over another: the old one goes first
+        if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed over another: the old one goes first
             shutil.rmtree(path)
         os.replace(tmp, path)
     if collective:
@@ -213,7 +213,12 @@ def save_state(model, optimizer, folder):
     writer = dcp.FileSystemWriter(folder)
     if type(getattr(writer, "fs", None)) is FileSystem:  # else (another torch) the CRCs are read back afterwards
         writer.fs = _Crc32FileSystem()
-    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
+    except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
+        if getattr(writer.fs, "error", None):  # torch.save's C++ writer turns a full disk into "unexpected pos"
+            raise writer.fs.error from e
+        raise
     return getattr(writer.fs, "crcs", {})
 
 
@@ -224,7 +229,8 @@ def load_state(model, optimizer, folder):
     try:
         dcp.load(state, checkpoint_id=str(folder))
     except CheckpointException as e:
-        raise ResumeError(f"cannot load {folder}: {reason(e)}") from None
+        raise ResumeError(f"cannot load {folder}: {reason(e)} (one saved before CRC-32s were kept may be "
+                          "damaged: resume from an older one with --resume=PATH)") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -242,10 +248,9 @@ def rng_state():
 def set_rng_state(s):
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
     np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
-    as_tensor = lambda b: torch.frombuffer(bytearray(base64.b64decode(b)), dtype=torch.uint8)  # noqa: E731
-    torch.set_rng_state(as_tensor(s["torch"]))
+    torch.set_rng_state(_bytes_tensor(s["torch"]))
     if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(as_tensor(s["cuda"]))
+        torch.cuda.set_rng_state(_bytes_tensor(s["cuda"]))
 
 
 # -----------------------------------------------------------------------------
@@ -261,15 +266,20 @@ def file_crc32(path, chunk=1 << 24):
 
 
 class _Crc32Writer:
-    """A file open for writing that keeps the CRC-32 of every byte written through it."""
+    """A file open for writing that keeps the CRC-32 of every byte written through it, and the OSError a
+    write met (fs.error: torch.save's writer reports it only as a wrong file position)."""
 
-    def __init__(self, f):
-        self.f, self.crc = f, 0
+    def __init__(self, f, fs):
+        self.f, self.fs, self.crc = f, fs, 0
 
     def write(self, b):
         if self.crc is not None:
             self.crc = zlib.crc32(b, self.crc)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.fs.error = e
+            raise
 
     def seek(self, *args):  # a writer that goes back invalidates the running CRC: the file is read back instead
         self.crc = None
@@ -284,7 +294,7 @@ class _Crc32FileSystem(FileSystem):
 
     def __init__(self):
         super().__init__()
-        self.crcs = {}
+        self.crcs, self.error = {}, None
 
     @contextmanager
     def create_stream(self, path, mode):
@@ -292,7 +302,7 @@ class _Crc32FileSystem(FileSystem):
             if "w" not in mode:
                 yield f
                 return
-            stream = _Crc32Writer(f)
+            stream = _Crc32Writer(f, self)
             yield stream
         self.crcs[Path(path).name] = f"{stream.crc:08x}" if stream.crc is not None else file_crc32(path)
 
@@ -305,11 +315,14 @@ class _Crc32FileSystem(FileSystem):
 def usable(folder):
     """Collective: why checkpoint `folder` cannot be resumed from ([] if it can). Rank 0's quick check
     (checkpoint_problem), then every file against its CRC-32, the ranks sharing the reading."""
-    box = [checkpoint_problem(folder) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)  # all ranks take the same branch: there are collectives below
-    if box[0]:
-        return [box[0]]
-    state = read_state(folder)
+    box = [None, None]
+    if dist.get_rank() == 0:
+        box[0] = checkpoint_problem(folder)
+        box[1] = None if box[0] else read_state(folder)
+    dist.broadcast_object_list(box, src=0)  # every rank takes rank 0's view: there is a collective below
+    problem, state = box
+    if problem:
+        return [problem]
     crcs = state.get("crc32")
     if crcs is None:  # written before checksums existed: its sizes were checked, which is all it records
         return []
@@ -340,7 +353,7 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
     SaveError on every rank and leaves no partial folder.
     """
     folder = run.out_dir / f"step_{step:06d}"
-    if checkpoint_problem(folder) is None:  # saved already (a run resumed here and stopped at once)
+    if folder == run.resume_from:  # saved already (a run resumed here and stopped at once)
         return folder
 
     def write(tmp):
@@ -362,7 +375,7 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
                     if f.is_file():
                         name = str(f.relative_to(tmp))
                         files[name] = f.stat().st_size
-                        crc32[name] = written.get(name) or file_crc32(f)  # rank 0's HF files: read back
+                        crc32[name] = written.get(name) or file_crc32(f)  # rank 0's HF files: read back, cached
                 state = {"step": step, "world_size": run.world, "config": dataclasses.asdict(cfg),
                          "rng": [rng for rng, _ in per_rank], "files": files, "crc32": crc32, **meta}
                 (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
@@ -384,8 +397,8 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
 
 def _newest_note(out_dir):
     newest = newest_checkpoint(out_dir)
-    return (f"Older checkpoints are untouched (newest: {newest}); free space, then rerun with --resume=auto"
-            if newest else "There is no older checkpoint to resume from")
+    return (f"Older checkpoints are untouched (newest: {newest}); once the cause is fixed (a full disk: free space), "
+            "rerun with --resume=auto" if newest else "There is no older checkpoint to resume from")
 
 
 # the fields of trainer_state.json that resuming reads, with their types (the scripts' meta included)
@@ -397,44 +410,51 @@ def read_state(folder):
     """The trainer state of a checkpoint folder, checked field by field; ValueError says what is wrong."""
     state = json.loads((Path(folder) / STATE_FILE).read_text())
     if not isinstance(state, dict):
-        raise ValueError(f"{STATE_FILE} is not a JSON object")
+        raise ValueError("not a JSON object")
     for key, kind in STATE_FIELDS.items():
         if key not in state:
-            raise ValueError(f"{STATE_FILE} has no '{key}'")
+            raise ValueError(f"no '{key}'")
         if type(state[key]) is not kind:
-            raise ValueError(f"{STATE_FILE}: '{key}' must be {kind.__name__}, got {state[key]!r:.40}")
+            raise ValueError(f"'{key}' must be {kind.__name__}, got {state[key]!r:.40}")
     if state["step"] < 1:
-        raise ValueError(f"{STATE_FILE}: step must be >= 1, got {state['step']}")
+        raise ValueError(f"step must be >= 1, got {state['step']}")
     if state["world_size"] < 1 or len(state["rng"]) != state["world_size"]:
-        raise ValueError(f"{STATE_FILE}: needs one rng entry per rank ({state['world_size']})")
-    saved = rng_state()
-    try:  # every rank's generators must load: try them, then put this process's back
-        for rng in state["rng"]:
-            set_rng_state(rng)
-    except Exception:
-        raise ValueError(f"{STATE_FILE}: a damaged rng entry") from None
-    finally:
-        set_rng_state(saved)
+        raise ValueError(f"needs one rng entry per rank ({state['world_size']})")
+    for rng in state["rng"]:
+        try:
+            _check_rng(rng)
+        except Exception:
+            raise ValueError("a damaged rng entry") from None
     for name, size in state["files"].items():
         if type(size) is not int or ".." in Path(name).parts or Path(name).is_absolute():
-            raise ValueError(f"{STATE_FILE}: a damaged files entry ({name!r:.40})")
+            raise ValueError(f"a damaged files entry ({name!r:.40})")
     if not isinstance(state.get("crc32", {}), dict):
-        raise ValueError(f"{STATE_FILE}: 'crc32' must be a dict")
+        raise ValueError("'crc32' must be a dict")
     return state
+
+
+def _check_rng(s):
+    """Load one rank's saved generators into throwaway ones: raises if set_rng_state would."""
+    random.Random().setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.RandomState().set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.Generator().set_state(_bytes_tensor(s["torch"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.Generator("cuda").set_state(_bytes_tensor(s["cuda"]))
+
+
+def _bytes_tensor(b64):
+    return torch.frombuffer(bytearray(base64.b64decode(b64, validate=True)), dtype=torch.uint8)
 
 
 def checkpoint_problem(folder):
     """None for a complete checkpoint folder (its state file is sound, every file there at its size), else why
-    it is not one. Quick: reads no weights (verify_files checks their content)."""
-    if Path(folder).name == "final" and (Path(folder) / "config.json").is_file():
-        return ("final/ is the finished run's weights, a Hugging Face folder without trainer state: resume from a "
-                "step_NNNNNN folder, or train on from these weights as a new run with --model")
+    it is not one. Quick: reads no weights (usable checks their content)."""
     if not (Path(folder) / STATE_FILE).is_file():
         return f"no {STATE_FILE} (the save did not finish)"
     try:
         state = read_state(folder)
     except (OSError, UnicodeDecodeError) as e:
-        return f"unreadable {STATE_FILE} ({e})"
+        return f"unreadable {STATE_FILE} ({e.strerror if isinstance(e, OSError) else e})"
     except ValueError as e:  # malformed JSON included
         return f"unreadable {STATE_FILE} ({str(e).splitlines()[0]})"
     for name, size in state["files"].items():
@@ -468,6 +488,10 @@ def find_resume(resume, out_dir):
         path = Path(resume)
         if not path.is_dir():
             raise ResumeError(f"--resume={resume}: no such checkpoint folder")
+        if not (path / STATE_FILE).exists() and (path / "config.json").is_file() and path.name == "final":
+            raise ResumeError(f"--resume={resume}: final/ is the finished run's weights, a Hugging Face folder "
+                              "without trainer state: resume from a step_NNNNNN folder, or pass it as --model to "
+                              "train on as a new run")
         if problems := usable(path):
             raise ResumeError(f"--resume={resume}: not a complete checkpoint ({'; '.join(problems)})")
         return path
@@ -481,9 +505,21 @@ def find_resume(resume, out_dir):
         if not problems:
             return folder
         print0(f"resume: skipping {folder}: {'; '.join(problems)}")
+        set_aside(folder)
     if (out_dir / "metrics.jsonl").exists():
         print0(f"resume: no usable checkpoint in {out_dir}; starting again from step 0")
     return None
+
+
+def set_aside(folder):
+    """Collective: rename a checkpoint that cannot be resumed to step_N.damaged (kept for a look, never taken
+    for a checkpoint again), so that the run can write step_N anew and prune never counts it."""
+    if is_master():
+        aside = folder.with_name(folder.name + ".damaged")
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
+        print0(f"resume: moved it to {aside}")
+    dist.barrier()
 
 
 def resume_state(folder, config, fingerprint, free):
@@ -523,13 +559,14 @@ def restore(run, policy, optimizer, state):
 
 def prune(out_dir, newest, keep_last):
     """After checkpoint `newest` completed: drop complete ones beyond the newest keep_last (0: keep all),
-    and leftovers older than it (crashed saves' .tmp folders, damaged copies)."""
+    leftovers older than it (crashed saves' .tmp folders, damaged copies), and any newer than it (left by a
+    run this one resumed before their step: another timeline, never to be resumed)."""
     complete = []
     for step, folder in step_checkpoints(out_dir):
-        if checkpoint_problem(folder) is None:
-            complete.append(folder)
-        elif step < newest:
+        if step > newest or (step < newest and checkpoint_problem(folder) is not None):
             shutil.rmtree(folder)
+        elif checkpoint_problem(folder) is None:
+            complete.append(folder)
     for folder in complete[: -keep_last] if keep_last else []:
         shutil.rmtree(folder)
     for folder in Path(out_dir).glob("step_*.tmp"):
@@ -541,9 +578,9 @@ def prune(out_dir, newest, keep_last):
 
 
 def save_reference_logps(path, logps, metadata):
-    """Write a [n_rows, 3] table of reference log-probs, with its shape and CRC-32 for load_reference_logps;
+    """Write a [n_rows, 3] table of reference log-probs, with its CRC-32 for load_reference_logps;
     a cache that cannot be written is only reported."""
-    metadata = {**metadata, "shape": json.dumps(list(logps.shape)), "crc32": _tensor_crc32(logps)}
+    metadata = {**metadata, "crc32": _tensor_crc32(logps)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: save_file({"logps": logps}, tmp, metadata=metadata))
@@ -559,13 +596,15 @@ def load_reference_logps(path, n_rows):
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-        logps = load_file(path).get("logps")
+            logps = f.get_tensor("logps") if "logps" in f.keys() else None
     except (OSError, SafetensorError, ValueError) as e:
         problem = f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     else:
         want = [n_rows, 3]
-        if logps is None or list(logps.shape) != want or logps.dtype != torch.float32:
-            problem = f"holds {None if logps is None else list(logps.shape)}, expected {want} float32"
+        if logps is None:
+            problem = "it has no 'logps' tensor"
+        elif list(logps.shape) != want or logps.dtype != torch.float32:
+            problem = f"holds {list(logps.shape)} {logps.dtype}, expected {want} float32"
         elif metadata.get("crc32") != _tensor_crc32(logps):
             problem = "its values do not match their CRC-32" if "crc32" in metadata else "it has no CRC-32"
         else:

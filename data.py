@@ -47,7 +47,7 @@ class RowError(ValueError):
 
 
 SKIP_HINT = "fix them, or pass --skip_invalid_rows=true to train without them"  # the trainers' hint
-SPECIAL_TOKENS_HINT = "special tokens in the text: pass --allow_special_tokens=true to keep them as control tokens"
+SPECIAL_TOKENS_HINT = "special tokens in the text: pass --allow_special_tokens to keep them as control tokens"
 
 
 @dataclass

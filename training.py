@@ -120,17 +120,20 @@ def parse_config(cls, argv):
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
             if Path(path).exists() and not Path(path).is_file():  # a folder, or a FIFO that would never end
-                raise ConfigError(f"--config={path}: not a regular file")
+                raise ConfigError(f"--config={path}: not a regular file; give a JSON file of settings")
             try:
                 loaded = json.loads(Path(path).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:  # unreadable, malformed JSON or not UTF-8
                 raise ConfigError(f"--config={path}: cannot read JSON config: {e}") from None
             if not isinstance(loaded, dict):
-                raise ConfigError(f"--config={path}: must hold one JSON object of settings, got {type(loaded).__name__}")
+                raise ConfigError(f"--config={path}: must hold one JSON object of settings, "
+                                  f"got {type(loaded).__name__}")
             values.update({k: convert(k, v, path) for k, v in loaded.items()})
     for arg in argv:
         if arg.startswith("--config="):
             continue
+        if arg[2:] in fields and fields[arg[2:]].type is bool:
+            arg += "=true"  # a bare --flag switches a true/false setting on
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"expected --key=value, got '{arg}'")
         key, raw = arg[2:].split("=", 1)
@@ -168,6 +171,9 @@ def config_problems(cfg, world):
         problems.append(f"nonfinite must be 'stop' or 'skip', got '{cfg.nonfinite}'")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite exclude each other: continue the run, or replace it")
+    if not attention.known(cfg.attn_implementation):
+        problems.append(f"attn_implementation '{cfg.attn_implementation}' is not one transformers knows "
+                        f"({attention.NAME}, sdpa, eager, flex_attention, flash_attention_2, ...)")
     return problems
 
 
@@ -213,9 +219,6 @@ def start_run(cfg, problems=(), other_models=()):
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
     problems = list(problems) + config_problems(cfg, world)
-    if not attention.known(cfg.attn_implementation):
-        problems.append(f"attn_implementation '{cfg.attn_implementation}' is not one transformers knows "
-                        f"({attention.NAME}, sdpa, eager, flex_attention, flash_attention_2, ...)")
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
     out_dir = Path(cfg.out_dir)
@@ -234,7 +237,8 @@ def start_run(cfg, problems=(), other_models=()):
     for path in [model_path] + [resolve_model(m) for m in other_models if m]:
         if problem := loading_problem(path, cfg.trust_remote_code):
             raise ConfigError(f"model error: {problem}")
-    check_free_space(out_dir, model_path, cfg)
+    on_rank0(lambda: check_free_space(out_dir, model_path, cfg))  # rank 0 decides for all: one answer
+    on_rank0(lambda: remove_partial_saves(out_dir))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
@@ -246,48 +250,65 @@ LOCK_FILE = "run.lock"
 _locks = {}  # out_dir -> the open lock file of a run in this process (tests run several in one process)
 
 
+def on_rank0(fn):
+    """Collective: fn() on rank 0 alone; a ConfigError or OSError it raises is raised on every rank (as a
+    ConfigError), so that no rank waits for another in a collective after a failure only one saw."""
+    error = None
+    if is_master():
+        try:
+            fn()
+        except (ConfigError, OSError) as e:
+            error = str(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ConfigError(box[0])
+
+
 def lock_out_dir(out_dir):
     """Collective: rank 0 holds out_dir/run.lock until this process exits, and a second run into the same
     out_dir stops here, naming the holder. The lock is the kernel's (flock): it dies with its process however
-    that ends, so a holder that was killed leaves only a stale file, which the next run takes over."""
-    holder = None
-    if is_master() and str(out_dir.resolve()) not in _locks:
-        holder = _lock(out_dir / LOCK_FILE)
-    box = [holder]
-    dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise ConfigError(f"out_dir {out_dir} is in use by another run ({box[0]}); wait for it to end or stop it, "
-                          "or pass another --out_dir")
+    that ends, so a holder that was killed leaves only a stale file, which the next run takes over. (On NFS
+    mounted with local locks, or Lustre without -o flock, it guards one node only.)"""
+    path = (out_dir / LOCK_FILE).resolve()
+    if str(path) not in _locks:
+        on_rank0(lambda: _lock(path))
 
 
 def _lock(path):
-    """Take the lock on `path` for this process: None, or the holder's line when another process has it."""
-    while True:
-        f = open(path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "holder unknown"
-            f.close()
-            return holder
-        except OSError as e:  # a file system without locks
-            f.close()
-            print0(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run into {path.parent}")
-            return None
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-            break
-        f.close()  # its holder ended and removed it between our open and our lock: lock the new file
-    f.seek(0)
-    if stale := f.read().strip():
-        print0(f"out_dir {path.parent}: taking over the lock of a run that ended without releasing it ({stale})")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-            f"{' '.join(sys.argv)[:300]}\n")
-    f.flush()
-    _locks[str(path.parent.resolve())] = f
-    return None
+    """Take the lock on `path` for this process; ConfigError naming the holder when another process has it."""
+    try:
+        while True:
+            f = open(path, "a+", encoding="utf-8", errors="replace")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "holder unknown"
+                f.close()
+                raise ConfigError(f"out_dir {path.parent} is in use by another run ({holder}); wait for it to end "
+                                  "or stop it, or pass another --out_dir") from None
+            except OSError as e:  # a file system without locks
+                f.close()
+                print0(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run into {path.parent}")
+                return
+            try:
+                if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()  # its holder ended and removed it between our open and our lock: lock the new file
+        f.seek(0)
+        if stale := f.read().strip():
+            print0(f"out_dir {path.parent}: taking over the lock of a run that ended without releasing it ({stale})")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)[:300]}\n")
+        f.flush()
+    except OSError as e:  # run.lock is a folder, or not ours to open
+        raise OSError(f"cannot lock {path}: {e.strerror or e}") from None
+    _locks[str(path)] = f
 
 
 @atexit.register
@@ -311,7 +332,7 @@ def exit_with_launcher():
     if "TORCHELASTIC_RUN_ID" not in os.environ or _launcher is not None:
         return
     _launcher = os.getppid()
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux"):  # (the kernel watches the thread that started us: torchrun's main one)
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != _launcher:  # it died before the call above
@@ -322,10 +343,16 @@ def launcher_gone():
     return _launcher is not None and os.getppid() != _launcher
 
 
-def leftover_partial_saves(out_dir):
+def partial_saves(out_dir):
     """Folders of saves that a crash interrupted (step_N.tmp, final.tmp): never complete, safe to remove once
     out_dir is locked."""
     return sorted(Path(out_dir).glob("step_*.tmp")) + sorted(Path(out_dir).glob("final.tmp"))
+
+
+def remove_partial_saves(out_dir):
+    for folder in partial_saves(out_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        print0(f"removed {folder}, left by a save that was interrupted")
 
 
 def folder_bytes(folder):
@@ -343,7 +370,7 @@ def human_bytes(n):
 def check_free_space(out_dir, model_path, cfg):
     """Refuse to start when out_dir cannot hold one checkpoint and the final weights; warn when it
     cannot hold keep_last + 1 checkpoints (the newest are written before the oldest go). The partial
-    folders of interrupted saves count as free: the run removes them first."""
+    folders of interrupted saves count as free: the run removes them next (remove_partial_saves)."""
     try:
         params = count_parameters(model_path)
     except Exception as e:  # no safetensors files, or a damaged header: say so before any data is read
@@ -352,10 +379,10 @@ def check_free_space(out_dir, model_path, cfg):
     # resumable state: fp32 master weights and AdamW's two fp32 moments; plus the HF weights
     checkpoint = params * (12 + save_bytes)
     need = checkpoint + params * save_bytes  # one checkpoint (at least on SIGTERM) and final/
-    leftovers = leftover_partial_saves(out_dir)
+    leftovers = partial_saves(out_dir)
     reclaimable = sum(folder_bytes(f) for f in leftovers)
     free = shutil.disk_usage(out_dir).free + reclaimable
-    note = f" (with {human_bytes(reclaimable)} of interrupted saves removed)" if leftovers else ""
+    note = f" (counting {human_bytes(reclaimable)} of interrupted saves, to be removed)" if leftovers else ""
     if free < need:
         raise ConfigError(f"out_dir {out_dir} has {human_bytes(free)} free{note}; this model ({params / 1e6:.1f}M "
                           f"parameters) needs about {human_bytes(need)}: one resumable checkpoint "
@@ -364,10 +391,6 @@ def check_free_space(out_dir, model_path, cfg):
     if cfg.save_every and cfg.keep_last and free < (cfg.keep_last + 1) * checkpoint + params * save_bytes:
         print0(f"warning: out_dir {out_dir} has {human_bytes(free)} free{note}; keep_last={cfg.keep_last} "
                f"checkpoints of {human_bytes(checkpoint)} each may not fit")
-    dist.barrier()  # every rank has measured before rank 0 removes the leftovers
-    for folder in leftovers if is_master() else []:
-        shutil.rmtree(folder, ignore_errors=True)
-        print0(f"removed {folder}, left by a save that was interrupted")
 
 
 def resolve_model(path):
@@ -388,12 +411,16 @@ def total_steps_for(n_examples, cfg, what):
 def write_run_config(run, cfg):
     """Record the resolved settings once the data has validated; --overwrite drops the old run's
     checkpoints here (step ones and final/), so that --resume=auto can never pick one of them up."""
-    dist.barrier()  # every rank has checked out_dir before rank 0 writes into it
-    if is_master():
+    def write():
         if cfg.overwrite:  # and final/: a rerun with --resume=auto must not take the old run for finished
             for folder in [f for _, f in step_checkpoints(run.out_dir)] + [run.out_dir / "final"]:
                 shutil.rmtree(folder, ignore_errors=True)
-        write_atomic(run.out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        try:
+            write_atomic(run.out_dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        except OSError as e:
+            raise OSError(f"cannot write {run.out_dir / 'config.json'}: {e.strerror or e}") from None
+
+    on_rank0(write)  # (broadcast: every rank has checked out_dir before rank 0 writes into it)
 
 
 def load_sharded_model(path, mesh, device, cfg, trainable):
@@ -503,7 +530,8 @@ def stop_requested(received, device):
     """The signal number if any rank received SIGTERM or SIGINT (or lost its launcher: SIGTERM), else 0:
     collective, so all ranks stop together."""
     if not received and launcher_gone():  # the kernel's SIGTERM covers Linux; this, everywhere else
-        print(f"the launcher (pid {_launcher}) is gone; saving after this step", file=sys.stderr, flush=True)
+        if os.environ.get("LOCAL_RANK") == "0":
+            print(f"the launcher (pid {_launcher}) is gone; saving after this step", file=sys.stderr, flush=True)
         received.append(signal.SIGTERM)
     signum = torch.tensor(float(received[0] if received else 0), device=device)
     dist.all_reduce(signum, op=dist.ReduceOp.MAX)
@@ -566,26 +594,35 @@ class MetricsLog:
 
     def __init__(self, run, total_steps, start, log_every, desc, fields):
         self.total, self.start, self.log_every, self.fields = total_steps, start, log_every, fields
-        self.file = self.bar = None
+        self.file = self.bar = self.write_error = None
         self.t_start = self.t_last = time.time()
-        if is_master():
-            from tqdm import tqdm
+        on_rank0(lambda: self._open(run.out_dir / "metrics.jsonl", desc))
 
-            path = run.out_dir / "metrics.jsonl"
-            kept = kept_metrics(path, start) if start else []
+    def _open(self, path, desc):
+        from tqdm import tqdm
+
+        kept = kept_metrics(path, self.start) if self.start else []
+        try:
             write_atomic(path, "".join(line + "\n" for line in kept))
             self.file = open(path, "a")
-            # a live bar on a terminal; in a log file only the `log_every` lines
-            self.bar = tqdm(total=total_steps, initial=start, desc=desc, dynamic_ncols=True,
-                            disable=not sys.stderr.isatty())
+        except OSError as e:
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+        # a live bar on a terminal; in a log file only the `log_every` lines
+        self.bar = tqdm(total=self.total, initial=self.start, desc=desc, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty())
 
     def log(self, m):
         if "lr" in m:
             self.t_last = time.time()
         if self.file is None:
             return
-        self.file.write(json.dumps(m) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(m) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: train on (the next checkpoint save stops cleanly if it persists)
+            if self.write_error is None:
+                print0(f"warning: cannot write {self.file.name} ({e.strerror or e}); its rows are lost until it can")
+            self.write_error = e
         if "step" not in m or "lr" not in m:  # an evaluation-only row
             return
         self.bar.update(1)
@@ -648,16 +685,20 @@ def cli(main):
     """Run a script's main on the command line. User errors exit 2, faults 3, preemption 128 + signal;
     one message, from rank 0."""
     quiet = os.environ.get("RANK", "0") != "0"
+
+    def report(message, code, out=sys.stderr):
+        # torchrun sends SIGTERM to the others as soon as one worker exits: rank 0 finishes its message first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        quiet or print(message, file=out, flush=True)
+        sys.exit(code)
+
     try:
         main(sys.argv[1:])
     except (ConfigError, ResumeError, data.DataError) as e:
-        quiet or print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        report(f"error: {e}", 2)
     except RunFinished as e:
-        quiet or print(e)
+        report(str(e), 0, sys.stdout)
     except (TrainingError, SaveError) as e:
-        quiet or print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        report(f"error: {e}", 3)
     except Preempted as e:
-        quiet or print(e, file=sys.stderr)
-        sys.exit(128 + e.signum)
+        report(str(e), 128 + e.signum)

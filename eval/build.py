@@ -14,7 +14,7 @@ import math
 import sys
 from pathlib import Path
 
-from data import DataError, RowError, convert_rows, prompt_id_text, prompt_messages, valid_text
+from data import DataError, RowError, convert_rows, prompt_messages, valid_text
 from eval import fail
 from eval.common import prompt_id_of, write_jsonl
 
@@ -30,11 +30,6 @@ def finite_number(x):
         return False
 
 
-def checked_prompt_id(rec):
-    if rec.get("prompt_id") is not None:  # none (or null): derived from the prompt
-        prompt_id_text(rec["prompt_id"])
-
-
 def read_scored(path):
     """Scored samples (eval/score.py): {prompt_id: (prompt, [(score, text, model)...])}, every row checked."""
     def checked(rec, where):
@@ -44,8 +39,8 @@ def read_scored(path):
             if field not in rec:
                 raise RowError(f"missing field '{field}'" + (" (score the file with eval/score.py first)"
                                                              if field == "scores" else ""))
-        checked_prompt_id(rec)
         prompt_messages(rec["prompt"])
+        pid = prompt_id_of(rec)  # a given one checked (a string or an integer), else derived from the prompt
         texts, scores = rec["responses"], rec["scores"]
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             raise RowError("responses must be a non-empty list of strings")
@@ -54,7 +49,7 @@ def read_scored(path):
         if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(finite_number, scores)):
             raise RowError(f"scores must be a list of {len(texts)} finite numbers, one per response")
         model = valid_text(str(rec.get("model", Path(path).stem)), "model")
-        return prompt_id_of(rec), rec["prompt"], [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
+        return pid, rec["prompt"], [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
 
     out = {}  # empty responses (a sample that stopped at once) are left out: no row may hold one
     for pid, prompt, samples in convert_rows(path, checked, hint=HINT):
@@ -67,7 +62,6 @@ def read_prompt_ids(path):
     def checked(rec, where):
         if not isinstance(rec, dict):
             raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
-        checked_prompt_id(rec)
         if rec.get("prompt_id") in (None, "") and "prompt" not in rec and "messages" not in rec:
             raise RowError("has no 'prompt_id', 'prompt' or 'messages' to take a prompt id from")
         return prompt_id_of(rec)

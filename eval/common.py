@@ -177,4 +177,4 @@ def prompt_id_of(row):
         replies = [i for i, m in enumerate(turns) if isinstance(m, dict) and m.get("role") == "assistant"]
         prompt = turns[: replies[-1]] if replies else turns
     text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
-    return "sha256-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    return "sha256-" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]  # (never fails)

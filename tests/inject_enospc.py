@@ -1,5 +1,6 @@
 """wrpo.py with a full disk injected into one rank's sharded checkpoint write (tests/test_no_lost_work.py):
-ENOSPC_RANK is the rank whose writes fail, ENOSPC_IN the folder name they fail in."""
+ENOSPC_RANK is the rank whose disk fills, ENOSPC_IN the folder it fills in. The bytes run out a little way
+into a file, as on a real disk: inside torch.save's own writer, which reports only a wrong file position."""
 
 import errno
 import os
@@ -12,14 +13,30 @@ import checkpoint  # noqa: E402
 import training  # noqa: E402
 import wrpo  # noqa: E402
 
-if os.environ["RANK"] == os.environ["ENOSPC_RANK"]:
-    real_write = checkpoint._Crc32Writer.write
+
+class FullDisk:
+    """A file that takes 200 bytes, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f, self.room = f, 200
 
     def write(self, b):
-        if os.environ["ENOSPC_IN"] in self.f.name:
+        n = len(memoryview(b).cast("B"))
+        if n > self.room:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.f.name)
-        return real_write(self, b)
+        self.room -= n
+        return self.f.write(b)
 
-    checkpoint._Crc32Writer.write = write
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
-training.cli(wrpo.main)
+
+if __name__ == "__main__":
+    if os.environ["RANK"] == os.environ["ENOSPC_RANK"]:
+        real_init = checkpoint._Crc32Writer.__init__
+
+        def init(self, f, fs):
+            real_init(self, FullDisk(f) if os.environ["ENOSPC_IN"] in f.name else f, fs)
+
+        checkpoint._Crc32Writer.__init__ = init
+    training.cli(wrpo.main)

@@ -157,7 +157,7 @@ def test_special_token_text_is_a_bad_row_unless_allowed(tmp_path, tokenizer, cap
     assert f"{path}:4: rejected[0] holds the special token '<|begin_of_text|>'\n" in msg
     assert "4 bad row(s)" in msg and f"{path}:5" not in msg  # 6: a chat row, not a preference row
     assert msg.endswith("(fix them, or pass --skip_invalid_rows=true to train without them)\n(special tokens in "
-                        "the text: pass --allow_special_tokens=true to keep them as control tokens)")
+                        "the text: pass --allow_special_tokens to keep them as control tokens)")
     # SFT reads a chat row's messages and a WRPO row's prompt + chosen[0] only
     with pytest.raises(DataError) as e:
         load_sft_examples(write_jsonl(tmp_path / "s.jsonl", rows[:3] + [dict(CHAT, messages=CHAT["messages"] + [
@@ -170,7 +170,7 @@ def test_special_token_text_is_a_bad_row_unless_allowed(tmp_path, tokenizer, cap
     assert rows[0].prompt_ids.count(eot) == 2  # the injected one, and the end of the user turn
     assert len(load_sft_examples(tmp_path / "p.jsonl", tokenizer, allow_special_tokens=True)) == 1
     skipped = load_preference_rows(path, tokenizer, skip_invalid=True)
-    assert len(skipped) == 2 and "--allow_special_tokens=true" in capsys.readouterr().out
+    assert len(skipped) == 2 and "--allow_special_tokens to keep" in capsys.readouterr().out
 
 
 def test_special_token_check_is_one_fast_scan(tokenizer):

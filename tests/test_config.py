@@ -21,6 +21,8 @@ def test_overrides_are_typed(tmp_path):
     cfg_file.write_text(json.dumps({"beta": 0.2, "epochs": 3, "data": "d.jsonl"}))
     c = parse_config(Config, [f"--config={cfg_file}", "--epochs=4"])  # the command line wins
     assert (c.beta, c.epochs, c.data) == (0.2, 4, "d.jsonl")
+    c = parse_config(Config, ["--trust_remote_code", "--allow_special_tokens"])  # a bare flag is true, as in eval/
+    assert c.trust_remote_code is True and c.allow_special_tokens is True
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -28,6 +30,7 @@ def test_overrides_are_typed(tmp_path):
     (["--beta=high"], "beta must be float"),
     (["--trust_remote_code=maybe"], "trust_remote_code must be bool"),
     (["--nope=1"], "unknown setting 'nope'"),
+    (["--beta"], "expected --key=value"),  # only a true/false setting may stand alone
     (["--logprobs=naive"], r"unknown setting 'logprobs' \(renamed logps_impl\)"),  # an old config's key
     (["beta=1"], "expected --key=value"),
     (["--config=/no/such.json"], "cannot read JSON config"),

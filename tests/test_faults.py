@@ -218,7 +218,8 @@ def bad_files(tmp_path):
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"a pickle, never opened")
     shutil.copytree(DEMO_MODEL, tmp_path / "custom")
     config = json.loads((tmp_path / "custom" / "config.json").read_text())
-    (tmp_path / "custom" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}))
+    config["auto_map"] = {"AutoModelForCausalLM": "x.Y"}
+    (tmp_path / "custom" / "config.json").write_text(json.dumps(config))
     return tmp_path
 
 

@@ -26,7 +26,8 @@ def rows48(folder):
     """The first 48 demo rows (a quick reference pass), in folder/rows.jsonl."""
     path = folder / "rows.jsonl"
     if not path.exists():
-        path.write_text("".join(x + "\n" for x in (REPO / "demo" / "data" / "train.jsonl").read_text().splitlines()[:48]))
+        demo = (REPO / "demo" / "data" / "train.jsonl").read_text().splitlines()
+        path.write_text("".join(x + "\n" for x in demo[:48]))
     return path
 
 
@@ -98,7 +99,7 @@ def test_resume_cuts_a_torn_metrics_file_back_and_continues(base, tmp_path, monk
 
 
 @pytest.mark.parametrize("damage,reason", [
-    (lambda s: s.pop("config"), "has no 'config'"),
+    (lambda s: s.pop("config"), "no 'config'"),
     (lambda s: s.__setitem__("step", "4"), "'step' must be int"),
     (lambda s: s["rng"][0].__setitem__("torch", "AAAA"), "a damaged rng entry"),
     (lambda s: s["rng"][0].__setitem__("python", "x"), "a damaged rng entry"),
@@ -131,7 +132,7 @@ def test_resume_auto_falls_back_past_a_malformed_trainer_state(base, tmp_path, m
     monkeypatch.chdir(REPO)
     train(out, root / "cache", "--resume=auto")
     printed = capsys.readouterr().out
-    assert f"skipping {out / 'step_000004'}: unreadable trainer_state.json (trainer_state.json: a damaged rng" in printed
+    assert f"skipping {out / 'step_000004'}: unreadable trainer_state.json (a damaged rng entry)" in printed
     assert f"resumed from {out / 'step_000002'} at step 2" in printed
     same_metrics(root / "out", out)
 
@@ -216,6 +217,35 @@ def test_resume_auto_skips_a_silently_damaged_checkpoint(base, tmp_path, monkeyp
     assert f"skipping {out / 'step_000004'}: state/{shard.name} does not match its CRC-32" in printed
     assert f"resumed from {out / 'step_000002'} at step 2" in printed
     same_metrics(root / "out", out)
+    # set aside, never a checkpoint again; the resumed run wrote step 4 anew, sound
+    assert (out / "step_000004.damaged" / "state" / shard.name).exists()
+    import checkpoint
+
+    assert checkpoint.checkpoint_problem(out / "step_000004") is None
+    assert checkpoint.file_crc32(out / "step_000004" / "state" / shard.name) != checkpoint.file_crc32(
+        out / "step_000004.damaged" / "state" / shard.name)
+
+
+def test_a_checkpoint_from_before_checksums_still_resumes(base, tmp_path, monkeypatch, capsys):
+    root, _ = base
+    out = copy_run(root, tmp_path)
+    state = json.loads((out / "step_000004" / "trainer_state.json").read_text())
+    del state["crc32"]  # the format before CRC-32s: sizes only
+    (out / "step_000004" / "trainer_state.json").write_text(json.dumps(state))
+    monkeypatch.chdir(REPO)
+    train(out, root / "cache", "--resume=auto")
+    assert f"resumed from {out / 'step_000004'} at step 4" in capsys.readouterr().out
+    same_metrics(root / "out", out)
+
+
+def test_prune_drops_the_checkpoints_of_an_abandoned_timeline(base, tmp_path):
+    """A run resumed from step 2 while step 4 exists: once it saves, step 4 belongs to a timeline it left."""
+    import checkpoint
+
+    out = copy_run(base[0], tmp_path)
+    shutil.copytree(out / "step_000002", out / "step_000001")
+    checkpoint.prune(out, 2, keep_last=1)
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000002"]
 
 
 # -----------------------------------------------------------------------------
@@ -315,6 +345,27 @@ def test_disk_full_mid_save_is_one_line_and_leaves_no_partial_folder(base, tmp_p
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl", "run.lock", "step_000002"]
     assert checkpoint.checkpoint_problem(out / "step_000002") is None
+
+
+def test_a_full_disk_inside_torch_save_is_named(tmp_path, monkeypatch):
+    """torch.save's own writer reports a failed write only as "unexpected pos": the OSError is recovered."""
+    from torch.distributed.fsdp import fully_shard
+
+    import checkpoint
+    import fsdp_utils
+    from inject_enospc import FullDisk
+
+    _, _, _, mesh = fsdp_utils.init_distributed()
+    model = fully_shard(torch.nn.Linear(64, 64), mesh=mesh)  # tensors only: every byte goes through torch.save
+    real_init = checkpoint._Crc32Writer.__init__
+    monkeypatch.setattr(checkpoint._Crc32Writer, "__init__", lambda self, f, fs: real_init(self, FullDisk(f), fs))
+    fs = checkpoint._Crc32FileSystem()
+    with open(tmp_path / "t.pt", "wb") as f, pytest.raises(RuntimeError, match="unexpected pos"):
+        torch.save(torch.zeros(1000), checkpoint._Crc32Writer(f, fs))  # the OSError inside is swallowed...
+    assert fs.error.errno == errno.ENOSPC  # ...but the writer kept it
+    with pytest.raises(OSError) as e:
+        checkpoint.save_state(model, torch.optim.AdamW(model.parameters()), tmp_path / "state")
+    assert e.value.errno == errno.ENOSPC and checkpoint.reason(e.value).startswith("No space left on device (")
 
 
 @pytest.mark.slow

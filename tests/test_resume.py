@@ -129,9 +129,9 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     assert "skipping" in out and "step_000007" in out and "truncated" in out
     assert f"resumed from {broken / 'step_000006'} at step 6" in out
     same_run(full, broken, COMPARED)
-    # keep_last=2: the two newest step checkpoints; damaged leftovers are gone too
+    # keep_last=2: the two newest step checkpoints; the crashed save's leftover is gone, the damaged one set aside
     assert sorted(p.name for p in broken.iterdir()) == ["config.json", "final", "metrics.jsonl", "step_000006",
-                                                       "step_000009"]
+                                                       "step_000007.damaged", "step_000009"]
     state = json.loads((broken / "step_000009" / "trainer_state.json").read_text())
     assert state["step"] == 9 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert (broken / "step_000009" / "model.safetensors").exists()  # each checkpoint is also an HF model

@@ -107,7 +107,8 @@ def test_custom_code_reward_model_needs_trust_remote_code(tmp_path):
     rm = reward_model(tmp_path / "armo_like", custom=True)
     path, rows = samples(tmp_path, 2)
     refused = score(f"--reward_model={rm}", f"--data={path}", f"--out={tmp_path / 'a.jsonl'}")
-    assert refused.returncode == 2 and "ships its own model code (modeling_toy.ToyRewardModel)" in refused.stderr
+    custom = "ships its own code (config.json: auto_map AutoModelForSequenceClassification: modeling_toy.ToyRewardModel"
+    assert refused.returncode == 2 and custom in refused.stderr
     assert "Traceback" not in refused.stderr
     ok = score(f"--reward_model={rm}", f"--data={path}", f"--out={tmp_path / 'a.jsonl'}", "--trust_remote_code")
     assert ok.returncode == 0, ok.stderr[-3000:]
