@@ -326,7 +326,7 @@ _launcher = None  # torchrun's pid, the parent of this worker
 
 def exit_with_launcher():
     """Under torchrun: end this worker when its launcher dies (a scheduler's SIGKILL, say) rather than train on
-    unsupervised beside a requeued run. On Linux the kernel sends SIGTERM then (the loop saves and exits as on
+    unsupervised beside a requeued run. On Linux the kernel sends SIGHUP then (the loop saves and exits as on
     preemption); elsewhere stop_requested notices the new parent pid at the next step."""
     global _launcher
     if "TORCHELASTIC_RUN_ID" not in os.environ or _launcher is not None:
@@ -334,9 +334,9 @@ def exit_with_launcher():
     _launcher = os.getppid()
     if sys.platform.startswith("linux"):  # (the kernel watches the thread that started us: torchrun's main one)
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
         if os.getppid() != _launcher:  # it died before the call above
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGHUP)
 
 
 def launcher_gone():
@@ -494,7 +494,7 @@ def nonfinite_step(step, loss, grad_norm, seen, run, cfg, skipped):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM/SIGINT: the step finished and a checkpoint was saved; exit code 128 + signal."""
+    """SIGTERM/SIGINT/SIGHUP: the step finished and a checkpoint was saved; exit code 128 + signal."""
 
     def __init__(self, signum, step, path):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {path}. Rerun the "
@@ -504,12 +504,14 @@ class Preempted(RuntimeError):
 
 @contextmanager
 def stop_signals(rank):
-    """While inside, SIGTERM and SIGINT are recorded instead of stopping the process, so that the loop
-    can finish its step and save (stop_requested); a third signal stops at once. Yields the list of
-    signals received."""
+    """While inside, SIGTERM, SIGINT and SIGHUP (the launcher died) are recorded instead of stopping the
+    process, so that the loop can finish its step and save (stop_requested); a third signal stops at once.
+    Yields the list of signals received."""
     received, previous = [], {}
 
     def on_signal(signum, frame):
+        if signum == signal.SIGHUP and signum in received:
+            return  # the launcher's death can arrive once per thread of the dying launcher: one is enough
         received.append(signum)
         if len(received) == 1:
             print(f"rank {rank}: got {signal.Signals(signum).name}; saving after this step "
@@ -518,7 +520,7 @@ def stop_signals(rank):
             raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         yield received
     finally:
@@ -527,12 +529,12 @@ def stop_signals(rank):
 
 
 def stop_requested(received, device):
-    """The signal number if any rank received SIGTERM or SIGINT (or lost its launcher: SIGTERM), else 0:
+    """The signal number if any rank received SIGTERM, SIGINT or SIGHUP (its launcher died), else 0:
     collective, so all ranks stop together."""
-    if not received and launcher_gone():  # the kernel's SIGTERM covers Linux; this, everywhere else
+    if not received and launcher_gone():  # the kernel's SIGHUP covers Linux; this, everywhere else
         if os.environ.get("LOCAL_RANK") == "0":
             print(f"the launcher (pid {_launcher}) is gone; saving after this step", file=sys.stderr, flush=True)
-        received.append(signal.SIGTERM)
+        received.append(signal.SIGHUP)
     signum = torch.tensor(float(received[0] if received else 0), device=device)
     dist.all_reduce(signum, op=dist.ReduceOp.MAX)
     return int(signum.item())
