@@ -32,6 +32,26 @@ def torchrun(nproc, script, *args, timeout=600):
     return proc.stdout
 
 
+class QuietServer:
+    """Mixin for a test's HTTP handler: no request log, and the posted JSON body."""
+
+    state = {}
+
+    def log_message(self, *args):
+        pass
+
+    def posted(self):
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+
+def prefer_the_longer(text):
+    """A fake pairwise judge's reply to a request of eval.judge: it prefers the longer answer."""
+    import re
+
+    a, b = (re.search(rf"\[Assistant {x}\]\n(.*?)\n</conversation", text, re.S).group(1) for x in "AB")
+    return "Reasoning... " + ("[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[C]]")
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -3,14 +3,13 @@ server, the win-rate statistics on judgments whose answer is known, judge-free c
 
 import json
 import random
-import re
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import DEMO_MODEL, REPO, read_jsonl, torchrun
+from conftest import DEMO_MODEL, REPO, QuietServer, prefer_the_longer, read_jsonl, torchrun
 
 from eval import answers, judge
 
@@ -108,17 +107,11 @@ def test_markdown_counts():
 # the judge client against a local OpenAI-compatible server
 
 
-class FakeJudge(BaseHTTPRequestHandler):
+class FakeJudge(QuietServer, BaseHTTPRequestHandler):
     """Prefers the longer answer; rates an answer by its length; scripted failures and auth."""
 
-    state = {}
-
-    def log_message(self, *args):
-        pass
-
     def do_POST(self):
-        s = self.state
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s, body = self.state, self.posted()
         with s["lock"]:
             s["requests"] += 1
             failure = s["fail"].pop(0) if s["fail"] else None
@@ -132,8 +125,7 @@ class FakeJudge(BaseHTTPRequestHandler):
         if "MALFORMED" in text:
             content = "Both are fine, I cannot decide."
         elif "<conversation with assistant A>" in text:
-            a, b = (re.search(rf"\[Assistant {x}\]\n(.*?)\n</conversation", text, re.S).group(1) for x in "AB")
-            content = "Reasoning... " + ("[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[C]]")
+            content = prefer_the_longer(text)
         else:
             answer = text.rsplit("[Assistant ]\n", 1)[1]
             content = f"Fine. Rating: [[{min(10, 1 + len(answer) // 10)}]]"

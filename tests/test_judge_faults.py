@@ -6,7 +6,6 @@ instead of hanging it; each must end in seconds, with a one-line error (exit 2) 
 import email.utils
 import json
 import os
-import re
 import shutil
 import socket
 import ssl
@@ -18,25 +17,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, QuietServer, prefer_the_longer
 from eval import judge
 
 DRIP = 0.5  # seconds between the dripped bytes
 
 
-class Misbehaving(BaseHTTPRequestHandler):
+class Misbehaving(QuietServer, BaseHTTPRequestHandler):
     """An OpenAI-compatible judge that prefers the longer answer, after the scripted faults:
     state["script"] is a list of faults, one per request (then "ok"); "forever" repeats the
     next fault for every request."""
 
-    state = {}
-
-    def log_message(self, *args):
-        pass
-
     def do_POST(self):
-        s = self.state
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s, body = self.state, self.posted()
         with s["lock"]:
             s["tries"].append((body["messages"][-1]["content"], time.monotonic()))
             script = s["script"]
@@ -47,9 +40,7 @@ class Misbehaving(BaseHTTPRequestHandler):
             pass  # the client hung up (as it should, on a drip): stop dripping
 
     def answer(self, fault, body):
-        text = body["messages"][-1]["content"]
-        a, b = (re.search(rf"\[Assistant {x}\]\n(.*?)\n</conversation", text, re.S).group(1) for x in "AB")
-        content = "Reasoning... " + ("[[A]]" if len(a) > len(b) else "[[B]]" if len(b) > len(a) else "[[C]]")
+        content = prefer_the_longer(body["messages"][-1]["content"])
         data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode()
         if fault == "garbage":  # not HTTP at all
