@@ -216,8 +216,8 @@ def save_state(model, optimizer, folder):
     try:
         dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
     except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
-        if getattr(writer.fs, "error", None):  # torch.save's C++ writer turns a full disk into "unexpected pos"
-            raise writer.fs.error from e
+        if error := getattr(getattr(writer, "fs", None), "error", None):  # torch.save's writer turns a full
+            raise error from e  # disk into "unexpected pos": the OSError it met says what happened
         raise
     return getattr(writer.fs, "crcs", {})
 
@@ -353,7 +353,7 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
     SaveError on every rank and leaves no partial folder.
     """
     folder = run.out_dir / f"step_{step:06d}"
-    if folder == run.resume_from:  # saved already (a run resumed here and stopped at once)
+    if run.resume_from and folder.resolve() == run.resume_from.resolve():  # saved already: resumed here, stopped
         return folder
 
     def write(tmp):
@@ -515,11 +515,19 @@ def set_aside(folder):
     """Collective: rename a checkpoint that cannot be resumed to step_N.damaged (kept for a look, never taken
     for a checkpoint again), so that the run can write step_N anew and prune never counts it."""
     if is_master():
-        aside = folder.with_name(folder.name + ".damaged")
-        shutil.rmtree(aside, ignore_errors=True)
-        folder.rename(aside)
-        print0(f"resume: moved it to {aside}")
+        _move_aside(folder, ".damaged")
     dist.barrier()
+
+
+def _move_aside(folder, suffix):
+    """Rename step_N to step_N{suffix}, replacing an older one; only reported if it fails (it is skipped anyway)."""
+    aside = folder.with_name(folder.name + suffix)
+    try:
+        shutil.rmtree(aside) if aside.is_dir() else aside.unlink(missing_ok=True)
+        folder.rename(aside)
+        print0(f"moved {folder} to {aside}")
+    except OSError as e:
+        print0(f"warning: cannot move {folder} aside ({e.strerror or e}); it stays, never resumed from")
 
 
 def resume_state(folder, config, fingerprint, free):
@@ -558,12 +566,14 @@ def restore(run, policy, optimizer, state):
 
 
 def prune(out_dir, newest, keep_last):
-    """After checkpoint `newest` completed: drop complete ones beyond the newest keep_last (0: keep all),
-    leftovers older than it (crashed saves' .tmp folders, damaged copies), and any newer than it (left by a
-    run this one resumed before their step: another timeline, never to be resumed)."""
+    """After checkpoint `newest` completed: drop complete ones beyond the newest keep_last (0: keep all) and
+    leftovers older than it (crashed saves' .tmp folders, damaged copies). Any newer than it were left by a
+    run this one resumed before their step (another timeline): renamed step_N.abandoned, never resumed from."""
     complete = []
     for step, folder in step_checkpoints(out_dir):
-        if step > newest or (step < newest and checkpoint_problem(folder) is not None):
+        if step > newest:
+            _move_aside(folder, ".abandoned")
+        elif step < newest and checkpoint_problem(folder) is not None:
             shutil.rmtree(folder)
         elif checkpoint_problem(folder) is None:
             complete.append(folder)

@@ -271,8 +271,7 @@ def lock_out_dir(out_dir):
     that ends, so a holder that was killed leaves only a stale file, which the next run takes over. (On NFS
     mounted with local locks, or Lustre without -o flock, it guards one node only.)"""
     path = (out_dir / LOCK_FILE).resolve()
-    if str(path) not in _locks:
-        on_rank0(lambda: _lock(path))
+    on_rank0(lambda: str(path) in _locks or _lock(path))  # (held already: a run before this one, in-process)
 
 
 def _lock(path):
@@ -516,7 +515,7 @@ def stop_signals(rank):
         if len(received) == 1:
             print(f"rank {rank}: got {signal.Signals(signum).name}; saving after this step "
                   "(a third signal stops at once)", file=sys.stderr, flush=True)
-        elif len(received) >= 3:
+        elif len([s for s in received if s != signal.SIGHUP]) >= 3:  # a user insisting, not the launcher
             raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():  # Python allows handlers only there

@@ -63,7 +63,7 @@ def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
     try:
         if any(t.is_dir() for t in targets.values()):  # write_jsonl would delete a folder in the way
             raise DataError(f"{out_dir} holds a folder named sft.jsonl or wrpo.jsonl; pick another --out_dir")
-        if not overwrite and all(t.exists() for t in targets.values()):  # one alone: a split cut short, redone
+        if not overwrite and any(t.exists() for t in targets.values()):
             raise DataError(f"{out_dir} already holds a split; pass --overwrite to replace it")
         for name, target in targets.items():
             write_jsonl(parts[name], target)  # never a half-written file under the final name

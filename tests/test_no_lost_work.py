@@ -245,7 +245,7 @@ def test_prune_drops_the_checkpoints_of_an_abandoned_timeline(base, tmp_path):
     out = copy_run(base[0], tmp_path)
     shutil.copytree(out / "step_000002", out / "step_000001")
     checkpoint.prune(out, 2, keep_last=1)
-    assert sorted(p.name for p in out.glob("step_*")) == ["step_000002"]
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000002", "step_000004.abandoned"]  # kept, aside
 
 
 # -----------------------------------------------------------------------------
@@ -275,6 +275,20 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(tmp_pat
     assert (out / "run.lock").exists()
     train(out, tmp_path, "--max_steps=1")
     assert f"taking over the lock of a run that ended without releasing it (pid {holder.pid}" in capsys.readouterr().out
+
+
+def test_the_launchers_death_is_one_signal_however_often_it_comes():
+    """The kernel may send SIGHUP once per thread of a dying torchrun; only SIGTERM / SIGINT count towards
+    'a third signal stops at once' (a user insisting)."""
+    from training import stop_signals
+
+    with stop_signals(0) as received:
+        for sig in [signal.SIGHUP] * 3 + [signal.SIGTERM] * 2:
+            os.kill(os.getpid(), sig)
+        assert received == [signal.SIGHUP, signal.SIGTERM, signal.SIGTERM]  # no KeyboardInterrupt yet
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # (the handler runs at the next bytecode; this is never reached)
 
 
 @pytest.mark.slow
