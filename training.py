@@ -214,7 +214,7 @@ def start_run(cfg, problems=(), other_models=()):
     and tokenizer. other_models: more models the script loads (a reference), checked like cfg.model.
 
     Runs before any data is read, so every user error surfaces in seconds; nothing is written yet but
-    out_dir itself and its lock file.
+    out_dir itself and its lock file (and the leftovers of interrupted saves are removed).
     """
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
