@@ -470,6 +470,18 @@ def step_checkpoints(out_dir):
     return sorted(found) if Path(out_dir).is_dir() else []
 
 
+def partial_saves(out_dir):
+    """Folders of saves that a crash interrupted (step_N.tmp, final.tmp): never complete, safe to remove while
+    out_dir is locked."""
+    return sorted(Path(out_dir).glob("step_*.tmp")) + sorted(Path(out_dir).glob("final.tmp"))
+
+
+def remove_partial_saves(out_dir):
+    for folder in partial_saves(out_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+        print0(f"removed {folder}, left by a save that was interrupted")
+
+
 def newest_checkpoint(out_dir):
     """The newest complete step checkpoint in out_dir, or None (sizes checked, not CRCs)."""
     complete = [f for _, f in step_checkpoints(out_dir) if checkpoint_problem(f) is None]
@@ -573,14 +585,13 @@ def prune(out_dir, newest, keep_last):
     for step, folder in step_checkpoints(out_dir):
         if step > newest:
             _move_aside(folder, ".abandoned")
-        elif step < newest and checkpoint_problem(folder) is not None:
-            shutil.rmtree(folder)
         elif checkpoint_problem(folder) is None:
             complete.append(folder)
+        elif step < newest:
+            shutil.rmtree(folder)
     for folder in complete[: -keep_last] if keep_last else []:
         shutil.rmtree(folder)
-    for folder in Path(out_dir).glob("step_*.tmp"):
-        shutil.rmtree(folder)
+    remove_partial_saves(out_dir)
 
 
 # -----------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 import attention
 import data
-from checkpoint import ResumeError, RunFinished, SaveError, find_resume, newest_checkpoint, step_checkpoints, \
-    write_atomic
+from checkpoint import ResumeError, RunFinished, SaveError, find_resume, newest_checkpoint, partial_saves, \
+    remove_partial_saves, step_checkpoints, write_atomic
 from fsdp_utils import DTYPES, count_parameters, init_distributed, is_master, load_model, loading_problem, print0, \
     resolve_model_path
 from logps import IMPLS, attach_label_logps, resolve_impl
@@ -340,18 +340,6 @@ def exit_with_launcher():
 
 def launcher_gone():
     return _launcher is not None and os.getppid() != _launcher
-
-
-def partial_saves(out_dir):
-    """Folders of saves that a crash interrupted (step_N.tmp, final.tmp): never complete, safe to remove once
-    out_dir is locked."""
-    return sorted(Path(out_dir).glob("step_*.tmp")) + sorted(Path(out_dir).glob("final.tmp"))
-
-
-def remove_partial_saves(out_dir):
-    for folder in partial_saves(out_dir):
-        shutil.rmtree(folder, ignore_errors=True)
-        print0(f"removed {folder}, left by a save that was interrupted")
 
 
 def folder_bytes(folder):
