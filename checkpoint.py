@@ -70,6 +70,10 @@ def reason(e):
 def all_ok(error=None):
     """Collective: every rank passes the reason it failed (or None) and all raise SaveError if any failed, so that
     a write that failed on one rank never leaves the others waiting in the next collective."""
+    failures = torch.tensor(float(error is not None), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(failures)  # a plain tensor collective each save; the messages travel only after a failure
+    if not failures.item():
+        return
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     failed = dict.fromkeys(e for e in errors if e)  # DCP gives every rank the same one: say it once
