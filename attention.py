@@ -3,8 +3,8 @@
 A packed row holds several sequences back to back (data.collate_packed). transformers' `sdpa`
 keeps them apart with a block mask over the whole row, so every row costs T^2 attention
 however short its sequences are, and the mask disables the kernels' causal block skipping.
-`packed_sdpa` reads the sequences off the position ids instead and runs causal sdpa on each,
-so attention costs what the sequences alone would cost. Rules, from the position ids:
+`packed_sdpa` attends within each sequence instead, so attention costs what the sequences
+alone would cost. Rules, from the position ids:
 
   - a sequence starts wherever the position does not continue the previous one (p != prev + 1);
   - one starting at position 0 begins a group and attends causally to itself;
@@ -12,6 +12,17 @@ so attention costs what the sequences alone would cost. Rules, from the position
     tokens and causally to itself. This is shared-prompt packing (data.collate with
     shared_prompt=True): [prompt, y1, prompt[-1], y2, prompt[-1], y3], where y2 and y3 restart
     at position len(prompt) - 1 and see the one copy of the prompt, as if each were alone with it.
+
+Two paths compute this:
+
+  varlen        (CUDA, fp16/bf16) one flash-attention call per layer for the whole micro-batch
+                (torch.nn.attention.varlen). The collate step builds the layout on the host
+                (`varlen_layout`: cumulative sequence lengths, and a key index that puts each
+                continuation's group prefix in front of its own keys) and the batch hands it to
+                the model as `varlen_*` keyword arguments: no host sync, no loop over sequences.
+                `use_varlen` says whether to build it, after a self-check against the other path.
+  per sequence  otherwise (CPU, fp32, batches without a layout): causal sdpa on each sequence,
+                reading the sequences off the position ids (one host sync per forward).
 
 The attention mask transformers would build is not used (none is registered for this name):
 rows must carry their padding at the end, as all of this project's batches do. Padded rows
@@ -23,8 +34,14 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_kernel  # tests substitute an emulation
+except ImportError:  # torch without it: the per-sequence path only
+    _varlen_kernel = None
+
 NAME = "packed_sdpa"
 _last = (lambda: None, None)  # (weak reference to a position_ids tensor, its sequences per row)
+_use_varlen = {}  # device -> use_varlen's answer, decided once per process
 
 
 def sequences(position_ids):
@@ -32,6 +49,82 @@ def sequences(position_ids):
     starts = [t for t in range(len(position_ids)) if t == 0 or position_ids[t] != position_ids[t - 1] + 1]
     ends = starts[1:] + [len(position_ids)]
     return [(s, e, position_ids[s]) for s, e in zip(starts, ends)]
+
+
+def _check_continuation(p, first):
+    """A sequence starting at position p > 0 needs a group before it in its row (first: the group's first
+    sequence as (start, end, position), or None) with at least p tokens."""
+    if first is None:
+        raise ValueError(f"{NAME}: a row's first sequence starts at position {p}; only a sequence after "
+                         "the start of its group (position 0) in the same row may continue it")
+    if p > first[1] - first[0]:
+        raise ValueError(f"{NAME}: a sequence continues position {p} of a group whose first sequence has "
+                         f"only {first[1] - first[0]} tokens")
+
+
+# -----------------------------------------------------------------------------
+# varlen: one flash-attention call over all the micro-batch's sequences
+
+
+def varlen_layout(position_ids):
+    """The varlen path's batch entries, from the batch's own position ids [R, T], one row per row of the batch
+    (on the host: collate calls this once per micro-batch, so no layer has to read the layout off the device).
+
+    The R rows are flattened into one stream of R * T tokens, cut into its sequences (padding at a
+    row's end is one more). Query range i is sequence i; key range i is the same tokens, after the first
+    p tokens of the group for a sequence continuing one at position p. Returns
+      varlen_cu_seq_q, varlen_cu_seq_k  int32 [N + 1]: where each sequence's queries and keys start
+      varlen_max_q, varlen_max_k        ints: the longest query and key range
+      varlen_k_index                    int64 [sum of key lengths]: the tokens that make up the key
+                                        stream; present only when some sequence continues a group
+    """
+    R, T = position_ids.shape
+    q_lens, k_lens, k_runs = [], [], []  # k_runs: (first token, count) runs of the flattened stream
+    for r, row in enumerate(position_ids.tolist()):
+        first = None
+        for s, e, p in sequences(row):
+            if p == 0:
+                first = (s, e, p)
+            else:
+                _check_continuation(p, first)
+                k_runs.append((r * T + first[0], p))
+            k_runs.append((r * T + s, e - s))
+            q_lens.append(e - s)
+            k_lens.append(e - s + p)
+    cumsum = lambda n: torch.tensor([0] + n, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
+    out = dict(varlen_cu_seq_q=cumsum(q_lens), varlen_cu_seq_k=cumsum(k_lens), varlen_max_q=max(q_lens),
+               varlen_max_k=max(k_lens))
+    if k_lens != q_lens:  # some continuation: its keys are gathered; otherwise the keys are the queries' tokens
+        out["varlen_k_index"] = torch.cat([torch.arange(s, s + n) for s, n in k_runs])
+    return out
+
+
+def _flash_accepts(query):
+    """Whether the flash kernel takes these inputs: CUDA, half precision, head dims a multiple of 8 up to 256."""
+    D = query.shape[-1]
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
+
+
+_varlen_accepts = _flash_accepts  # tests substitute one that takes CPU fp32 for their emulated kernel
+
+
+def _varlen_sdpa(query, key, value, scaling, layout):
+    """query [B, H, T, D], key and value [B, Hkv, T, D], layout: varlen_layout's entries -> [B, T, H, D]."""
+    B, H, T, D = query.shape
+    q = query.transpose(1, 2).reshape(B * T, H, D)  # the rows as one stream of tokens
+    k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (key, value))
+    index = layout.get("varlen_k_index")
+    if index is not None:  # a prompt's keys, once more in front of each continuation of it
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    # window (-1, 0) is causal, aligned bottom-right where a range has more keys than queries: query j of a
+    # continuation sees the p prefix keys and its own keys up to j
+    out = _varlen_kernel(q, k, v, layout["varlen_cu_seq_q"], layout["varlen_cu_seq_k"], layout["varlen_max_q"],
+                         layout["varlen_max_k"], scale=scaling, window_size=(-1, 0), enable_gqa=k.shape[1] != H)
+    return out.view(B, T, H, D)
+
+
+# -----------------------------------------------------------------------------
+# per sequence: causal sdpa on each, in a Python loop
 
 
 def _sequences_per_row(position_ids):
@@ -42,44 +135,118 @@ def _sequences_per_row(position_ids):
     return _last[1]
 
 
-@torch.compiler.disable  # a Python loop over data-dependent lengths: left out of compiled layers
-def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kwargs):
-    """query [B, H, T, D], key and value [B, Hkv, T, D] -> output [B, T, H, D], no weights."""
-    if kwargs.get("sliding_window") or kwargs.get("softcap") or getattr(module, "sliding_window", None):
-        raise ValueError(f"{NAME} does not implement sliding windows or soft-capping; use attn_implementation=sdpa")
+def _per_sequence_sdpa(query, key, value, position_ids, scaling, drop):
+    """query [B, H, T, D], key and value [B, Hkv, T, D], position_ids [B or 1, T] -> [B, T, H, D]."""
     B, H, T, _ = query.shape
-    if position_ids is None:
-        raise ValueError(f"{NAME} needs position_ids in attention, which {type(module).__name__} does not pass; "
-                         "use attn_implementation=sdpa")
     rows = _sequences_per_row(position_ids)
     rows = rows * B if len(rows) < B else rows  # one row of position ids shared by the batch
     if key.shape[1] != H:  # grouped-query attention: repeat the kv heads (enable_gqa would fall back to
         # the math kernel on CPU)
         key, value = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (key, value))
-    drop = dropout if module.training else 0.0
     out = []
     for b, (q_row, k_row, v_row) in enumerate(zip(query, key, value)):  # [H, T, D] each
         seqs = rows[b]
         # split, not slicing: its backward is one concatenation, not a full-size zero tensor per piece
         pieces = [x.split([e - s for s, e, _ in seqs], dim=1) for x in (q_row, k_row, v_row)]
-        parts, first = [], 0
+        parts, first = [], None
         for i, ((s, e, p), q, k, v) in enumerate(zip(seqs, *pieces)):
             q, k, v = q[None], k[None], v[None]  # [1, H, n, D]: the CPU flash kernel wants a batch dim
             if p == 0:  # a new group
                 first = i
                 parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, scale=scaling))
                 continue
-            if p > seqs[first][1] - seqs[first][0]:
-                raise ValueError(f"{NAME}: a sequence continues position {p} of a group whose first sequence has "
-                                 f"only {seqs[first][1] - seqs[first][0]} tokens")
+            _check_continuation(p, None if first is None else seqs[first])
             k = torch.cat([pieces[1][first][None, :, :p], k], dim=2)
             v = torch.cat([pieces[2][first][None, :, :p], v], dim=2)
             n = e - s  # query i sees the p prefix tokens and its own sequence up to i
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=scaling))
         out.append(torch.cat(parts, dim=2))
-    out = torch.cat(out)
-    return out.transpose(1, 2).contiguous(), None
+    return torch.cat(out).transpose(1, 2).contiguous()
+
+
+@torch.compiler.disable  # a Python loop over data-dependent lengths: left out of compiled layers
+def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kwargs):
+    """query [B, H, T, D], key and value [B, Hkv, T, D] -> output [B, T, H, D], no weights.
+
+    With varlen_layout's entries among the kwargs (the layout of these B rows), one varlen kernel call;
+    without them, or for inputs the kernel does not take (fp32, dropout), sdpa per sequence.
+    """
+    if kwargs.get("sliding_window") or kwargs.get("softcap") or getattr(module, "sliding_window", None):
+        raise ValueError(f"{NAME} does not implement sliding windows or soft-capping; use attn_implementation=sdpa")
+    drop = dropout if module.training else 0.0
+    if "varlen_cu_seq_q" in kwargs and not drop and _varlen_accepts(query):  # the kernel has no dropout
+        return _varlen_sdpa(query, key, value, scaling, kwargs), None
+    if position_ids is None:
+        raise ValueError(f"{NAME} needs position_ids in attention, which {type(module).__name__} does not pass; "
+                         "use attn_implementation=sdpa")
+    return _per_sequence_sdpa(query, key, value, position_ids, scaling, drop), None
+
+
+# -----------------------------------------------------------------------------
+# choosing the path: a self-check of the kernel, once per process
+
+
+def varlen_self_check(device):
+    """(ok, message): whether the varlen kernel gives the per-sequence path's outputs and gradients on
+    `device`, on a small bf16 batch with a shared prompt and grouped-query heads. Never raises."""
+    if device.type != "cuda":
+        return False, f"flash varlen needs CUDA, not {device.type}"
+    if _varlen_kernel is None:
+        return False, "this torch has no torch.nn.attention.varlen"
+    try:
+        return _check_against_per_sequence(device, torch.bfloat16)
+    except Exception as e:  # any failure of the kernel means the other path
+        return False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
+def _check_against_per_sequence(device, dtype):
+    """The varlen path in `dtype` against the per-sequence path in fp32: outputs and q, k, v gradients.
+
+    Passes when it is within 4x the per-sequence path's own error in `dtype` (+ 1e-2): bf16 rounding
+    moves these O(1) values by ~1e-2, a wrong layout by O(1).
+    """
+    row0 = list(range(12)) + list(range(7, 12)) + list(range(7, 11)) + list(range(3))  # 2 continuations, padding
+    row1 = list(range(15)) + list(range(9))
+    position_ids = torch.tensor([row0, row1])
+    layout = {k: v.to(device) if torch.is_tensor(v) else v for k, v in varlen_layout(position_ids).items()}
+    (R, T), H, Hkv, D = position_ids.shape, 4, 2, 64
+    g = torch.Generator().manual_seed(0)  # a generator of its own: the caller's random stream stays as it was
+    q, k, v = (torch.randn(R, h, T, D, generator=g) for h in (H, Hkv, Hkv))
+    grad_out = torch.randn(R, T, H, D, generator=g)
+
+    def run(attend, as_dtype):
+        leaves = [x.to(device, as_dtype, copy=True).requires_grad_() for x in (q, k, v)]  # fresh leaves per run
+        with torch.enable_grad():
+            out = attend(*leaves)
+            out.backward(grad_out.to(device, as_dtype))
+        return [out.float()] + [x.grad.float() for x in leaves]
+
+    per_sequence = lambda q, k, v: _per_sequence_sdpa(q, k, v, position_ids.to(device), D**-0.5, 0.0)  # noqa: E731
+    want = run(per_sequence, torch.float32)
+    baseline = run(per_sequence, dtype)
+    got = run(lambda q, k, v: _varlen_sdpa(q, k, v, D**-0.5, layout), dtype)
+    for name, a, b, base in zip(("output", "query grad", "key grad", "value grad"), got, want, baseline):
+        err, tol = (a - b).abs().max().item(), 4 * (base - b).abs().max().item() + 1e-2
+        if not err <= tol:  # NaN fails too
+            return False, f"self-check failed: {name} off by {err:.3g} (tolerance {tol:.3g})"
+    return True, "self-check passed"
+
+
+def use_varlen(device):
+    """Whether batches on `device` should carry varlen_layout's entries: on CUDA when the self-check
+    passes. Decided once per process, with one line saying which path attention takes."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if str(device) not in _use_varlen:
+        from fsdp_utils import print0
+
+        ok, message = varlen_self_check(device)
+        print0(f"attention: flash varlen ({message})" if ok else
+               f"attention: varlen unavailable ({message}); using {NAME}'s per-sequence sdpa")
+        _use_varlen[str(device)] = ok
+    return _use_varlen[str(device)]
 
 
 def register():

@@ -171,8 +171,10 @@ def attach_label_logps(model, impl="auto"):
     """
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    def label_logps(self, input_ids, labels, attention_mask=None, position_ids=None):
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    def label_logps(self, input_ids, labels, attention_mask=None, position_ids=None, **attention_kwargs):
+        # attention_kwargs (attention.varlen_layout's entries) travel through the decoder to its attention function
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                      **attention_kwargs)
         if not _fusable(self):
             return logits_token_logps(self(**kwargs).logits, labels)
         hidden = self.model(**kwargs).last_hidden_state
@@ -204,8 +206,9 @@ def model_sequence_logps(model, batch):
     sequence rather than per row. use_cache=False matters for packing: with a cache,
     transformers lets packed examples attend to each other. The model needs attach_label_logps first.
     """
+    layout = {k: v for k, v in batch.items() if k.startswith("varlen_")}  # attention.varlen_layout's, if any
     logps = model.label_logps(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                              batch.get("position_ids"))
+                              batch.get("position_ids"), **layout)
     scored = batch["labels"][:, 1:] != IGNORE
     if "segments" not in batch:  # one sequence per row
         return logps.sum(-1), scored.sum(-1)
