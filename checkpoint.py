@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,14 +88,16 @@ def all_ok(error=None):
 # atomic writes: a temporary name, then one rename
 
 
-def write_atomic(path, write, collective=False):
+def write_atomic(path, write, collective=False, private=False):
     """Write `path`, a file or a folder, whole or not at all: under path.tmp, then renamed over `path`.
 
     write: the text, or a function that writes the temporary path. collective=True: every rank
     calls this, and write(tmp) with it (a sharded save); rank 0 alone clears and renames.
+    private=True: the temporary name is this process's own (path.HOST-PID.tmp), for a cache that
+    the nodes of a run may write at once into a folder they share.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + (f".{socket.gethostname()}-{os.getpid()}" if private else "") + ".tmp")
     owner = is_master() or not collective
     if owner and tmp.is_dir():  # left by a crash
         shutil.rmtree(tmp)
@@ -608,7 +611,7 @@ def save_reference_logps(path, logps, metadata):
     metadata = {**metadata, "crc32": _tensor_crc32(logps)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, lambda tmp: save_file({"logps": logps}, tmp, metadata=metadata))
+        write_atomic(path, lambda tmp: save_file({"logps": logps}, tmp, metadata=metadata), private=True)
         return True
     except OSError as e:
         print0(f"reference log-probs: computed, not cached ({path.parent} not writable: {e})")

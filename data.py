@@ -20,12 +20,17 @@ import errno
 import hashlib
 import json
 import math
+import os
 import re
+import socket
 import stat
+import time
+import zlib
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -97,33 +102,70 @@ def _parse_json(line):
         raise RowError("malformed JSON (nested too deeply)") from None
 
 
-def read_records(path):
-    """Return [(where, record_or_RowError)] from a .jsonl/.json/.parquet file or a folder of them."""
+def data_files(path):
+    """The data files of `path`: the file itself, or a folder's .jsonl, .json and .parquet files, sorted.
+    DataError for a path that is missing, unreadable, an empty folder, or not a regular file."""
     path = Path(path)
     try:
         mode = path.stat().st_mode
         files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")) \
-            if stat.S_ISDIR(mode) else []
+            if stat.S_ISDIR(mode) else [path]
+        modes = [f.stat().st_mode for f in files]
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             raise DataError(f"{path}: no such file or folder") from None
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if stat.S_ISDIR(mode):
-        if not files:
-            raise DataError(f"{path}: folder has no .jsonl, .json or .parquet files")
-        return [rec for f in files for rec in read_records(f)]
-    if not stat.S_ISREG(mode):  # never open it: opening a FIFO blocks until something writes to it
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-        raise DataError(f"{path}: not a regular file ({kind}); give a data file or a folder of them")
+    if not files:
+        raise DataError(f"{path}: folder has no .jsonl, .json or .parquet files")
+    for f, mode in zip(files, modes):
+        if not stat.S_ISREG(mode):  # never open it: opening a FIFO blocks until something writes to it
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+                "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise DataError(f"{f}: not a regular file ({kind}); give a data file or a folder of them")
+    return files
+
+
+def read_records(path, share=(0, 1)):
+    """Return [(where, record_or_RowError)] from a .jsonl/.json/.parquet file or a folder of them.
+
+    share=(k, n): only the k-th of n contiguous shares of the records (a rank's); the lines of a .jsonl
+    outside it are counted, never parsed.
+    """
+    files = data_files(path)
+    counts = [_count_lines(f) if f.suffix == ".jsonl" else None for f in files]
+    if None in counts:  # a .json or .parquet file: read whole, then cut
+        records = [rec for f in files for rec in _read_file(f)]
+        return records[len(records) * share[0] // share[1] : len(records) * (share[0] + 1) // share[1]]
+    lo, hi, first, out = sum(counts) * share[0] // share[1], sum(counts) * (share[0] + 1) // share[1], 0, []
+    for f, n in zip(files, counts):
+        out += _read_file(f, range(lo - first, hi - first)) if first < hi and first + n > lo else []
+        first += n
+    return out
+
+
+def _count_lines(path):
+    """Records in a .jsonl file: its lines that are not blank (as _read_file counts them)."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for raw in f if raw.strip())
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_file(path, keep=None):
+    """The (where, record_or_RowError) of one data file; of a .jsonl file, only the records numbered in `keep`."""
     try:
         if path.suffix == ".jsonl":
-            out = []
+            out, k = [], -1
             with open(path, "rb") as f:
                 for i, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    k += 1
+                    if keep is not None and k not in keep:
+                        continue
                     try:
-                        line = raw.decode("utf-8")
-                        if line.strip():
-                            out.append((f"{path}:{i}", _parse_json(line.rstrip("\r\n"))))
+                        out.append((f"{path}:{i}", _parse_json(raw.decode("utf-8").rstrip("\r\n"))))
                     except UnicodeDecodeError as e:
                         out.append((f"{path}:{i}", RowError(f"not valid UTF-8 (byte {e.start + 1})")))
                     except RowError as e:
@@ -339,7 +381,8 @@ def encode(tokenizer, messages, responses):
     texts = [render(tokenizer, messages, add_generation_prompt=True)]
     for r in responses:
         texts.append(render(tokenizer, messages + [{"role": "assistant", "content": r}]))
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template adds BOS itself
+    # the template adds BOS itself; verbose=False: no warning about rows over the model's length, truncate cuts them
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     prompt = ids[0]
     out = []
     for full in ids[1:]:
@@ -362,7 +405,7 @@ def encode_chat(tokenizer, messages):
     for k, msg in enumerate(messages):
         before = render(tokenizer, messages[:k], add_generation_prompt=msg["role"] == "assistant") if k else ""
         after = render(tokenizer, messages[: k + 1])
-        head, full = tokenizer([before, after], add_special_tokens=False)["input_ids"]
+        head, full = tokenizer([before, after], add_special_tokens=False, verbose=False)["input_ids"]
         if full[: len(ids)] != ids or full[: len(head)] != head:
             raise RowError(f"the chat template does not render messages[:{k}] as a prefix of messages[:{k + 1}]")
         is_reply = msg["role"] == "assistant"
@@ -393,8 +436,15 @@ def convert_rows(path, convert, skip_invalid=False, report=print, hint="fix or r
     "" for nothing), or with skip_invalid=True are left out, and `report` gets one line with
     their count and the first few. The rows' own hints (RowError.hint) follow, once each.
     """
-    out, errors, row_hints = [], [], []
-    for where, rec in read_records(path):
+    out, errors, row_hints = _convert(read_records(path), convert, out=[])
+    report_bad_rows(path, errors, row_hints, len(out), skip_invalid, report, hint)
+    return out
+
+
+def _convert(records, convert, out):
+    """convert() each (where, record) into out (a list, or a _RowsBuilder); the errors and rows' hints."""
+    errors, row_hints = [], []
+    for where, rec in records:
         try:
             if isinstance(rec, RowError):
                 raise rec
@@ -405,23 +455,33 @@ def convert_rows(path, convert, skip_invalid=False, report=print, hint="fix or r
                 row_hints.append(e.hint)
         except RecursionError:  # a record nested deeply enough to exhaust the stack while checking it
             errors.append(f"{where}: nested too deeply")
+    return out, errors, row_hints
+
+
+def report_bad_rows(path, errors, row_hints, n_good, skip_invalid, report, hint):
+    """convert_rows' rule for bad rows: a DataError listing them, or with skip_invalid one reported line. Returns
+    that line ("" without bad rows)."""
+    message = ""
     if errors and skip_invalid:
         shown = "\n  ".join(errors[:5]) + ("\n  ..." if len(errors) > 5 else "")
         hints = "".join(f"\n({h})" for h in row_hints)
-        report(f"skipped {len(errors)} bad row(s) of {path} (skip_invalid_rows):\n  {shown}{hints}")
+        message = f"skipped {len(errors)} bad row(s) of {path} (skip_invalid_rows):\n  {shown}{hints}"
+        report(message)
     elif errors:
         shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
         more = f"\n  ... and {len(errors) - MAX_REPORTED_ERRORS} more" if len(errors) > MAX_REPORTED_ERRORS else ""
         hints = "".join(f"\n({h})" for h in ([hint] if hint else []) + row_hints)
         raise DataError(f"{len(errors)} bad row(s) in {path}:\n  {shown}{more}{hints}")
-    if not out:
+    if not n_good:
         raise DataError(f"{path}: no rows" + (" left after skipping the bad ones" if errors else ""))
-    return out
+    return message
 
 
 def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
-                         skip_invalid=False, report=print, allow_special_tokens=False, hint=SKIP_HINT):
-    """Read, validate and tokenize every row. Raises DataError listing every bad row (see convert_rows).
+                         skip_invalid=False, report=print, allow_special_tokens=False, hint=SKIP_HINT, cache=None):
+    """Read, validate and tokenize every row, as TokenRows. Raises DataError listing every bad row (see
+    convert_rows). Under torch.distributed the ranks share the work; with `cache` (a folder) the result is
+    cached there and memory-mapped (see load_tokenized).
 
     truncation: "keep_end" applies the paper's rule (see `truncate`); "error" reports rows
     longer than max_length as bad rows instead. Text holding the tokenizer's special-token
@@ -446,12 +506,15 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
         prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
         return PreferenceRow(prompt, responses, n_chosen, where, prompt_id)
 
-    return convert_rows(path, convert, skip_invalid, report, hint)
+    settings = dict(kind="preference", max_length=max_length, max_prompt_length=max_prompt_length,
+                    truncation=truncation, allow_special_tokens=allow_special_tokens, skip_invalid=skip_invalid)
+    return load_tokenized(path, tokenizer, convert, settings, report, hint, cache)
 
 
 def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start",
-                      skip_invalid=False, report=print, allow_special_tokens=False, hint=SKIP_HINT):
-    """Read, validate and tokenize SFT rows (chat rows, or WRPO rows trained on prompt + y_ws).
+                      skip_invalid=False, report=print, allow_special_tokens=False, hint=SKIP_HINT, cache=None):
+    """Read, validate and tokenize SFT rows (chat rows, or WRPO rows trained on prompt + y_ws), as TokenRows
+    of Sequences; shared by ranks and cached as in load_preference_rows.
 
     loss_on: "assistant" scores every assistant turn (end-of-turn token included); "all" scores
     every token after the first, the paper's setting. truncation: "keep_start" cuts an example
@@ -481,7 +544,257 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
             raise RowError(f"no assistant token within max_length {max_length}")
         return Sequence(ids, labels, where)
 
-    return convert_rows(path, convert, skip_invalid, report, hint)
+    settings = dict(kind="sft", max_length=max_length, loss_on=loss_on, truncation=truncation,
+                    allow_special_tokens=allow_special_tokens, skip_invalid=skip_invalid)
+    return load_tokenized(path, tokenizer, convert, settings, report, hint, cache)
+
+
+# -----------------------------------------------------------------------------
+# tokenized rows, held flat: tokenized once by all ranks together, cached in a file each node memory-maps
+
+
+class TokenRows:
+    """Tokenized rows held as flat arrays, about 4 bytes per token (5 for SFT) instead of Python lists of
+    ints; rows[i] builds the i-th PreferenceRow (or SFT Sequence), with lists, when a batch needs it.
+
+        tokens   int32 [n_tokens]       the tokens of every piece, back to back
+        offsets  int64 [n_pieces + 1]   where each piece starts: a preference row's pieces are its
+                                        prompt then its responses; an SFT example is one piece
+        firsts   int64 [n_rows + 1]     the first piece of each row
+        scored   uint8 [n_tokens]       SFT only: 1 where the label is the token, 0 where it is IGNORE
+
+    The arrays may be read-only maps of a cache file, which the page cache holds once per node.
+    """
+
+    def __init__(self, kind, arrays, where, prompt_ids):
+        self.kind, self.arrays, self.where, self.prompt_ids = kind, arrays, where, prompt_ids
+        self.tokens, self.offsets, self.firsts = arrays["tokens"], arrays["offsets"], arrays["firsts"]
+
+    def __len__(self):
+        return len(self.where)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices, and IndexError past the end
+        spans = [(int(self.offsets[k]), int(self.offsets[k + 1])) for k in range(self.firsts[i], self.firsts[i + 1])]
+        pieces = [self.tokens[s:e].tolist() for s, e in spans]
+        if self.kind == "sft":
+            (s, e), = spans
+            labels = np.where(self.arrays["scored"][s:e] != 0, self.tokens[s:e], IGNORE).tolist()
+            return Sequence(pieces[0], labels, self.where[i])
+        return PreferenceRow(pieces[0], pieces[1:], len(pieces) - 2, self.where[i], self.prompt_ids[i])
+
+    def lengths(self, shared_prompt=False):
+        """Tokens of each row as training lays it out: row_length() of every row (an SFT example's length)."""
+        n = np.diff(self.offsets)
+        if self.kind == "sft" or not len(self):
+            return n
+        first = self.firsts[:-1]
+        prompt, responses, n_responses = n[first], np.add.reduceat(n, first) - n[first], np.diff(self.firsts) - 1
+        return prompt + responses + n_responses - 1 if shared_prompt else n_responses * prompt + responses
+
+    def parts(self):
+        """Per row, its token lists as fingerprint() hashes them (numpy arrays)."""
+        for i in range(len(self)):
+            pieces = [self.tokens[self.offsets[k] : self.offsets[k + 1]] for k in range(self.firsts[i],
+                                                                                         self.firsts[i + 1])]
+            if self.kind == "sft":
+                s, e = self.offsets[self.firsts[i]], self.offsets[self.firsts[i] + 1]
+                yield [pieces[0], np.where(self.arrays["scored"][s:e] != 0, pieces[0], IGNORE)]
+            else:
+                yield [np.array([len(pieces) - 2]), *pieces]
+
+
+class _RowsBuilder:
+    """Collects converted rows into TokenRows' arrays, a row at a time (its lists live only meanwhile)."""
+
+    def __init__(self, kind):
+        self.kind, self.where, self.prompt_ids = kind, [], []
+        self.tokens, self.scored, self.offsets, self.firsts = array("i"), array("B"), array("q", [0]), array("q", [0])
+
+    def append(self, row):
+        if self.kind == "sft":
+            pieces = [row.ids]
+            self.scored.extend(label != IGNORE for label in row.labels)
+        else:
+            pieces = [row.prompt_ids, *row.responses]
+            self.prompt_ids.append(row.prompt_id)
+        for p in pieces:
+            self.tokens.extend(p)
+            self.offsets.append(len(self.tokens))
+        self.firsts.append(len(self.offsets) - 1)
+        self.where.append(row.where)
+
+    def part(self):
+        arrays = dict(tokens=np.frombuffer(self.tokens, np.int32), offsets=np.frombuffer(self.offsets, np.int64),
+                      firsts=np.frombuffer(self.firsts, np.int64))
+        if self.kind == "sft":
+            arrays["scored"] = np.frombuffer(self.scored, np.uint8)
+        return arrays, self.where, self.prompt_ids
+
+
+def _join(kind, parts):
+    """TokenRows of the ranks' parts, in order: each part's offsets shifted past the tokens before it."""
+    tokens = [len(a["tokens"]) for a, _, _ in parts]
+    pieces = [len(a["offsets"]) - 1 for a, _, _ in parts]
+    arrays = dict(
+        tokens=np.concatenate([a["tokens"] for a, _, _ in parts]),
+        offsets=np.concatenate([[0]] + [a["offsets"][1:] + sum(tokens[:r]) for r, (a, _, _) in enumerate(parts)]),
+        firsts=np.concatenate([[0]] + [a["firsts"][1:] + sum(pieces[:r]) for r, (a, _, _) in enumerate(parts)]))
+    if kind == "sft":
+        arrays["scored"] = np.concatenate([a["scored"] for a, _, _ in parts])
+    return TokenRows(kind, arrays, [w for _, where, _ in parts for w in where],
+                     [p for _, _, ids in parts for p in ids])
+
+
+def load_tokenized(path, tokenizer, convert, settings, report, hint, cache):
+    """The rows of `path`, converted (validated, tokenized) by convert(record, where), as TokenRows.
+
+    Under torch.distributed every rank converts a contiguous slice of the records and all ranks gather the
+    slices in order, so the rows and the bad-row report are the same as one process's. With `cache` (a
+    folder), the first process of each node (LOCAL_RANK 0) writes the rows there, named by a hash of all
+    they depend on (token_cache_path), and every rank memory-maps that file; a later run finds it and
+    skips the tokenizer. A damaged or stale cache is never used.
+    """
+    t0 = time.time()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    file = token_cache_path(path, tokenizer, settings, cache) if cache is not None else None
+    rows, skipped = read_token_cache(file, settings["kind"], report) if file and file.exists() else (None, "")
+    if _on_every_rank(rows is not None):
+        if skipped:
+            report(skipped)
+        report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s (cached: {file})")
+        return rows
+    mine = read_records(path, share=(rank, world))
+    builder, errors, row_hints = _convert(mine, convert, out=_RowsBuilder(settings["kind"]))
+    del mine  # the parsed records: several times the size of their tokens
+    parts = [(builder.part(), errors, row_hints)]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (builder.part(), errors, row_hints))
+    errors = [e for _, errs, _ in parts for e in errs]
+    row_hints = list(dict.fromkeys(h for _, _, hints in parts for h in hints))
+    rows = _join(settings["kind"], [part for part, _, _ in parts])
+    skipped = report_bad_rows(path, errors, row_hints, len(rows), settings["skip_invalid"], report, hint)
+    how = f"tokenized on {world} rank{'s' if world > 1 else ''}"
+    if file:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the first process of each node writes the node's copy
+            write_token_cache(file, rows, skipped, report)
+        if dist.is_initialized():
+            dist.barrier()  # the file is whole (or was not written) before any rank looks for it
+        mapped, _ = read_token_cache(file, settings["kind"], report=lambda _: None) if file.exists() else (None, "")
+        if _on_every_rank(mapped is not None):
+            rows, how = mapped, f"{how}; cached in {file}"
+    report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s ({how})")
+    return rows
+
+
+def _on_every_rank(ok):
+    if not dist.is_initialized():
+        return ok
+    seen = torch.tensor(float(ok), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    return bool(seen.item())
+
+
+CACHE_FORMAT = 1  # bump when the cache file's layout changes
+
+
+def cache_folder(setting, data_path):
+    """Where a cache of `data_path` goes: the folder a setting names, or beside the data (in a data folder)."""
+    data_path = Path(data_path)
+    return Path(setting) if setting else data_path if data_path.is_dir() else data_path.parent
+
+
+def token_cache_path(path, tokenizer, settings, folder):
+    """The cache file of `path`'s tokenized rows in `folder`, named by a hash of everything the rows depend on:
+    the data files' content, the tokenizer (its full serialization or its files, and its chat template),
+    the settings of convert (truncation, lengths, ...) and the tokenizer libraries' versions."""
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **settings, "transformers": transformers.__version__,
+                                   "tokenizers": tokenizers.__version__}, sort_keys=True).encode())
+    h.update(tokenizer_digest(tokenizer).encode())
+    for f in data_files(path):
+        with open(f, "rb") as fh:
+            h.update(f"{f.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()};".encode())
+    return Path(folder) / f"{Path(path).name}.tokens-{h.hexdigest()[:20]}.safetensors"
+
+
+def tokenizer_digest(tokenizer):
+    """A digest of what decides a tokenizer's output here: its chat template, special tokens, and its fast
+    tokenizer's full serialization (else the tokenizer files of its folder)."""
+    h = hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.chat_template}|"
+                       f"{sorted(map(str, tokenizer.all_special_tokens))}|".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        folder = Path(tokenizer.name_or_path)
+        for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if f.is_file() and not f.name.startswith(("config", "generation_config", "model", "pytorch_model")) \
+                    and f.suffix in (".json", ".model", ".txt", ".jinja", ".tiktoken"):
+                h.update(f.name.encode() + b":" + f.read_bytes())
+    return h.hexdigest()
+
+
+def write_token_cache(file, rows, skipped, report):
+    """Write TokenRows as a safetensors file (the arrays, their CRC-32s, rows' names as metadata), whole or not
+    at all: under a name of this process's own, renamed when complete (nodes sharing a folder may race)."""
+    from safetensors.numpy import save_file
+
+    metadata = {"format": str(CACHE_FORMAT), "kind": rows.kind, "where": json.dumps(rows.where),
+                "prompt_ids": json.dumps(rows.prompt_ids), "skipped": skipped,
+                "crc32": json.dumps({k: zlib.crc32(np.ascontiguousarray(a)) for k, a in rows.arrays.items()})}
+    tmp = file.with_name(f"{file.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(a) for k, a in rows.arrays.items()}, tmp, metadata=metadata)
+        os.replace(tmp, file)
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        report(f"data: tokenized rows not cached ({file.parent}: {e.strerror or e})")
+
+
+def read_token_cache(file, kind, report):
+    """(TokenRows memory-mapped from a cache file, its skipped-rows message), or (None, "") when the file is
+    damaged (reported): unreadable, inconsistent arrays, or bytes that do not match their CRC-32s."""
+    dtypes = {"I32": np.int32, "I64": np.int64, "U8": np.uint8}
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 2**27 else None
+        if not isinstance(header, dict):
+            raise ValueError("no safetensors header")
+        meta = header.pop("__metadata__", {})
+        arrays = {}
+        for name, info in header.items():
+            (start, end), dtype = info["data_offsets"], np.dtype(dtypes[info["dtype"]])
+            count = (end - start) // dtype.itemsize
+            arrays[name] = np.memmap(file, dtype, "r", offset=8 + n + start, shape=(count,)) if count else \
+                np.zeros(0, dtype)
+        crcs, where, prompt_ids = (json.loads(meta[k]) for k in ("crc32", "where", "prompt_ids"))
+        rows = TokenRows(meta["kind"], arrays, where, prompt_ids)
+        problem = ("another kind of rows" if meta["kind"] != kind or meta["format"] != str(CACHE_FORMAT) else
+                   "bytes that do not match their CRC-32" if any(zlib.crc32(a) != crcs[k] for k, a in arrays.items())
+                   else "inconsistent arrays" if not _consistent(rows) else None)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # (json.JSONDecodeError is a ValueError)
+        problem = f"unreadable ({e})"
+    if problem:
+        report(f"data: the cache {file} is damaged ({problem}); tokenizing again")
+        return None, ""
+    return rows, meta["skipped"]
+
+
+def _consistent(rows):
+    a = rows.arrays
+    return (len(a["firsts"]) == len(rows) + 1 and a["firsts"][0] == 0 and a["firsts"][-1] == len(a["offsets"]) - 1
+            and a["offsets"][0] == 0 and a["offsets"][-1] == len(a["tokens"]) and (np.diff(a["offsets"]) >= 0).all()
+            and (np.diff(a["firsts"]) >= (1 if rows.kind == "sft" else 3)).all()
+            and (rows.kind != "sft" or len(a["scored"]) == len(a["tokens"]))
+            and (rows.kind == "sft" or len(rows.prompt_ids) == len(rows)))
 
 
 # -----------------------------------------------------------------------------
@@ -682,16 +995,24 @@ def row_name(row):
 
 
 def fingerprint(rows, groups=None):
-    """A digest of tokenized rows (PreferenceRows or Sequences), in order, and of how they are grouped
-    (SFT's packed sequences): any change to the data, the tokenizer or its chat template, the
-    truncation settings or the packing changes it."""
+    """A digest of tokenized rows (TokenRows, or lists of PreferenceRows or Sequences), in order, and of how
+    they are grouped (SFT's packed sequences): any change to the data, the tokenizer or its chat template,
+    the truncation settings or the packing changes it."""
     h = hashlib.sha256()
-    for row in rows:
-        parts = [[row.n_chosen], row.prompt_ids, *row.responses] if isinstance(row, PreferenceRow) else \
-            [row.ids, row.labels]
-        for p in parts:
-            h.update(array("q", p).tobytes() + b"|")
+    parts = rows.parts() if isinstance(rows, TokenRows) else (
+        [[row.n_chosen], row.prompt_ids, *row.responses] if isinstance(row, PreferenceRow) else [row.ids, row.labels]
+        for row in rows)
+    for row in parts:
+        for p in row:
+            h.update(np.asarray(p, dtype=np.int64).tobytes() + b"|")  # (the bytes of array("q", p))
         h.update(b";")
     for group in groups or []:
         h.update(array("q", group).tobytes() + b";")
     return f"{len(rows)} rows, sha256 {h.hexdigest()[:20]}"
+
+
+def row_lengths(rows, shared_prompt=False):
+    """row_length() of each row (an SFT Sequence's length), from TokenRows' offsets without building rows."""
+    if isinstance(rows, TokenRows):
+        return rows.lengths(shared_prompt).tolist()
+    return [len(r.ids) if isinstance(r, Sequence) else row_length(r, shared_prompt) for r in rows]

@@ -49,6 +49,11 @@ def is_master():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def is_local_master():
+    """The first process of its node: it downloads models and writes the node's caches for the others."""
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
 def print0(*args, **kwargs):
     if is_master():
         print(*args, **kwargs, flush=True)
@@ -247,7 +252,7 @@ def resolve_model_path(path):
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # never pickled *.bin weights
     try:
         # the first rank of each node downloads into the node's cache; the others then find it there
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if is_local_master():
             snapshot_download(path, allow_patterns=patterns)
         if dist.is_initialized():
             dist.barrier()

@@ -23,9 +23,9 @@ import data
 from checkpoint import restore, resume_state, save_checkpoint, save_final
 from fsdp_utils import cleanup, print0
 from logps import model_sequence_logps
-from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, every, \
-    get_lr, global_sum, load_sharded_model, nonfinite_step, parse_config, set_lr, start_run, stop_requested, \
-    stop_signals, throughput, to_device, total_steps_for, write_run_config
+from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, collated, \
+    every, get_lr, global_sum, load_sharded_model, nonfinite_step, parse_config, set_lr, start_run, stop_requested, \
+    stop_signals, throughput, total_steps_for, write_run_config
 
 
 @dataclass
@@ -64,7 +64,7 @@ def evaluate(policy, examples, seqs, cfg, run):
     sums = MetricSum()
     for idx, weight in data.eval_batches(len(seqs), cfg.micro_batch_size, run.rank, run.world):
         groups = [[examples[e] for e in seqs[i]] for i in idx]
-        nll, counts = token_nll(policy, to_device(data.collate_packed(groups, run.pad_id), run.device))
+        nll, counts = token_nll(policy, collated(data.collate_packed(groups, run.pad_id), cfg, run.device))
         sums.add({"loss": nll / counts.clamp(min=1)}, counts * weight.to(run.device))
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
@@ -92,9 +92,10 @@ def load_examples(path, cfg, run):
         return [], []
     examples = data.load_sft_examples(path, run.tokenizer, max_length=cfg.max_length, loss_on=cfg.loss_on,
                                       truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows, report=print0,
-                                      allow_special_tokens=cfg.allow_special_tokens)
+                                      allow_special_tokens=cfg.allow_special_tokens,
+                                      cache=data.cache_folder(cfg.data_cache_dir, path))
     if cfg.packing:
-        return examples, data.pack([len(ex.ids) for ex in examples], cfg.max_length)
+        return examples, data.pack(data.row_lengths(examples), cfg.max_length)
     return examples, [[i] for i in range(len(examples))]
 
 
@@ -130,7 +131,7 @@ def main(argv):
             n_loss = global_sum(sum(int((b["labels"] != data.IGNORE).sum()) for b in batches), run.device)
             sums, seen = MetricSum(), []
             for group, batch in zip(groups, batches):
-                nll, counts = token_nll(policy, to_device(batch, run.device))
+                nll, counts = token_nll(policy, collated(batch, cfg, run.device))
                 # FSDP averages gradients over ranks, hence the factor world
                 (nll.sum() * run.world / n_loss).backward()
                 sums.add({"loss": nll.detach() / counts.clamp(min=1)}, counts)
@@ -164,7 +165,7 @@ def main(argv):
 
 
 def print_plan(cfg, run, examples, seqs, n_eval, total_steps):
-    fill = sum(len(ex.ids) for ex in examples) / (len(seqs) * cfg.max_length)
+    fill = sum(data.row_lengths(examples)) / (len(seqs) * cfg.max_length)
     print0(f"{len(examples)} examples in {len(seqs)} sequences ({fill:.0%} of max_length {cfg.max_length} used), "
            f"{n_eval} held-out examples; world {run.world} on {run.device.type}; "
            f"{total_steps} optimizer steps of {cfg.global_batch_size} sequences")

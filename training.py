@@ -41,6 +41,8 @@ class TrainConfig:
     model: str = "demo/model"  # the model to train: local folder or hub id
     data: str = "demo/data/train.jsonl"  # training rows: .jsonl, .json, .parquet or a folder of them
     eval_data: str = ""  # held-out rows, evaluated before and after training; empty = no evaluation
+    data_cache_dir: str = ""  # where tokenized rows are cached, one file per data file and settings; empty = next
+    # to the data. Each node's first process writes its own copy, which all its ranks memory-map
     out_dir: str = "out/run"  # metrics.jsonl, config.json and checkpoints go here
     overwrite: bool = False  # replace the run already in out_dir (its metrics and step checkpoints)
     resume: str = ""  # auto: continue from the newest complete checkpoint in out_dir (if any); or a checkpoint folder
@@ -78,8 +80,8 @@ class TrainConfig:
 
 # settings a resumed run may change: they decide speed, logging and output, not the math of the run (`data` is
 # compared by its tokenized rows instead of its path); each script adds its own
-RESUME_FREE = {"resume", "overwrite", "out_dir", "data", "eval_data", "micro_batch_size", "activation_checkpointing",
-               "attn_implementation", "logps_impl", "compile", "dtype", "log_every", "eval_every", "save_every",
+RESUME_FREE = {"resume", "overwrite", "out_dir", "data", "eval_data", "data_cache_dir", "micro_batch_size",
+               "activation_checkpointing", "attn_implementation", "logps_impl", "compile", "dtype", "log_every", "eval_every", "save_every",
                "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows", "allow_special_tokens", "trust_remote_code"}
 
 
@@ -416,6 +418,7 @@ def load_sharded_model(path, mesh, device, cfg, trainable):
     attention.register()
     checkpointing = trainable and (cfg.activation_checkpointing == "true" or (
         cfg.activation_checkpointing == "auto" and device.type == "cuda"))
+    flash_varlen(cfg, device)  # on CUDA: the attention self-check, and its line, before the first batch
     model = load_model(path, mesh, device, DTYPES[cfg.dtype], trainable=trainable,
                        activation_checkpointing=checkpointing, trust_remote_code=cfg.trust_remote_code,
                        attn_implementation=cfg.attn_implementation, compile=cfg.compile and trainable)
@@ -444,6 +447,20 @@ def set_lr(optimizer, lr):
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def flash_varlen(cfg, device):
+    """Whether packed batches take attention's flash varlen path: packed_sdpa attention in half precision, on
+    CUDA, once its self-check passed (attention.use_varlen, which prints which path runs)."""
+    return cfg.attn_implementation == attention.NAME and cfg.dtype != "float32" and attention.use_varlen(device)
+
+
+def collated(batch, cfg, device):
+    """A collated batch on `device`; a packed one (position ids) with the varlen path's layout, computed here
+    on the host so that no layer waits for it (attention.varlen_layout)."""
+    if "position_ids" in batch and flash_varlen(cfg, device):
+        batch.update(attention.varlen_layout(batch["position_ids"]))
+    return to_device(batch, device)
 
 
 def clip_grad_norm(model, max_norm):

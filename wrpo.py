@@ -23,11 +23,11 @@ from tqdm import tqdm
 import attention
 import data
 from checkpoint import load_reference_logps, restore, resume_state, save_checkpoint, save_final, save_reference_logps
-from fsdp_utils import cleanup, is_master, print0
+from fsdp_utils import cleanup, is_local_master, is_master, print0
 from logps import model_sequence_logps
-from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, \
+from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, collated, \
     every, get_lr, load_sharded_model, nonfinite_step, parse_config, resolve_model, set_lr, start_run, \
-    stop_requested, stop_signals, throughput, to_device, total_steps_for, write_run_config
+    stop_requested, stop_signals, throughput, total_steps_for, write_run_config
 
 
 @dataclass
@@ -167,7 +167,7 @@ def preference_forward(policy, batch, ref_logps, alpha, cfg):
 
 def collate(rows, cfg, pad_id, device):
     """A micro-batch of preference rows as tensors on `device`, packed (and prompts shared) as cfg says."""
-    return to_device(data.collate_preference(rows, pad_id, cfg.packing, cfg.shared_prompt), device)
+    return collated(data.collate_preference(rows, pad_id, cfg.packing, cfg.shared_prompt), cfg, device)
 
 
 def _won(a, b):
@@ -205,9 +205,8 @@ def reference_cache_path(cfg, ref_path, rows, data_path):
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(data.fingerprint(rows).encode())
     h.update(f"{cfg.dtype}:{cfg.attn_implementation}".encode())
-    data_path = Path(data_path)
-    folder = Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else (data_path if data_path.is_dir() else data_path.parent)
-    return folder / f"{data_path.name}.ref-logps-{h.hexdigest()[:20]}.safetensors"
+    return data.cache_folder(cfg.ref_cache_dir, data_path) / f"{Path(data_path).name}.ref-logps-{h.hexdigest()[:20]}" \
+        ".safetensors"
 
 
 @torch.no_grad()
@@ -254,8 +253,9 @@ def load_reference(cfg, run, train_rows, eval_rows):
             ref = load_sharded_model(ref_path, run.mesh, run.device, cfg, trainable=False)
         t0 = time.time()
         tables.append(compute_reference(ref, rows, cfg, run, f"reference {Path(data_path).name}"))
-        if is_master() and save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)}):
-            print0(f"reference log-probs: {path} ({len(rows)} rows in {time.time() - t0:.1f}s)")
+        print0(f"reference log-probs: {path} ({len(rows)} rows in {time.time() - t0:.1f}s)")
+        if is_local_master():  # the first process of each node writes the node's copy
+            save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)})
         dist.barrier()  # the cache is complete before any rank looks for it again
     return tables[0], tables[1]
 
@@ -332,7 +332,8 @@ def load_rows(path, cfg, run):
     return data.load_preference_rows(path, run.tokenizer, max_length=cfg.max_length,
                                      max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
                                      skip_invalid=cfg.skip_invalid_rows, report=print0,
-                                     allow_special_tokens=cfg.allow_special_tokens)
+                                     allow_special_tokens=cfg.allow_special_tokens,
+                                     cache=data.cache_folder(cfg.data_cache_dir, path))
 
 
 def main(argv):
@@ -344,8 +345,8 @@ def main(argv):
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
     fingerprint = data.fingerprint(train_rows)
     state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO)
-    lengths = [data.row_length(r) for r in train_rows]  # tokens/s counts every sequence with its prompt
-    packed_lengths = [data.row_length(r, cfg.shared_prompt) for r in train_rows]  # the tokens a forward runs
+    lengths = data.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
+    packed_lengths = data.row_lengths(train_rows, cfg.shared_prompt)  # the tokens a forward runs
     budget = cfg.max_tokens_per_micro_batch or 3 * cfg.max_length  # tokens per micro-batch, with packing
     print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps, budget)
     write_run_config(run, cfg)

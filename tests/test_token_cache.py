@@ -1,0 +1,249 @@
+"""Tokenized rows held flat (data.TokenRows), shared by ranks, and cached in a file each node memory-maps."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+import data
+from conftest import REPO
+from data import DataError, load_preference_rows, load_sft_examples
+from test_data import wrpo_row, write_jsonl
+
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                     {"role": "assistant", "content": "Goodbye, see you."}]}
+
+
+def rows_file(tmp_path, n=12):
+    rows = [wrpo_row(f"Question {i}: what is {i} + {i}?", f"It is {2 * i}, since {i} + {i} = {2 * i}.", str(2 * i),
+                     str(i), prompt_id=f"q{i}") for i in range(n)]
+    rows[3]["chosen"] = rows[3]["chosen"][:1]  # a DPO row: two pieces after its prompt, not three
+    return write_jsonl(tmp_path / "rows.jsonl", rows)
+
+
+def as_lists(rows):
+    return [(r.prompt_ids, r.responses, r.n_chosen, r.where, r.prompt_id) if isinstance(r, data.PreferenceRow)
+            else (r.ids, r.labels, r.where, r.start) for r in rows]
+
+
+def one_at_a_time(tmp_path, path, load):
+    """Each row of `path` loaded from a file of its own: the lists TokenRows must give back."""
+    return [load(write_jsonl(tmp_path / f"one{i}.jsonl", [line]))[0]
+            for i, line in enumerate(path.read_text().splitlines())]
+
+
+def test_token_rows_give_back_what_convert_made(tmp_path, tokenizer):
+    path = rows_file(tmp_path)
+    load = lambda p: load_preference_rows(p, tokenizer, max_length=64, max_prompt_length=16)  # noqa: E731
+    rows, lists = load(path), one_at_a_time(tmp_path, path, load)
+    assert isinstance(rows, data.TokenRows) and rows.tokens.dtype == np.int32 and len(rows) == 12
+    assert [r[:3] + r[4:] for r in as_lists(rows)] == [r[:3] + r[4:] for r in as_lists(lists)]
+    assert [r.where for r in rows] == [f"{path}:{i}" for i in range(1, 13)]
+    assert rows[3].n_chosen == 1 and len(rows[3].responses) == 2 and rows[-1].prompt_id == "q11"
+    assert as_lists(rows[2:5]) == as_lists([rows[2], rows[3], rows[4]])
+    with pytest.raises(IndexError):
+        rows[12]
+    # lengths and fingerprints from the flat arrays equal those of the lists
+    for shared in (False, True):
+        assert data.row_lengths(rows, shared) == [data.row_length(r, shared) for r in lists]
+    assert data.fingerprint(rows) == data.fingerprint(list(rows))
+    assert rows.tokens.nbytes == 4 * sum(len(r.prompt_ids) + sum(map(len, r.responses)) for r in lists)
+
+
+def test_sft_token_rows_keep_their_labels(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT, wrpo_row(), CHAT])
+    for loss_on in ("assistant", "all"):
+        rows = load_sft_examples(path, tokenizer, max_length=48, loss_on=loss_on)
+        lists = one_at_a_time(tmp_path, path, lambda p: load_sft_examples(p, tokenizer, max_length=48,
+                                                                           loss_on=loss_on))
+        assert [(r.ids, r.labels) for r in rows] == [(r.ids, r.labels) for r in lists]
+        ignored = rows[0].labels.count(data.IGNORE)  # the first token always; with "assistant", the other turns too
+        assert ignored > 1 if loss_on == "assistant" else ignored == 1
+        assert data.row_lengths(rows) == [len(r.ids) for r in lists]
+        assert data.fingerprint(rows, [[0, 1], [2]]) == data.fingerprint(lists, [[0, 1], [2]])
+
+
+def test_the_cache_is_written_once_and_read_back(tmp_path, tokenizer):
+    path, cache, said = rows_file(tmp_path), tmp_path / "cache", []
+    first = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=said.append)
+    (file,) = cache.glob("rows.jsonl.tokens-*.safetensors")
+    assert "tokenized on 1 rank; cached in" in said[-1] and not list(cache.glob("*.tmp"))
+    mtime = file.stat().st_mtime_ns
+    again = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=said.append)
+    assert f"(cached: {file})" in said[-1] and file.stat().st_mtime_ns == mtime
+    assert isinstance(again.tokens, np.memmap) and not again.tokens.flags.writeable  # mapped, read-only
+    assert as_lists(again) == as_lists(first) and data.fingerprint(again) == data.fingerprint(first)
+
+
+@pytest.mark.parametrize("change", ["content", "settings", "template", "kind"])
+def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change):
+    path, cache = rows_file(tmp_path), tmp_path / "cache"
+    load = lambda tok, n=64, sft=False: (  # noqa: E731
+        load_sft_examples(path, tok, max_length=n, cache=cache) if sft else
+        load_preference_rows(path, tok, max_length=n, max_prompt_length=16, cache=cache))
+    before = load(tokenizer)
+    if change == "content":  # one character, the same size and a restored mtime: the content decides
+        stat = path.stat()
+        path.write_text(path.read_text().replace("Question 5", "Question 6"))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        after = load(tokenizer)
+        assert after[5].prompt_ids != before[5].prompt_ids
+    elif change == "settings":
+        after = load(tokenizer, n=40)
+        assert max(data.row_lengths(after)) < max(data.row_lengths(before))
+    elif change == "template":
+        other = shutil.copytree(REPO / "demo" / "model", tmp_path / "tok", ignore=shutil.ignore_patterns("*.safetensors"))
+        tpl = other / "chat_template.jinja"
+        tpl.write_text(tpl.read_text().replace("<|start_header_id|>", "<|start_header_id|> "))
+        from transformers import AutoTokenizer
+
+        after = load(AutoTokenizer.from_pretrained(other))
+        assert after[0].prompt_ids != before[0].prompt_ids
+    else:
+        after = load(tokenizer, sft=True)
+        assert isinstance(after[0], data.Sequence)
+    assert len(list(cache.glob("rows.jsonl.tokens-*.safetensors"))) == 2  # a new file, the old one untouched
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header"])
+def test_a_damaged_cache_is_refused_and_rewritten(tmp_path, tokenizer, damage):
+    path, cache, said = rows_file(tmp_path), tmp_path / "cache", []
+    good = as_lists(load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache))
+    (file,) = cache.glob("*.tokens-*")
+    raw = bytearray(file.read_bytes())
+    if damage == "flip":
+        raw[-9] ^= 0x40  # a token in the last piece
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "empty":
+        raw = b""
+    else:
+        raw[8:12] = b"!!!!"
+    file.unlink()  # a new file: the loaded rows above may still map the old one
+    file.write_bytes(bytes(raw))
+    rows = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=said.append)
+    assert any(f"the cache {file} is damaged" in s and "tokenizing again" in s for s in said), said
+    assert as_lists(rows) == good
+    again = []
+    load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=again.append)
+    assert "(cached:" in again[-1]  # rewritten whole
+
+
+def test_an_unwritable_cache_folder_only_costs_the_cache(tmp_path, tokenizer):
+    path, said = rows_file(tmp_path), []
+    (tmp_path / "file").write_text("")
+    rows = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=tmp_path / "file" / "c",
+                                report=said.append)
+    assert len(rows) == 12 and any("tokenized rows not cached" in s for s in said)
+    assert "(tokenized on 1 rank)" in said[-1]
+
+
+def test_skipped_rows_are_reported_again_from_the_cache(tmp_path, tokenizer):
+    rows = [wrpo_row(), {"prompt": "x"}, wrpo_row("Why?"), "not json"]
+    path, cache = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "cache"
+    for _ in range(2):
+        said = []
+        out = load_preference_rows(path, tokenizer, skip_invalid=True, cache=cache, report=said.append)
+        assert len(out) == 2 and said[0].startswith("skipped 2 bad row(s)") and f"{path}:4" in said[0]
+    assert "(cached:" in said[-1]
+    with pytest.raises(DataError, match="2 bad row"):  # without skipping: refused, and nothing cached for it
+        load_preference_rows(path, tokenizer, cache=cache)
+    assert len(list(cache.glob("*.tokens-*"))) == 1
+
+
+def test_shares_of_the_records_cover_them_in_order(tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"i": 0}, "", {"i": 1}, "{bad", {"i": 3}])
+    write_jsonl(folder / "b.jsonl", [{"i": 4}, {"i": 5}, "", ""])
+    (folder / "c.json").write_text(json.dumps([{"i": 6}]))
+    whole = data.read_records(folder)
+    assert len(whole) == 7
+    for world in (1, 2, 3, 5, 9):
+        shares = [data.read_records(folder, share=(k, world)) for k in range(world)]
+        assert [r for s in shares for r in s] == whole or str([r for s in shares for r in s]) == str(whole)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    jsonl = [data.read_records(folder / "a.jsonl", share=(k, 2)) for k in range(2)]
+    assert [w for w, _ in jsonl[0]] == [f"{folder / 'a.jsonl'}:1", f"{folder / 'a.jsonl'}:3"]
+    assert [w for w, _ in jsonl[1]] == [f"{folder / 'a.jsonl'}:4", f"{folder / 'a.jsonl'}:5"]
+    assert isinstance(jsonl[1][0][1], data.RowError)  # a bad line belongs to the share that holds it
+
+
+def test_no_warning_about_rows_longer_than_the_model(tmp_path, tokenizer, capfd):
+    long = " ".join(["word"] * 2 * tokenizer.model_max_length)
+    rows = load_preference_rows(write_jsonl(tmp_path / "long.jsonl", [wrpo_row(long)]), tokenizer,
+                                max_length=4 * tokenizer.model_max_length, max_prompt_length=64)
+    assert len(rows[0].prompt_ids) > tokenizer.model_max_length  # longer than the model's, kept whole
+    load_sft_examples(write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": long},
+                                                                       {"role": "assistant", "content": "ok"}]}]),
+                      tokenizer, max_length=4 * tokenizer.model_max_length)
+    out, err = capfd.readouterr()
+    assert "Token indices sequence length" not in out + err
+
+
+DRIVER = """
+import json, sys
+import torch.distributed as dist
+sys.path.insert(0, {repo!r})
+import data
+from transformers import AutoTokenizer
+dist.init_process_group("gloo")
+tok = AutoTokenizer.from_pretrained({model!r})
+said = []
+try:
+    rows = data.load_preference_rows({path!r}, tok, max_length=64, max_prompt_length=16, cache={cache!r},
+                                     skip_invalid={skip}, report=said.append)
+    out = dict(fingerprint=data.fingerprint(rows), said=said, lengths=data.row_lengths(rows, True))
+except data.DataError as e:
+    out = dict(error=str(e))
+json.dump(out, open({out!r} + str(dist.get_rank()), "w"))
+dist.destroy_process_group()
+"""
+
+
+def load_under_torchrun(tmp_path, ranks, path, cache, skip=False):
+    script = tmp_path / "driver.py"
+    out = str(tmp_path / f"out{ranks}-")
+    script.write_text(DRIVER.format(repo=str(REPO), model=str(REPO / "demo" / "model"), path=str(path),
+                                    cache=str(cache), skip=skip, out=out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                    str(script)], env=env, check=True, capture_output=True, timeout=300)
+    return [json.loads(open(out + str(r)).read()) for r in range(ranks)]
+
+
+@pytest.mark.slow
+def test_ranks_share_the_work_and_agree_with_one_process(tmp_path, tokenizer):
+    path = rows_file(tmp_path, n=15)
+    one = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16)
+    r1, r2 = load_under_torchrun(tmp_path, 2, path, tmp_path / "cache2")
+    assert r1["fingerprint"] == r2["fingerprint"] == data.fingerprint(one)
+    assert r1["lengths"] == data.row_lengths(one, True)
+    assert "tokenized on 2 ranks; cached in" in r1["said"][-1]
+    (file,) = (tmp_path / "cache2").glob("*.tokens-*")  # the same file one process writes
+    data.load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=tmp_path / "cache1")
+    assert [f.name for f in (tmp_path / "cache1").glob("*.tokens-*")] == [file.name]
+    one_file, two_files = (tmp_path / "cache1" / file.name, file)
+    assert safe_open(one_file, "np").metadata() == safe_open(two_files, "np").metadata()  # (any order in the header)
+    a, b = load_file(one_file), load_file(two_files)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    r1, r2 = load_under_torchrun(tmp_path, 2, path, tmp_path / "cache2")
+    assert "(cached:" in r1["said"][-1] and r1["fingerprint"] == data.fingerprint(one)
+    # bad rows in both ranks' shares: one report, in file order, the same on every rank and as one process's
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1], rows[13] = {"prompt": "x"}, "not json"
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as one_error:
+        load_preference_rows(bad, tokenizer, max_length=64, max_prompt_length=16)
+    r1, r2 = load_under_torchrun(tmp_path, 2, bad, tmp_path / "cache3")
+    assert r1["error"] == r2["error"] == str(one_error.value)
+    assert r1["error"].index(f"{bad}:2") < r1["error"].index(f"{bad}:14")
+    r1, _ = load_under_torchrun(tmp_path, 2, bad, tmp_path / "cache3", skip=True)
+    assert r1["said"][0].startswith("skipped 2 bad row(s)") and len(r1["lengths"]) == 13
