@@ -868,6 +868,20 @@ def same_count_on_all_ranks(batches, device):
     return batches
 
 
+def eval_batches_by_tokens(lengths, budget, rank, world, device):
+    """eval_batches of a token budget: this rank's share of the items (lengths: tokens of each) packed into
+    micro-batches of at most `budget` tokens, as (indices, weights [B]), as many on every rank. Collective.
+
+    The no-grad passes (reference log-probs, held-out metrics) then run the training's micro-batches:
+    with micro_batch_size=1 a row per forward would leave a GPU mostly idle.
+    """
+    per_rank = math.ceil(len(lengths) / world)
+    idx = [i if i < len(lengths) else 0 for i in range(rank * per_rank, (rank + 1) * per_rank)]  # short: item 0
+    real = [i < len(lengths) for i in range(rank * per_rank, (rank + 1) * per_rank)]
+    batches = same_count_on_all_ranks(pack([lengths[i] for i in idx], budget), device)  # positions in idx
+    return [([idx[j] for j in b], torch.tensor([float(real[j]) for j in b])) for b in batches]
+
+
 def eval_batches(n_items, micro_batch, rank, world):
     """This rank's share of n held-out items, in micro-batches of (indices, weights [B]).
 

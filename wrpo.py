@@ -213,19 +213,34 @@ def reference_cache_path(cfg, ref_path, rows, data_path):
 def compute_reference(ref, rows, cfg, run, desc):
     """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks."""
     idx, weights, logps = [], [], []
-    for batch_idx, weight in tqdm(list(data.eval_batches(len(rows), cfg.micro_batch_size, run.rank, run.world)),
-                                  desc=desc, disable=not is_master() or not sys.stderr.isatty()):
+    for batch_idx, weight in tqdm(no_grad_batches(rows, cfg, run.rank, run.world, run.device), desc=desc,
+                                  disable=not is_master() or not sys.stderr.isatty()):
         logps.append(row_logps(ref, collate([rows[i] for i in batch_idx], cfg, run.pad_id, run.device)).float())
         idx += batch_idx
         weights.append(weight)
     mine = [torch.tensor(idx, device=run.device), torch.cat(weights).to(run.device), torch.cat(logps)]
     every_rank = [[torch.zeros_like(t) for _ in range(run.world)] for t in mine]
-    for parts, t in zip(every_rank, mine):  # each rank holds as many items (eval_batches pads with weight 0)
+    for parts, t in zip(every_rank, mine):  # each rank holds as many items (short ranks pad with weight 0)
         dist.all_gather(parts, t)
     idx, weights, logps = (torch.cat(parts).cpu() for parts in every_rank)
     table = torch.zeros(len(rows), 3)
     table[idx[weights > 0]] = logps[weights > 0]
     return table
+
+
+def token_budget(cfg):
+    """Tokens per packed micro-batch."""
+    return cfg.max_tokens_per_micro_batch or 3 * cfg.max_length
+
+
+def no_grad_batches(rows, cfg, rank, world, device):
+    """This rank's share of `rows` for a no-grad pass (reference log-probs, held-out metrics) as (indices,
+    weights [B]) micro-batches, as many on every rank: the training's token budget with packing, else
+    micro_batch_size rows. Collective."""
+    if cfg.packing:
+        return data.eval_batches_by_tokens(data.row_lengths(rows, cfg.shared_prompt), token_budget(cfg), rank,
+                                           world, device)
+    return list(data.eval_batches(len(rows), cfg.micro_batch_size, rank, world))
 
 
 def load_reference(cfg, run, train_rows, eval_rows):
@@ -291,7 +306,7 @@ def evaluate(policy, reference, rows, alpha, cfg, pad_id, device):
     over all ranks. reference: as for reference_logps; cfg: the objective's settings and the batching's."""
     policy.eval()
     sums = MetricSum()
-    for idx, weight in data.eval_batches(len(rows), cfg.micro_batch_size, dist.get_rank(), dist.get_world_size()):
+    for idx, weight in no_grad_batches(rows, cfg, dist.get_rank(), dist.get_world_size(), device):
         batch = collate([rows[i] for i in idx], cfg, pad_id, device)
         losses, rewards, logps = preference_forward(policy, batch, reference_logps(reference, idx, batch), alpha, cfg)
         sums.add(row_metrics(losses, rewards, logps), weight.to(device))
@@ -347,7 +362,7 @@ def main(argv):
     state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO)
     lengths = data.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
     packed_lengths = data.row_lengths(train_rows, cfg.shared_prompt)  # the tokens a forward runs
-    budget = cfg.max_tokens_per_micro_batch or 3 * cfg.max_length  # tokens per micro-batch, with packing
+    budget = token_budget(cfg)  # tokens per micro-batch, with packing
     print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps, budget)
     write_run_config(run, cfg)
     train_reference, eval_reference = load_reference(cfg, run, train_rows, eval_rows)  # tables, a model, or None

@@ -31,7 +31,8 @@ def parse_args(argv):
     ap.add_argument("--alpha", type=float, default=0.1, help="weight of y_ws in the weighted accuracy")
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--max_prompt_length", type=int, default=1800)
-    ap.add_argument("--micro_batch_size", type=int, default=4, help="rows per forward pass and rank")
+    ap.add_argument("--micro_batch_size", type=int, default=4,
+                    help="ignored: the rows are packed into micro-batches of up to 3 x max_length tokens")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--out", default="", help="also write the metrics here (JSON)")
     ap.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the models")
@@ -63,7 +64,8 @@ def main(argv):
         fail(str(e))
     # the objective, the batching and the model setup as in training: WRPO's own settings
     cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, max_length=args.max_length,
+                      max_prompt_length=args.max_prompt_length)
     policy, reference = (load_sharded_model(p, mesh, device, cfg, trainable=False) for p in paths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, pad_id, device)  # the live reference model

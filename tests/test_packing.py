@@ -93,6 +93,24 @@ def test_micro_batches_by_rows_or_token_budget(monkeypatch):
     assert batches == [[9], [0, 3], [7, 1, 8], [4]]  # data.pack's best fit, of the rows' lengths
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_no_grad_passes_take_token_budget_micro_batches(monkeypatch, world):
+    lengths = [50, 10, 300, 40, 40, 90, 5, 70, 20, 35, 60]  # 11 rows: with 2 or 3 ranks the last is short
+    device = torch.device("cpu")
+    monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: None)
+    most = max(len(data.eval_batches_by_tokens(lengths, 100, r, world, device)) for r in range(world))
+    monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: t.fill_(most))  # every rank runs `most`
+    seen = []
+    for rank in range(world):
+        batches = data.eval_batches_by_tokens(lengths, 100, rank, world, device)
+        assert len(batches) == most
+        for idx, weight in batches:
+            assert sum(lengths[i] for i in idx) <= 100 or len(idx) == 1  # an over-long row alone
+            seen += [i for i, w in zip(idx, weight.tolist()) if w == 1.0]
+            assert all(i == 0 for i, w in zip(idx, weight.tolist()) if w == 0.0)  # padding: row 0, weight 0
+    assert sorted(seen) == list(range(len(lengths)))  # every row once with weight 1
+
+
 def test_same_count_on_all_ranks_splits_the_largest(monkeypatch):
     monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: t.fill_(5))  # another rank has 5
     out = data.same_count_on_all_ranks([[1, 2, 3, 4], [5], [6, 7]], torch.device("cpu"))
