@@ -17,6 +17,20 @@ a skewed (log-normal) distribution like UltraFeedback's: prompts ~20-400 tokens,
 after the first of every run (the variants run in turn, `--repeats` times), the peak memory
 (GPU: allocated; CPU: resident set), and on GPU the MFU. Tokens are the rows' three sequences
 without padding, the prompt counted once per sequence in every variant, (c) included.
+
+A second table is what the user waits for: end-to-end, one more run per variant (after the per-step
+rounds) that trains one whole epoch (no --max_steps) over the preset's `epoch_rows` rows (--epoch_rows;
+0 skips these runs), each in a fresh folder with its own copy of the data (the tokenized rows' cache,
+beside the data, starts empty) and a new empty --ref_cache_dir, so that every cache is cold and the
+reference pass runs every time for the variants that precompute. Its columns:
+    end-to-end s       wall time of the `python wrpo.py` process, launch to exit
+    data s             reading and tokenizing the rows: wrpo.py's `data: N rows from PATH in X.Xs ...`
+                       line ("-" when it prints none: that time is then in "other")
+    reference pass s   the precompute pass: its `reference log-probs: PATH (N rows in X.Xs)` line
+                       ("-" for the live reference, whose forwards are in the training steps)
+    training s         the sum of step_time_s over all of metrics.jsonl's steps, the first included
+    other s            the rest: interpreter start, imports, model loading, evaluation, the final save
+    rows/s             the rows trained (steps x global batch) over end-to-end s
 """
 
 import argparse
@@ -24,10 +38,12 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,14 +51,18 @@ PRESETS = {
     # model (Llama), data and batch settings
     # a decoder-dominated profile like a real Llama's (the head is ~19% of the FLOPs; Llama-3-8B: ~7%)
     "cpu": dict(hidden=256, layers=6, heads=8, kv_heads=4, intermediate=688, vocab=4096, scale=4, rows=96,
-                global_batch=8, micro_batch=2, max_length=512, max_prompt_length=128, dtype="float32", steps=9),
+                global_batch=8, micro_batch=2, max_length=512, max_prompt_length=128, dtype="float32", steps=9,
+                epoch_rows=48),
     # the same data with a head-dominated tiny model (the head is ~84% of the FLOPs)
     "cpu-wide-head": dict(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=352, vocab=16384, scale=4,
                           rows=48, global_batch=8, micro_batch=2, max_length=512, max_prompt_length=128,
-                          dtype="float32", steps=5),
+                          dtype="float32", steps=5, epoch_rows=48),
     "gpu": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256, scale=1, rows=320,
-                global_batch=32, micro_batch=1, max_length=2048, max_prompt_length=1800, dtype="bfloat16", steps=6),
+                global_batch=32, micro_batch=1, max_length=2048, max_prompt_length=1800, dtype="bfloat16", steps=6,
+                epoch_rows=320),
 }
+# epoch_rows: the rows (the first of the preset's) of the end-to-end runs, one epoch of them (cpu: 6 steps,
+# half the rows, to keep the whole benchmark to a few minutes on 2 cores)
 VARIANTS = {
     "(a) baseline": ["--ref_logps=live", "--packing=false", "--logps_impl=naive", "--attn_implementation=sdpa"],
     "(b) packed": ["--ref_logps=precompute", "--packing=true", "--logps_impl=auto", "--shared_prompt=false"],
@@ -59,7 +79,7 @@ def lognormal_length(rng, lo, hi, scale):
     return max(1, int(min(hi, max(lo, x)) / scale))
 
 
-def make_data(folder, p, tokenizer):
+def make_data(folder, p, tokenizer, epoch_rows):
     rng = random.Random(0)
     words = [w for w in sorted(tokenizer.get_vocab()) if w.isalpha() and len(w) > 2][:400] or ["word"]
 
@@ -75,7 +95,9 @@ def make_data(folder, p, tokenizer):
                      "rejected": [{"role": "assistant", "content": responses[2]}]})
     path = folder / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    epoch_path = folder / "epoch_rows.jsonl"  # the end-to-end runs' rows
+    epoch_path.write_text("".join(json.dumps(r) + "\n" for r in rows[:epoch_rows]))
+    return path, epoch_path
 
 
 def make_model(folder, p):
@@ -96,20 +118,59 @@ def make_model(folder, p):
     return tokenizer
 
 
+def run_wrpo(name, args, model, data, out, ref_cache, p, max_steps=None):
+    """One `python wrpo.py` process: its stdout, the step rows of its metrics.jsonl, and its wall time."""
+    cmd = [sys.executable, "wrpo.py", f"--model={model}", f"--data={data}", f"--out_dir={out}",
+           f"--ref_cache_dir={ref_cache}", f"--global_batch_size={p['global_batch']}",
+           f"--micro_batch_size={p['micro_batch']}", f"--max_length={p['max_length']}",
+           f"--max_prompt_length={p['max_prompt_length']}", f"--dtype={p['dtype']}",
+           *([f"--max_steps={max_steps}"] if max_steps else []),
+           "--lr=1e-5", "--beta=0.1", "--log_every=1000", "--overwrite=true", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ})
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return proc.stdout, [m for m in rows if "step_time_s" in m], wall  # not the evaluation-only rows
+
+
+def reference_pass_s(stdout):
+    """The precompute pass's seconds from its `reference log-probs: PATH (N rows in X.Xs)` lines; None if none."""
+    times = [float(t) for _, t in re.findall(r"^reference log-probs: .*\((\d+) rows in ([\d.]+)s\)\s*$", stdout,
+                                             re.M)]
+    return sum(times) if times else None
+
+
+def data_s(stdout):
+    """Loading the rows: the seconds of wrpo.py's `data: N rows from PATH in X.Xs (...)` lines (None if none),
+    and whether they all came from a cache."""
+    lines = re.findall(r"^data: .* in ([\d.]+)s \((.*)\)\s*$", stdout, re.M)  # "(cached: FILE)" or "(tokenized ...)"
+    if not lines:
+        return None, False
+    return sum(float(t) for t, _ in lines), all(how.startswith("cached") for _, how in lines)
+
+
 def time_variant(name, args, folder, data, p):
     """One `python wrpo.py` run: its per-step metrics after the first step, and the reference pass time."""
     out = folder / re.sub(r"\W+", "_", name)
-    cmd = [sys.executable, "wrpo.py", f"--model={folder / 'model'}", f"--data={data}", f"--out_dir={out}",
-           f"--ref_cache_dir={folder / 'cache'}", f"--global_batch_size={p['global_batch']}",
-           f"--micro_batch_size={p['micro_batch']}", f"--max_length={p['max_length']}",
-           f"--max_prompt_length={p['max_prompt_length']}", f"--dtype={p['dtype']}", f"--max_steps={p['steps']}",
-           "--lr=1e-5", "--beta=0.1", "--log_every=1000", "--overwrite=true", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ})
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]  # skip the first
-    pre = re.search(r"\((\d+) rows in ([\d.]+)s\)", proc.stdout)
-    return steps, float(pre.group(2)) if pre else None
+    stdout, steps, _ = run_wrpo(name, args, folder / "model", data, out, folder / "cache", p, p["steps"])
+    return steps[1:], reference_pass_s(stdout)  # skip the first step
+
+
+def end_to_end(name, args, folder, data, p):
+    """One `python wrpo.py` run of one epoch over `data`, every cache cold: its wall time and phases."""
+    run_dir = Path(tempfile.mkdtemp(dir=folder, prefix="e2e_"))  # a fresh folder: its own data copy, empty caches
+    shutil.copy(data, run_dir / data.name)
+    (run_dir / "ref-cache").mkdir()
+    stdout, steps, wall = run_wrpo(name, args, folder / "model", run_dir / data.name, run_dir / "out",
+                                   run_dir / "ref-cache", p)
+    load_s, cached = data_s(stdout)
+    ref_s = reference_pass_s(stdout)
+    train_s = sum(m["step_time_s"] for m in steps)
+    return {"wall_s": wall, "data_s": load_s, "data_cached": cached, "ref_s": ref_s, "train_s": train_s,
+            "steps": len(steps), "other_s": wall - (load_s or 0) - (ref_s or 0) - train_s,
+            "rows_per_s": len(steps) * p["global_batch"] / wall}
 
 
 def summary(steps, precompute):
@@ -126,12 +187,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="cpu", choices=list(PRESETS))
     ap.add_argument("--repeats", type=int, default=2, help="rounds over all variants, interleaved (noise)")
+    ap.add_argument("--epoch_rows", type=int, default=None,
+                    help="rows of the end-to-end runs, one epoch each (default: the preset's; 0: no end-to-end runs)")
     args = ap.parse_args()
     p = PRESETS[args.preset]
+    epoch_rows = p["epoch_rows"] if args.epoch_rows is None else args.epoch_rows
+    if epoch_rows and not p["global_batch"] <= epoch_rows <= p["rows"]:
+        raise SystemExit(f"--epoch_rows must be 0 or in [{p['global_batch']}, {p['rows']}], got {epoch_rows}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         tokenizer = make_model(folder, p)
-        data = make_data(folder, p, tokenizer)
+        data, epoch_data = make_data(folder, p, tokenizer, epoch_rows)
         steps, precompute = {name: [] for name in VARIANTS}, {}
         for _ in range(args.repeats):  # interleaved, so that a slow spell of a shared machine hits all variants
             for name, a in VARIANTS.items():
@@ -139,6 +205,7 @@ def main():
                 steps[name] += s
                 precompute[name] = precompute.get(name) or pre  # the first run fills the cache
         results = {name: summary(steps[name], precompute[name]) for name in VARIANTS}
+        e2e = {name: end_to_end(name, a, folder, epoch_data, p) for name, a in VARIANTS.items()} if epoch_rows else {}
     base = results["(a) baseline"]
     print(f"preset {args.preset}: Llama hidden {p['hidden']}, {p['layers']} layers, vocab {p['vocab']}, "
           f"{p['dtype']}; {p['rows']} rows, global batch {p['global_batch']}, {p['steps']} steps x "
@@ -151,6 +218,23 @@ def main():
         speedup = r["tokens_per_s"] / base["tokens_per_s"]
         print(f"| {name} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {speedup:.2f}x | {r['peak_gib']:.2f} | {mfu} "
               f"| {pre} |")
+    if not e2e:
+        return
+    n_steps = epoch_rows // p["global_batch"]
+    print()
+    print(f"end-to-end: one run per variant of one epoch over {epoch_rows} rows = {n_steps} steps of "
+          f"{p['global_batch']} rows, each with a cold data copy and an empty reference cache; wall time from "
+          f"launch to exit")
+    print(f"| variant | end-to-end s | data s | reference pass s | training s ({n_steps} steps) | other s | rows/s "
+          f"| vs (a) |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = e2e["(a) baseline"]
+    for name, r in e2e.items():
+        load = "-" if r["data_s"] is None else f"{r['data_s']:.1f}" + (" (cached)" if r["data_cached"] else "")
+        ref = "-" if r["ref_s"] is None else f"{r['ref_s']:.1f}"
+        train = f"{r['train_s']:.1f}" + (f" ({r['steps']} steps)" if r["steps"] != n_steps else "")
+        print(f"| {name} | {r['wall_s']:.1f} | {load} | {ref} | {train} | {r['other_s']:.1f} | {r['rows_per_s']:.2f} "
+              f"| {base['wall_s'] / r['wall_s']:.2f}x |")
 
 
 if __name__ == "__main__":
