@@ -20,9 +20,7 @@ import errno
 import hashlib
 import json
 import math
-import os
 import re
-import socket
 import stat
 import time
 import zlib
@@ -33,6 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from checkpoint import write_atomic
+from fsdp_utils import is_local_master, on_every_rank
 
 IGNORE = -100  # label of tokens that get no loss (prompt, padding)
 ROLES = ("system", "user", "assistant")
@@ -661,7 +662,7 @@ def load_tokenized(path, tokenizer, convert, settings, report, hint, cache):
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     file = token_cache_path(path, tokenizer, settings, cache) if cache is not None else None
     rows, skipped = read_token_cache(file, settings["kind"], report) if file and file.exists() else (None, "")
-    if _on_every_rank(rows is not None):
+    if on_every_rank(rows is not None):
         if skipped:
             report(skipped)
         report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s (cached: {file})")
@@ -679,23 +680,15 @@ def load_tokenized(path, tokenizer, convert, settings, report, hint, cache):
     skipped = report_bad_rows(path, errors, row_hints, len(rows), settings["skip_invalid"], report, hint)
     how = f"tokenized on {world} rank{'s' if world > 1 else ''}"
     if file:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the first process of each node writes the node's copy
+        if is_local_master():  # the first process of each node writes the node's copy
             write_token_cache(file, rows, skipped, report)
         if dist.is_initialized():
             dist.barrier()  # the file is whole (or was not written) before any rank looks for it
         mapped, _ = read_token_cache(file, settings["kind"], report=lambda _: None) if file.exists() else (None, "")
-        if _on_every_rank(mapped is not None):
+        if on_every_rank(mapped is not None):
             rows, how = mapped, f"{how}; cached in {file}"
     report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s ({how})")
     return rows
-
-
-def _on_every_rank(ok):
-    if not dist.is_initialized():
-        return ok
-    seen = torch.tensor(float(ok), device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-    return bool(seen.item())
 
 
 CACHE_FORMAT = 1  # bump when the cache file's layout changes
@@ -742,19 +735,17 @@ def tokenizer_digest(tokenizer):
 
 def write_token_cache(file, rows, skipped, report):
     """Write TokenRows as a safetensors file (the arrays, their CRC-32s, rows' names as metadata), whole or not
-    at all: under a name of this process's own, renamed when complete (nodes sharing a folder may race)."""
+    at all (write_atomic, under a name of this process's own: nodes sharing a folder may write it at once)."""
     from safetensors.numpy import save_file
 
     metadata = {"format": str(CACHE_FORMAT), "kind": rows.kind, "where": json.dumps(rows.where),
                 "prompt_ids": json.dumps(rows.prompt_ids), "skipped": skipped,
                 "crc32": json.dumps({k: zlib.crc32(np.ascontiguousarray(a)) for k, a in rows.arrays.items()})}
-    tmp = file.with_name(f"{file.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: np.ascontiguousarray(a) for k, a in rows.arrays.items()}, tmp, metadata=metadata)
-        os.replace(tmp, file)
+        write_atomic(file, lambda tmp: save_file({k: np.ascontiguousarray(a) for k, a in rows.arrays.items()}, tmp,
+                                                 metadata=metadata), private=True)
     except OSError as e:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         report(f"data: tokenized rows not cached ({file.parent}: {e.strerror or e})")
 
 

@@ -54,6 +54,16 @@ def is_local_master():
     return int(os.environ.get("LOCAL_RANK", 0)) == 0
 
 
+def on_every_rank(ok):
+    """Whether `ok` holds on every rank (each read a cache, say: on several nodes, or with a damaged copy,
+    some may not); `ok` itself without a process group. Collective."""
+    if not dist.is_initialized():
+        return ok
+    seen = torch.tensor(float(ok), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    return bool(seen.item())
+
+
 def print0(*args, **kwargs):
     if is_master():
         print(*args, **kwargs, flush=True)
@@ -201,7 +211,8 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
         )
     if activation_checkpointing:
         # non-reentrant checkpointing recomputes each layer in backward and composes with FSDP2
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # (the second name is the first's before transformers 5.x renamed it)
     model.config.use_cache = False
     if compile:  # per layer, before sharding: every layer has the same code, so one compiled graph serves all
         for layer in decoder_layers(model):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import attention
 import data
 from checkpoint import load_reference_logps, restore, resume_state, save_checkpoint, save_final, save_reference_logps
-from fsdp_utils import cleanup, is_local_master, is_master, print0
+from fsdp_utils import cleanup, is_local_master, is_master, on_every_rank, print0
 from logps import model_sequence_logps
 from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, collated, \
     every, get_lr, load_sharded_model, nonfinite_step, parse_config, resolve_model, set_lr, start_run, \
@@ -260,7 +260,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
             continue
         path = reference_cache_path(cfg, ref_path, rows, data_path)
         table = load_reference_logps(path, len(rows)) if path.exists() else None  # None: missing or damaged
-        if on_every_rank(table is not None, run.device):  # all ranks read the cache, or all compute (collectives)
+        if on_every_rank(table is not None):  # all ranks read the cache, or all compute (collectives)
             print0(f"reference log-probs: {path} (cached)")
             tables.append(table)
             continue
@@ -273,14 +273,6 @@ def load_reference(cfg, run, train_rows, eval_rows):
             save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)})
         dist.barrier()  # the cache is complete before any rank looks for it again
     return tables[0], tables[1]
-
-
-def on_every_rank(ok, device):
-    """Whether `ok` holds on every rank: each read the cache (on several nodes without a shared folder, or with
-    a damaged copy, some may not)."""
-    seen = torch.tensor(float(ok), device=device)
-    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-    return bool(seen.item())
 
 
 def reference_logps(reference, idx, batch):

@@ -2,7 +2,8 @@
 # The project's GPU check: one command, at most 8 minutes on one H100/H200. Run it on the first GPU you get:
 #   bash benchmarks/gpu_check.sh               # then read the summary table at the end
 #   bash benchmarks/gpu_check.sh --dry-run     # CPU, about a minute: gpu_check.py's steps on the demo (CI runs it)
-# In turn: the GPU and the versions; the log-prob kernel tests on the GPU (triton compiled, not interpreted);
+# In turn: the GPU and the versions; the kernel tests on the GPU (triton log-probs compiled, not interpreted;
+# the flash varlen attention against sdpa);
 # benchmarks/gpu_check.py, whether a real run works (SFT, WRPO preempted and resumed, loading, generation, the
 # varlen self-check, tokens/s and MFU: its docstring); then the log-prob benchmark at Llama-3 scale in bf16
 # (tokens 16384, hidden 4096, vocab 128256: naive, torch.compile of naive, chunked and triton, against the
@@ -41,7 +42,7 @@ if (( ! DRY_RUN )); then
     part "nvidia-smi" 30 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     part "versions" 60 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
-    part "log-prob kernel tests" 120 $PY -m pytest -q tests/test_logps.py
+    part "kernel tests" 120 $PY -m pytest -q tests/test_logps.py tests/test_varlen.py
 fi
 part "gpu_check.py" 330 $PY -m benchmarks.gpu_check --summary="$TMP/steps.md" "$@"
 [[ -f $TMP/steps.md ]] && mapfile -t -O ${#ROWS[@]} ROWS < "$TMP/steps.md"  # its steps' lines

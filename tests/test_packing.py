@@ -185,12 +185,14 @@ def test_shared_prompt_rows_keep_each_rows_sequences_together():
 def test_the_reference_cache_is_read_only_when_every_rank_sees_it(tmp_path, monkeypatch):
     """All ranks read the cache or all compute: a rank that computes while another reads would pair its
     collectives with the wrong ones (several nodes without a shared folder, or a cache being written)."""
-    import wrpo
+    import fsdp_utils
 
     path = tmp_path / "rows.jsonl.ref-logps-x.safetensors"
     path.write_bytes(b"cache")
-    monkeypatch.setattr(wrpo.dist, "all_reduce", lambda t, op=None: None)  # one rank: it sees the file
-    assert wrpo.on_every_rank(path.exists(), torch.device("cpu"))
-    other_rank_misses_it = lambda t, op=None: t.fill_(0) if op == wrpo.dist.ReduceOp.MIN else None  # noqa: E731
-    monkeypatch.setattr(wrpo.dist, "all_reduce", other_rank_misses_it)
-    assert not wrpo.on_every_rank(path.exists(), torch.device("cpu"))
+    monkeypatch.setattr(fsdp_utils.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(fsdp_utils.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(fsdp_utils.dist, "all_reduce", lambda t, op=None: None)  # one rank: it sees the file
+    assert fsdp_utils.on_every_rank(path.exists())
+    other_rank_misses_it = lambda t, op=None: t.fill_(0) if op == fsdp_utils.dist.ReduceOp.MIN else None  # noqa: E731
+    monkeypatch.setattr(fsdp_utils.dist, "all_reduce", other_rank_misses_it)
+    assert not fsdp_utils.on_every_rank(path.exists())
