@@ -15,6 +15,7 @@ a damaged checkpoint for the newest one that verifies.
 import base64
 import copy
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -120,9 +121,31 @@ def write_atomic(path, write, collective=False, private=False):
         if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed over another: the old one goes first
             shutil.rmtree(path)
         os.replace(tmp, path)
+        if private:
+            _remove_orphans(path)
     if collective:
         dist.barrier()
     return path
+
+
+def _remove_orphans(path):
+    """The private temporary files of `path` (write_atomic) that this host's processes left when they died while
+    writing it; another host's, or a live process's, are left alone."""
+    prefix = f"{path.name}.{socket.gethostname()}-"
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        pid = tmp.name[len(prefix) : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -613,7 +636,7 @@ def save_reference_logps(path, logps, metadata):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: save_file({"logps": logps}, tmp, metadata=metadata), private=True)
         return True
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as a SafetensorError)
         print0(f"reference log-probs: computed, not cached ({path.parent} not writable: {e})")
         return False
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from checkpoint import write_atomic
 from fsdp_utils import is_local_master, on_every_rank
@@ -137,18 +138,26 @@ def read_records(path, share=(0, 1)):
     if None in counts:  # a .json or .parquet file: read whole, then cut
         records = [rec for f in files for rec in _read_file(f)]
         return records[len(records) * share[0] // share[1] : len(records) * (share[0] + 1) // share[1]]
-    lo, hi, first, out = sum(counts) * share[0] // share[1], sum(counts) * (share[0] + 1) // share[1], 0, []
+    lo = sum(counts) * share[0] // share[1]  # this share: records lo .. hi - 1 of all the files'
+    hi = sum(counts) * (share[0] + 1) // share[1]
+    out, first = [], 0  # first: the number of the file's first record
     for f, n in zip(files, counts):
-        out += _read_file(f, range(lo - first, hi - first)) if first < hi and first + n > lo else []
+        if first < hi and first + n > lo:
+            out += _read_file(f, range(lo - first, hi - first))
         first += n
     return out
 
 
+def _blank(raw):
+    """Whether a .jsonl line is blank (skipped, not a record): whitespace only, Unicode's included."""
+    return not raw.decode("utf-8", "replace").strip()
+
+
 def _count_lines(path):
-    """Records in a .jsonl file: its lines that are not blank (as _read_file counts them)."""
+    """Records in a .jsonl file: its lines that are not blank."""
     try:
         with open(path, "rb") as f:
-            return sum(1 for raw in f if raw.strip())
+            return sum(1 for raw in f if not _blank(raw))
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
@@ -160,7 +169,7 @@ def _read_file(path, keep=None):
             out, k = [], -1
             with open(path, "rb") as f:
                 for i, raw in enumerate(f, 1):
-                    if not raw.strip():
+                    if _blank(raw):
                         continue
                     k += 1
                     if keep is not None and k not in keep:
@@ -652,14 +661,12 @@ def _join(kind, parts):
 def load_tokenized(path, tokenizer, convert, settings, report, hint, cache):
     """The rows of `path`, converted (validated, tokenized) by convert(record, where), as TokenRows.
 
-    Under torch.distributed every rank converts a contiguous slice of the records and all ranks gather the
-    slices in order, so the rows and the bad-row report are the same as one process's. With `cache` (a
-    folder), the first process of each node (LOCAL_RANK 0) writes the rows there, named by a hash of all
-    they depend on (token_cache_path), and every rank memory-maps that file; a later run finds it and
-    skips the tokenizer. A damaged or stale cache is never used.
+    Under torch.distributed the ranks share the work (convert_on_all_ranks), so the rows and the bad-row
+    report are the same as one process's. With `cache` (a folder), the first process of each node writes
+    the rows there, named by a hash of all they depend on (token_cache_path), and every rank memory-maps
+    that file; a later run finds it and skips the tokenizer. A damaged or stale cache is never used.
     """
     t0 = time.time()
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     file = token_cache_path(path, tokenizer, settings, cache) if cache is not None else None
     rows, skipped = read_token_cache(file, settings["kind"], report) if file and file.exists() else (None, "")
     if on_every_rank(rows is not None):
@@ -667,17 +674,9 @@ def load_tokenized(path, tokenizer, convert, settings, report, hint, cache):
             report(skipped)
         report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s (cached: {file})")
         return rows
-    mine = read_records(path, share=(rank, world))
-    builder, errors, row_hints = _convert(mine, convert, out=_RowsBuilder(settings["kind"]))
-    del mine  # the parsed records: several times the size of their tokens
-    parts = [(builder.part(), errors, row_hints)]
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, (builder.part(), errors, row_hints))
-    errors = [e for _, errs, _ in parts for e in errs]
-    row_hints = list(dict.fromkeys(h for _, _, hints in parts for h in hints))
-    rows = _join(settings["kind"], [part for part, _, _ in parts])
+    rows, errors, row_hints = convert_on_all_ranks(path, convert, settings["kind"])
     skipped = report_bad_rows(path, errors, row_hints, len(rows), settings["skip_invalid"], report, hint)
+    world = dist.get_world_size() if dist.is_initialized() else 1
     how = f"tokenized on {world} rank{'s' if world > 1 else ''}"
     if file:
         if is_local_master():  # the first process of each node writes the node's copy
@@ -685,13 +684,27 @@ def load_tokenized(path, tokenizer, convert, settings, report, hint, cache):
         if dist.is_initialized():
             dist.barrier()  # the file is whole (or was not written) before any rank looks for it
         mapped, _ = read_token_cache(file, settings["kind"], report=lambda _: None) if file.exists() else (None, "")
-        if on_every_rank(mapped is not None):
+        if on_every_rank(mapped is not None):  # one copy per node, in the page cache, instead of one per rank
             rows, how = mapped, f"{how}; cached in {file}"
     report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s ({how})")
     return rows
 
 
-CACHE_FORMAT = 1  # bump when the cache file's layout changes
+def convert_on_all_ranks(path, convert, kind):
+    """(TokenRows, bad rows' errors, their hints) of every record of `path`: each rank converts a contiguous
+    share of the records and all gather the shares, in order. Collective."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    builder, errors, row_hints = _convert(read_records(path, share=(rank, world)), convert, out=_RowsBuilder(kind))
+    parts = [(builder.part(), errors, row_hints)]
+    if world > 1:
+        parts, mine = [None] * world, parts[0]
+        dist.all_gather_object(parts, mine)
+    rows = _join(kind, [part for part, _, _ in parts])
+    return (rows, [e for _, errs, _ in parts for e in errs],
+            list(dict.fromkeys(h for _, _, hints in parts for h in hints)))
+
+
+CACHE_FORMAT = 1  # the cache file's layout (the code that fills it is in the key too)
 
 
 def cache_folder(setting, data_path):
@@ -702,17 +715,22 @@ def cache_folder(setting, data_path):
 
 def token_cache_path(path, tokenizer, settings, folder):
     """The cache file of `path`'s tokenized rows in `folder`, named by a hash of everything the rows depend on:
-    the data files' content, the tokenizer (its full serialization or its files, and its chat template),
-    the settings of convert (truncation, lengths, ...) and the tokenizer libraries' versions."""
+    the data files' content (and the path, which names the rows), the tokenizer (its full serialization or
+    its files, and its chat template), the settings of convert (truncation, lengths, ...), the code of this
+    file and the tokenizer libraries' versions."""
     import tokenizers
     import transformers
 
-    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **settings, "transformers": transformers.__version__,
-                                   "tokenizers": tokenizers.__version__}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, **settings, "path": str(path),
+                                   "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+                                  sort_keys=True).encode())
+    h.update(Path(__file__).read_bytes())  # this file's code converts the rows: an edit (a fork's ablation) counts
     h.update(tokenizer_digest(tokenizer).encode())
     for f in data_files(path):
+        h.update(f"{f.name}:".encode())
         with open(f, "rb") as fh:
-            h.update(f"{f.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()};".encode())
+            while chunk := fh.read(2**24):
+                h.update(chunk)
     return Path(folder) / f"{Path(path).name}.tokens-{h.hexdigest()[:20]}.safetensors"
 
 
@@ -745,8 +763,8 @@ def write_token_cache(file, rows, skipped, report):
         file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: save_file({k: np.ascontiguousarray(a) for k, a in rows.arrays.items()}, tmp,
                                                  metadata=metadata), private=True)
-    except OSError as e:
-        report(f"data: tokenized rows not cached ({file.parent}: {e.strerror or e})")
+    except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as a SafetensorError)
+        report(f"data: tokenized rows not cached ({file.parent}: {getattr(e, 'strerror', None) or e})")
 
 
 def read_token_cache(file, kind, report):
@@ -859,30 +877,28 @@ def same_count_on_all_ranks(batches, device):
     return batches
 
 
-def eval_batches_by_tokens(lengths, budget, rank, world, device):
-    """eval_batches of a token budget: this rank's share of the items (lengths: tokens of each) packed into
-    micro-batches of at most `budget` tokens, as (indices, weights [B]), as many on every rank. Collective.
-
-    The no-grad passes (reference log-probs, held-out metrics) then run the training's micro-batches:
-    with micro_batch_size=1 a row per forward would leave a GPU mostly idle.
-    """
-    per_rank = math.ceil(len(lengths) / world)
-    idx = [i if i < len(lengths) else 0 for i in range(rank * per_rank, (rank + 1) * per_rank)]  # short: item 0
-    real = [i < len(lengths) for i in range(rank * per_rank, (rank + 1) * per_rank)]
-    batches = same_count_on_all_ranks(pack([lengths[i] for i in idx], budget), device)  # positions in idx
-    return [([idx[j] for j in b], torch.tensor([float(real[j]) for j in b])) for b in batches]
+def rank_share(n_items, rank, world):
+    """Rank r's contiguous share of n held-out items, as many on every rank: (indices, weights), where a short
+    rank ends with item 0 at weight 0 (FSDP's collectives need the same number of forward passes)."""
+    per_rank = math.ceil(n_items / world)
+    positions = range(rank * per_rank, (rank + 1) * per_rank)
+    return [i if i < n_items else 0 for i in positions], [float(i < n_items) for i in positions]
 
 
 def eval_batches(n_items, micro_batch, rank, world):
-    """This rank's share of n held-out items, in micro-batches of (indices, weights [B]).
+    """This rank's share of n held-out items (rank_share), in micro-batches of (indices, weights [B])."""
+    idx, weights = rank_share(n_items, rank, world)
+    for start in range(0, len(idx), micro_batch):
+        yield idx[start : start + micro_batch], torch.tensor(weights[start : start + micro_batch])
 
-    Rank r takes the r-th contiguous slice. Every rank yields the same number of micro-batches
-    (FSDP's collectives need it); ranks short of items repeat item 0 with weight 0.
-    """
-    per_rank = math.ceil(n_items / world)
-    for start in range(0, per_rank, micro_batch):
-        idx = [rank * per_rank + start + j for j in range(min(micro_batch, per_rank - start))]
-        yield [i if i < n_items else 0 for i in idx], torch.tensor([float(i < n_items) for i in idx])
+
+def eval_batches_by_tokens(lengths, budget, rank, world, device):
+    """eval_batches of a token budget (lengths: tokens of each item): the share packed as micro_batches_by_tokens
+    packs a step's rows. The no-grad passes (reference log-probs, held-out metrics) then run the training's
+    micro-batches: with micro_batch_size=1, a row per forward would leave a GPU mostly idle. Collective."""
+    idx, weights = rank_share(len(lengths), rank, world)
+    share = micro_batches_by_tokens(list(range(len(idx))), [lengths[i] for i in idx], budget, device)  # positions
+    return [([idx[j] for j in b], torch.tensor([weights[j] for j in b])) for b in share]
 
 
 # -----------------------------------------------------------------------------

@@ -81,8 +81,8 @@ class TrainConfig:
 # settings a resumed run may change: they decide speed, logging and output, not the math of the run (`data` is
 # compared by its tokenized rows instead of its path); each script adds its own
 RESUME_FREE = {"resume", "overwrite", "out_dir", "data", "eval_data", "data_cache_dir", "micro_batch_size",
-               "activation_checkpointing", "attn_implementation", "logps_impl", "compile", "dtype", "log_every", "eval_every", "save_every",
-               "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows", "allow_special_tokens", "trust_remote_code"}
+               "activation_checkpointing", "attn_implementation", "logps_impl", "compile", "dtype", "log_every",
+               "eval_every", "save_every", "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows", "allow_special_tokens", "trust_remote_code"}
 
 
 RENAMED = {"logprobs": "logps_impl"}  # old setting names, to point a user's old config at the new one
@@ -418,7 +418,7 @@ def load_sharded_model(path, mesh, device, cfg, trainable):
     attention.register()
     checkpointing = trainable and (cfg.activation_checkpointing == "true" or (
         cfg.activation_checkpointing == "auto" and device.type == "cuda"))
-    flash_varlen(cfg, device)  # on CUDA: the attention self-check, and its line, before the first batch
+    uses_flash_varlen(cfg, device)  # on CUDA: the attention self-check, and its line, before the first batch
     model = load_model(path, mesh, device, DTYPES[cfg.dtype], trainable=trainable,
                        activation_checkpointing=checkpointing, trust_remote_code=cfg.trust_remote_code,
                        attn_implementation=cfg.attn_implementation, compile=cfg.compile and trainable)
@@ -449,7 +449,7 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def flash_varlen(cfg, device):
+def uses_flash_varlen(cfg, device):
     """Whether packed batches take attention's flash varlen path: packed_sdpa attention in half precision, on
     CUDA, once its self-check passed (attention.use_varlen, which prints which path runs)."""
     return cfg.attn_implementation == attention.NAME and cfg.dtype != "float32" and attention.use_varlen(device)
@@ -458,7 +458,7 @@ def flash_varlen(cfg, device):
 def collated(batch, cfg, device):
     """A collated batch on `device`; a packed one (position ids) with the varlen path's layout, computed here
     on the host so that no layer waits for it (attention.varlen_layout)."""
-    if "position_ids" in batch and flash_varlen(cfg, device):
+    if "position_ids" in batch and uses_flash_varlen(cfg, device):
         batch.update(attention.varlen_layout(batch["position_ids"]))
     return to_device(batch, device)
 

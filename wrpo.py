@@ -268,9 +268,11 @@ def load_reference(cfg, run, train_rows, eval_rows):
             ref = load_sharded_model(ref_path, run.mesh, run.device, cfg, trainable=False)
         t0 = time.time()
         tables.append(compute_reference(ref, rows, cfg, run, f"reference {Path(data_path).name}"))
-        print0(f"reference log-probs: {path} ({len(rows)} rows in {time.time() - t0:.1f}s)")
-        if is_local_master():  # the first process of each node writes the node's copy
-            save_reference_logps(path, tables[-1], {"data": str(data_path), "reference": str(ref_path)})
+        seconds = time.time() - t0
+        # the first process of each node writes the node's copy (global rank 0, which prints, is one of them)
+        saved = is_local_master() and save_reference_logps(path, tables[-1], {"data": str(data_path),
+                                                                              "reference": str(ref_path)})
+        print0(f"reference log-probs: {path if saved else 'not cached'} ({len(rows)} rows in {seconds:.1f}s)")
         dist.barrier()  # the cache is complete before any rank looks for it again
     return tables[0], tables[1]
 

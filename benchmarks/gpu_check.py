@@ -12,14 +12,14 @@ final/, else SFT's, else the initial one).
    heads, intermediate 8192, vocab 128256) saved as safetensors with the demo tokenizer, and synthetic rows of
    UltraFeedback-like lengths (train_step.make_data): chat rows for SFT, WRPO rows for WRPO. The dry run
    takes demo/model and demo/data/train.jsonl (for both stages: sft.py trains on WRPO rows' chosen[0]).
-2. sft: `torchrun sft.py`, a few steps (nccl, bf16, activation checkpointing, triton log-probs), final/.
-3. wrpo: `torchrun wrpo.py` from the SFT model with save_every=2; SIGTERM to torchrun once metrics.jsonl
+2. varlen self-check: attention.varlen_self_check(device), PASS or FAIL as it says; on CPU a SKIP (CUDA's kernel).
+3. sft: `torchrun sft.py`, a few steps (nccl, bf16, activation checkpointing, triton log-probs), final/.
+4. wrpo: `torchrun wrpo.py` from the SFT model with save_every=2; SIGTERM to torchrun once metrics.jsonl
    reaches step 3: the workers save a resumable checkpoint and torchrun exits 1 (README's exit-code table;
    the workers' own code is 143); the same command with --resume=auto then trains to the end: the metrics
    rows up to the checkpoint kept as they were, steps 1..N contiguous, final/ written.
-4. from_pretrained: AutoModelForCausalLM loads the final model on the device; one forward, finite logits.
-5. eval.generate: 8 prompts, one greedy sample each; 8 rows written.
-6. varlen self-check: attention.varlen_self_check(device), PASS or FAIL as it says; on CPU a SKIP (CUDA's kernel).
+5. from_pretrained: AutoModelForCausalLM loads the final model on the device; one forward, finite logits.
+6. eval.generate: 8 prompts, one greedy sample each; 8 rows written.
 7. throughput: median tokens/s and MFU (CUDA only) of the WRPO steps, each run's first step left out.
 
 Outputs go to a temporary folder, deleted at the end, or to --work_dir, kept; never into the repo.
@@ -293,9 +293,9 @@ def throughput(c):
     return detail + f", MFU {mfu:.1%}"
 
 
-STEPS = [("1. model and data", model_and_data), ("2. sft.py (torchrun)", sft),
-         ("3. wrpo.py: SIGTERM, --resume=auto", wrpo), ("4. from_pretrained + forward", from_pretrained),
-         ("5. eval.generate", generate), ("6. varlen self-check", varlen), ("7. WRPO tokens/s, MFU", throughput)]
+STEPS = [("1. model and data", model_and_data), ("2. varlen self-check", varlen), ("3. sft.py (torchrun)", sft),
+         ("4. wrpo.py: SIGTERM, --resume=auto", wrpo), ("5. from_pretrained + forward", from_pretrained),
+         ("6. eval.generate", generate), ("7. WRPO tokens/s, MFU", throughput)]  # the quick self-check early
 
 
 def timed_out(signum, frame):  # SIGALRM: the step's time is up
@@ -311,6 +311,8 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="CPU: the demo model and data, about a minute")
     ap.add_argument("--work_dir", default="", help="where outputs go (kept); default: a temporary folder")
     ap.add_argument("--summary", default="", help="also write the table's rows here, after every step")
+    ap.add_argument("--seconds", type=int, default=0, help="time for all the steps (0: only their own timeouts); "
+                    "a step gets what is left of it at most, and a step with under 10 s left is skipped")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # stops the child on the way out
     signal.signal(signal.SIGALRM, timed_out)
@@ -324,7 +326,7 @@ def main():
     if args.dry_run:  # CPU even on a GPU machine: gloo, as in CI
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     device = torch.device("cpu" if args.dry_run else "cuda")
-    rows = []
+    rows, started = [], time.time()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(args.work_dir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
@@ -338,8 +340,11 @@ def main():
         for name, step in STEPS:
             print(f"\n== {name}", flush=True)
             t0, limit = time.time(), s["timeout"][step.__name__]
-            signal.alarm(limit)
+            left = int(args.seconds - (t0 - started)) if args.seconds else limit
+            signal.alarm(max(1, min(limit, left)))
             try:
+                if left < 10:
+                    raise Skipped(f"not run: the {args.seconds} s of --seconds are spent")
                 result, detail = "PASS", step(c)
             except Skipped as e:
                 result, detail = "SKIP", str(e)

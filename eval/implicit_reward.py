@@ -31,16 +31,16 @@ def parse_args(argv):
     ap.add_argument("--alpha", type=float, default=0.1, help="weight of y_ws in the weighted accuracy")
     ap.add_argument("--max_length", type=int, default=2048)
     ap.add_argument("--max_prompt_length", type=int, default=1800)
-    ap.add_argument("--micro_batch_size", type=int, default=4,
-                    help="ignored: the rows are packed into micro-batches of up to 3 x max_length tokens")
+    ap.add_argument("--max_tokens_per_micro_batch", type=int, default=0,
+                    help="tokens per forward pass and rank, rows packed with shared prompts (0: 3 x max_length)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--out", default="", help="also write the metrics here (JSON)")
     ap.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the models")
     ap.add_argument("--allow_special_tokens", action="store_true",
                     help="keep special-token strings in the rows' text as control tokens (else such rows are refused)")
     args = ap.parse_args(argv)
-    if args.beta <= 0 or not 0 <= args.alpha <= 1 or args.micro_batch_size < 1:
-        ap.error("need beta > 0, 0 <= alpha <= 1 and micro_batch_size >= 1")
+    if args.beta <= 0 or not 0 <= args.alpha <= 1 or args.max_tokens_per_micro_batch < 0:
+        ap.error("need beta > 0, 0 <= alpha <= 1 and max_tokens_per_micro_batch >= 0")
     if not 0 < args.max_prompt_length < args.max_length:
         ap.error("need 0 < max_prompt_length < max_length")
     return args
@@ -63,8 +63,8 @@ def main(argv):
     except (OSError, ValueError) as e:  # bad paths (OSError) or data (DataError is a ValueError)
         fail(str(e))
     # the objective, the batching and the model setup as in training: WRPO's own settings
-    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, micro_batch_size=args.micro_batch_size, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code, max_length=args.max_length,
+    cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
+                      dtype=args.dtype, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
                       max_prompt_length=args.max_prompt_length)
     policy, reference = (load_sharded_model(p, mesh, device, cfg, trainable=False) for p in paths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

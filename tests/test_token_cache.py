@@ -3,8 +3,10 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,8 +84,8 @@ def test_the_cache_is_written_once_and_read_back(tmp_path, tokenizer):
     assert as_lists(again) == as_lists(first) and data.fingerprint(again) == data.fingerprint(first)
 
 
-@pytest.mark.parametrize("change", ["content", "settings", "template", "kind"])
-def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change):
+@pytest.mark.parametrize("change", ["content", "settings", "template", "kind", "code", "path"])
+def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change, monkeypatch):
     path, cache = rows_file(tmp_path), tmp_path / "cache"
     load = lambda tok, n=64, sft=False: (  # noqa: E731
         load_sft_examples(path, tok, max_length=n, cache=cache) if sft else
@@ -106,9 +108,19 @@ def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change):
 
         after = load(AutoTokenizer.from_pretrained(other))
         assert after[0].prompt_ids != before[0].prompt_ids
-    else:
+    elif change == "kind":
         after = load(tokenizer, sft=True)
         assert isinstance(after[0], data.Sequence)
+    elif change == "code":  # a fork that edits how rows are converted (here: a comment) never reads old tokens
+        edited = tmp_path / "data.py"
+        edited.write_text(Path(data.__file__).read_text() + "\n# an ablation\n")
+        monkeypatch.setattr(data, "__file__", str(edited))
+        load(tokenizer)
+    else:  # the same content elsewhere: the rows' names (file:line) are another path's
+        moved = tmp_path / "moved"
+        moved.mkdir()
+        path = shutil.copy(path, moved / "rows.jsonl")
+        assert load(tokenizer)[0].where == f"{path}:1"
     assert len(list(cache.glob("rows.jsonl.tokens-*.safetensors"))) == 2  # a new file, the old one untouched
 
 
@@ -143,6 +155,53 @@ def test_an_unwritable_cache_folder_only_costs_the_cache(tmp_path, tokenizer):
                                 report=said.append)
     assert len(rows) == 12 and any("tokenized rows not cached" in s for s in said)
     assert "(tokenized on 1 rank)" in said[-1]
+
+
+FULL_DISK = """
+import resource, signal, sys
+import torch
+sys.path.insert(0, {repo!r})
+import checkpoint, data
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained({model!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))  # a disk that fills up mid-file
+said = []
+rows = data.load_preference_rows({path!r}, tok, max_length=64, max_prompt_length=16, cache={cache!r},
+                                 report=said.append)
+print(len(rows), "|".join(said))
+print(checkpoint.save_reference_logps(__import__("pathlib").Path({cache!r}) / "ref.safetensors",
+                                      torch.zeros(1000, 3), {{}}))
+"""
+
+
+def test_a_cache_the_disk_cannot_hold_is_only_reported(tmp_path):
+    """A full disk fails a safetensors write with its own error type, not OSError: still only reported."""
+    path, cache = rows_file(tmp_path), tmp_path / "cache"
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK.format(repo=str(REPO), model=str(REPO / "demo" / "model"), path=str(path),
+                                       cache=str(cache)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    rows_line = next(line for line in lines if line.startswith("12 "))  # the 12 rows, and what was said
+    assert "tokenized rows not cached" in rows_line and "(tokenized on 1 rank)" in rows_line
+    assert lines[-1] == "False" and any("reference log-probs: computed, not cached" in line for line in lines)
+    assert not list(cache.glob("*")) or all(not f.name.endswith(".tmp") for f in cache.iterdir())
+
+
+def test_temporary_files_of_dead_writers_are_removed(tmp_path, tokenizer):
+    path, cache = rows_file(tmp_path), tmp_path / "cache"
+    load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache)
+    (file,) = cache.glob("*.tokens-*")
+    host = socket.gethostname()
+    dead, live, other = (cache / f"{file.name}.{h}-{pid}.tmp" for h, pid in
+                         [(host, 2**22 + 7), (host, os.getppid()), ("elsewhere", 2**22 + 7)])
+    for f in (dead, live, other):
+        f.write_bytes(b"half a cache")
+    file.unlink()
+    load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache)
+    assert not dead.exists() and live.exists() and other.exists()  # only this host's dead writer's
 
 
 def test_skipped_rows_are_reported_again_from_the_cache(tmp_path, tokenizer):
