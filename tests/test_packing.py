@@ -26,6 +26,19 @@ MODES = [("sdpa", "padded"), ("sdpa", "packed"), ("packed_sdpa", "padded"), ("pa
          ("packed_sdpa", "shared")]
 
 
+def logps_and_grads(model, batch):
+    """Each row's (ws, wt, rej) log-probs and counts [B, 3], and the parameters' gradients of a WRPO loss."""
+    logps, counts = model_sequence_logps(model, batch)
+    ref = logps.detach() - 1.0  # any fixed reference
+    i = batch["ws"], batch["wt"], batch["rej"]
+    losses, _ = wrpo_loss(*(logps[j] for j in i), *(ref[j] for j in i), alpha=0.3, beta=0.5)
+    losses.sum().backward()
+    by_row = lambda t: torch.stack([t[j] for j in i], -1)  # noqa: E731  [B, 3], whatever the sequence order
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters()}  # (a DTensor's under FSDP)
+    return by_row(logps.detach()), by_row(counts), grads
+
+
 def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -38,14 +51,7 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
         batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=mode != "padded",
                                         shared_prompt=mode == "shared")
         assert ("attention_mask" in batch) == (mode == "padded")
-        logps, counts = model_sequence_logps(model, batch)
-        ref = logps.detach() - 1.0  # any fixed reference
-        i = batch["ws"], batch["wt"], batch["rej"]
-        losses, _ = wrpo_loss(*(logps[j] for j in i), *(ref[j] for j in i), alpha=0.3, beta=0.5)
-        losses.sum().backward()
-        by_row = lambda t: torch.stack([t[j] for j in i], -1)  # noqa: E731  [B, 3], whatever the sequence order
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results[attn, mode] = (by_row(logps.detach()), by_row(counts), grads)
+        results[attn, mode] = logps_and_grads(model, batch)
     lp_pad, c_pad, g_pad = results["sdpa", "padded"]  # the plain reference
     assert lp_pad.shape == (5, 3)
     for key, (lp, c, g) in results.items():

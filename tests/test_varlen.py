@@ -8,9 +8,9 @@ import torch.nn.functional as F
 import attention
 import data
 from conftest import DEMO_MODEL
-from logps import attach_label_logps, model_sequence_logps
+from logps import attach_label_logps
+from test_packing import logps_and_grads
 from test_packing import rows as heldout_rows
-from wrpo import wrpo_loss
 
 
 def emulated_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
@@ -149,19 +149,6 @@ def test_without_an_accepting_kernel_the_layout_is_ignored(monkeypatch):
 
 # -----------------------------------------------------------------------------
 # the model: log-probs and gradients through logps.model_sequence_logps
-
-
-def logps_and_grads(model, batch):
-    """Each row's (ws, wt, rej) log-probs and counts [B, 3], and the parameters' gradients of a WRPO loss."""
-    logps, counts = model_sequence_logps(model, batch)
-    ref = logps.detach() - 1.0  # any fixed reference
-    i = batch["ws"], batch["wt"], batch["rej"]
-    losses, _ = wrpo_loss(*(logps[j] for j in i), *(ref[j] for j in i), alpha=0.3, beta=0.5)
-    losses.sum().backward()
-    by_row = lambda t: torch.stack([t[j] for j in i], -1)  # noqa: E731  [B, 3], whatever the sequence order
-    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-             for n, p in model.named_parameters()}
-    return by_row(logps.detach()), by_row(counts), grads
 
 
 def test_varlen_model_logps_and_gradients_equal_padded_sdpa(tmp_path, tokenizer, kernel_calls):
