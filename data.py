@@ -134,10 +134,10 @@ def read_records(path, share=(0, 1)):
     outside it are counted, never parsed.
     """
     files = data_files(path)
-    counts = [_count_lines(f) if f.suffix == ".jsonl" else None for f in files]
-    if None in counts:  # a .json or .parquet file: read whole, then cut
+    if share[1] == 1 or any(f.suffix != ".jsonl" for f in files):  # whole files (.json, .parquet), then cut
         records = [rec for f in files for rec in _read_file(f)]
         return records[len(records) * share[0] // share[1] : len(records) * (share[0] + 1) // share[1]]
+    counts = [_count_lines(f) for f in files]
     lo = sum(counts) * share[0] // share[1]  # this share: records lo .. hi - 1 of all the files'
     hi = sum(counts) * (share[0] + 1) // share[1]
     out, first = [], 0  # first: the number of the file's first record

@@ -82,7 +82,8 @@ class TrainConfig:
 # compared by its tokenized rows instead of its path); each script adds its own
 RESUME_FREE = {"resume", "overwrite", "out_dir", "data", "eval_data", "data_cache_dir", "micro_batch_size",
                "activation_checkpointing", "attn_implementation", "logps_impl", "compile", "dtype", "log_every",
-               "eval_every", "save_every", "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows", "allow_special_tokens", "trust_remote_code"}
+               "eval_every", "save_every", "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows",
+               "allow_special_tokens", "trust_remote_code"}
 
 
 RENAMED = {"logprobs": "logps_impl"}  # old setting names, to point a user's old config at the new one

@@ -205,8 +205,8 @@ def reference_cache_path(cfg, ref_path, rows, data_path):
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     h.update(data.fingerprint(rows).encode())
     h.update(f"{cfg.dtype}:{cfg.attn_implementation}".encode())
-    return data.cache_folder(cfg.ref_cache_dir, data_path) / f"{Path(data_path).name}.ref-logps-{h.hexdigest()[:20]}" \
-        ".safetensors"
+    name = f"{Path(data_path).name}.ref-logps-{h.hexdigest()[:20]}.safetensors"
+    return data.cache_folder(cfg.ref_cache_dir, data_path) / name
 
 
 @torch.no_grad()

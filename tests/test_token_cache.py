@@ -101,7 +101,8 @@ def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change, monkeypatch):
         after = load(tokenizer, n=40)
         assert max(data.row_lengths(after)) < max(data.row_lengths(before))
     elif change == "template":
-        other = shutil.copytree(REPO / "demo" / "model", tmp_path / "tok", ignore=shutil.ignore_patterns("*.safetensors"))
+        other = shutil.copytree(REPO / "demo" / "model", tmp_path / "tok",
+                                ignore=shutil.ignore_patterns("*.safetensors"))
         tpl = other / "chat_template.jinja"
         tpl.write_text(tpl.read_text().replace("<|start_header_id|>", "<|start_header_id|> "))
         from transformers import AutoTokenizer
