@@ -18,6 +18,7 @@ are dropped before any matmul. Sequence log-probs are the per-token values SUMME
 """
 
 import types
+from dataclasses import dataclass
 
 import torch
 
@@ -43,8 +44,45 @@ def _acc(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def naive_logps(hidden, weight, labels, chunk=None):  # chunk: unused, the paths share one signature
-    logits = (hidden @ weight.T).to(_acc(hidden))
+@dataclass(frozen=True, eq=False)
+class Head:
+    """What some models do to hidden @ W^T before the softmax: logits = softcap * tanh((h W^T + bias) * scale /
+    softcap). A bias (some heads have one), a scale (Cohere's logit_scale, Granite's 1 / logits_scaling) and
+    soft-capping (Gemma-2's final_logit_softcapping); the plain head is Head()."""
+
+    bias: torch.Tensor = None
+    scale: float = 1.0
+    softcap: float = None
+
+    @property
+    def plain(self):
+        return self.bias is None and self.scale == 1.0 and not self.softcap
+
+    def logits(self, hidden, weight, cols=slice(None)):
+        """The logits of a slice of the vocabulary, in the softmax's dtype."""
+        z = (hidden @ weight[cols].T).to(_acc(hidden))
+        if self.bias is not None:
+            z = z + self.bias[cols].to(z.dtype)
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.softcap:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return z
+
+    def backward(self, dz, z):
+        """dz (the gradient of a chunk's final logits z), in place, into the gradient of h W^T + bias."""
+        if self.softcap:
+            dz.mul_(1 - (z / self.softcap) ** 2)  # d(c tanh(u / c)) / du = 1 - tanh^2
+        if self.scale != 1.0:
+            dz.mul_(self.scale)
+        return dz
+
+
+PLAIN = Head()
+
+
+def naive_logps(hidden, weight, labels, chunk=None, head=PLAIN):  # chunk: unused, the paths share one signature
+    logits = head.logits(hidden, weight)
     return torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
 
 
@@ -60,18 +98,20 @@ class ChunkedLogps(torch.autograd.Function):
     it. Backward: with z = h W^T, p = softmax(z) and upstream grad g, dz = g (onehot(y) - p);
     each chunk of columns gives its rows of grad_W = dz^T h in one matmul (written once, never
     accumulated) and adds dz W to grad_h. When one chunk spans the whole vocabulary (few tokens),
-    its logits are within the same memory budget and are kept for backward instead.
+    its logits are within the same memory budget and are kept for backward instead. A Head's bias,
+    scale and soft-cap are applied to each chunk's logits, and their derivatives to its dz.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk=None, lse_target=None):
+    def forward(ctx, hidden, weight, labels, chunk=None, lse_target=None, head=PLAIN, bias=None):
+        # bias: head.bias again, as an input of its own so that autograd gives it a gradient
         cols = vocab_chunk(hidden.shape[0], weight.shape[0], chunk)
         kept = None
         if lse_target is None:  # the triton path computes these itself
             lse = torch.full((hidden.shape[0],), float("-inf"), dtype=_acc(hidden), device=hidden.device)
             target = torch.zeros_like(lse)
             for v in range(0, weight.shape[0], cols):
-                z = (hidden @ weight[v : v + cols].T).to(lse.dtype)
+                z = head.logits(hidden, weight, slice(v, v + cols))
                 lse = torch.logaddexp(lse, torch.logsumexp(z, dim=-1))
                 here = (labels >= v) & (labels < v + z.shape[1])
                 picked = z.gather(-1, (labels - v).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1)
@@ -81,35 +121,42 @@ class ChunkedLogps(torch.autograd.Function):
         else:
             lse, target = lse_target
         ctx.save_for_backward(hidden, weight, labels, lse, kept)
-        ctx.cols = cols
+        ctx.cols, ctx.head = cols, head
         return target - lse
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, labels, lse, kept = ctx.saved_tensors
+        head = ctx.head
         g = grad.to(lse.dtype)
         grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
         grad_w = new_output(weight.shape, weight.dtype, weight.device)
+        grad_b = new_output(head.bias.shape, head.bias.dtype, head.bias.device) if head.bias is not None else None
         for v in range(0, weight.shape[0], ctx.cols):
             w = weight[v : v + ctx.cols]
-            z = kept - lse[:, None] if kept is not None else (hidden @ w.T).to(lse.dtype).sub_(lse[:, None])
-            dz = z.exp_().mul_(-g[:, None])  # -g p, in place
+            z = kept if kept is not None else head.logits(hidden, weight, slice(v, v + ctx.cols))
+            dz = (z - lse[:, None]).exp_().mul_(-g[:, None])  # -g p
             rows = torch.nonzero((labels >= v) & (labels < v + w.shape[0])).squeeze(-1)
             dz[rows, labels[rows] - v] += g[rows]  # + g onehot(y)
+            dz = head.backward(dz, z)
+            if grad_b is not None:
+                grad_b[v : v + ctx.cols] = dz.sum(0)
             dz = dz.to(hidden.dtype)
             torch.mm(dz.T, hidden, out=grad_w[v : v + ctx.cols])
             if dz.dtype == grad_h.dtype:
                 grad_h.addmm_(dz, w)
             else:
                 grad_h += dz @ w
-        return grad_h.to(hidden.dtype), grad_w, None, None, None
+        return grad_h.to(hidden.dtype), grad_w, None, None, None, None, grad_b
 
 
-def chunked_logps(hidden, weight, labels, chunk=None):
-    return ChunkedLogps.apply(hidden, weight, labels, chunk)
+def chunked_logps(hidden, weight, labels, chunk=None, head=PLAIN):
+    return ChunkedLogps.apply(hidden, weight, labels, chunk, None, head, head.bias)
 
 
-def triton_logps(hidden, weight, labels, chunk=None):
+def triton_logps(hidden, weight, labels, chunk=None, head=PLAIN):
+    if not head.plain:  # the kernel computes plain logits: a bias, scale or soft-cap takes the chunked path
+        return chunked_logps(hidden, weight, labels, chunk, head)
     from triton_logps import lse_and_target
 
     lse = new_output((hidden.shape[0],), torch.float32, hidden.device)
@@ -133,8 +180,8 @@ def resolve_impl(impl, device):
     return "chunked"
 
 
-def token_logps(hidden, weight, labels, impl="auto", chunk=None):
-    """log p(labels) under logits = hidden @ weight.T; 0 where labels == IGNORE.
+def token_logps(hidden, weight, labels, impl="auto", chunk=None, head=PLAIN):
+    """log p(labels) under logits = hidden @ weight.T (as `head` transforms them); 0 where labels == IGNORE.
 
     hidden [..., H] (compute dtype), weight [V, H], labels [...]. Returns float32 [...].
     Ignored positions are dropped before the matmul, so prompt and padding tokens cost nothing.
@@ -145,7 +192,7 @@ def token_logps(hidden, weight, labels, impl="auto", chunk=None):
     if mask.any():
         h, y = hidden[mask], labels[mask]
         fn = {"naive": naive_logps, "chunked": chunked_logps, "triton": triton_logps}[impl]
-        out = out.masked_scatter(mask, fn(h, weight, y, chunk))
+        out = out.masked_scatter(mask, fn(h, weight, y, chunk, head))
     return out
 
 
@@ -153,11 +200,15 @@ def token_logps(hidden, weight, labels, impl="auto", chunk=None):
 # causal LMs: label log-probs straight from the decoder's hidden states
 
 
-def _fusable(model):
-    head = getattr(model, "lm_head", None)
-    cfg = model.config
-    return (isinstance(head, torch.nn.Linear) and head.bias is None and hasattr(model, "model")
-            and not getattr(cfg, "final_logit_softcapping", None) and getattr(cfg, "logit_scale", None) in (None, 1))
+def model_head(model):
+    """The model's head as a Head (its bias, Cohere's logit_scale, Granite's logits_scaling, Gemma-2's
+    final_logit_softcapping: as their forwards apply them), or None when the fused paths cannot express it
+    (no Linear lm_head after a `model.model` decoder)."""
+    head, cfg = getattr(model, "lm_head", None), model.config
+    if not isinstance(head, torch.nn.Linear) or not hasattr(model, "model"):
+        return None
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0) / float(getattr(cfg, "logits_scaling", None) or 1.0)
+    return Head(head.bias, scale, getattr(cfg, "final_logit_softcapping", None) or None)
 
 
 def attach_label_logps(model, impl="auto"):
@@ -166,8 +217,8 @@ def attach_label_logps(model, impl="auto"):
     It runs the decoder for hidden states and scores the labels with `token_logps`, so the full
     logits are never built. Registered as an FSDP forward method, so the root unit's parameters
     (embedding, final norm, lm_head) are gathered for it and their gradients reduce-scattered,
-    exactly as for `forward`. Heads the fused path cannot express (a bias, logit soft-capping or
-    scaling) fall back to the model's own logits.
+    exactly as for `forward`. A head's bias, logit scale and soft-cap go into the fused paths (model_head);
+    a head they cannot express falls back to the model's own logits.
     """
     from torch.distributed.fsdp import register_fsdp_forward_method
 
@@ -175,10 +226,11 @@ def attach_label_logps(model, impl="auto"):
         # attention_kwargs (attention.varlen_layout's entries) travel through the decoder to its attention function
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                       **attention_kwargs)
-        if not _fusable(self):
+        head = model_head(self)
+        if head is None:
             return logits_token_logps(self(**kwargs).logits, labels)
         hidden = self.model(**kwargs).last_hidden_state
-        return token_logps(hidden[:, :-1], self.lm_head.weight, labels[:, 1:], impl=impl)
+        return token_logps(hidden[:, :-1], self.lm_head.weight, labels[:, 1:], impl=impl, head=head)
 
     model.label_logps = types.MethodType(label_logps, model)
     register_fsdp_forward_method(model, "label_logps")

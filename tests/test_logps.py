@@ -133,3 +133,99 @@ def test_model_label_logps_equal_full_logits(impl):
     want = logits_token_logps(model(input_ids=ids, attention_mask=mask).logits, labels).sum(-1)
     torch.testing.assert_close(summed, want, rtol=1e-5, atol=1e-5)
     assert counts.tolist() == [7, 4]
+
+
+# -----------------------------------------------------------------------------
+# heads with a bias, a logit scale or soft-capping (Gemma-2, Cohere, Granite): inside the fused paths
+
+HEADS = {"bias": dict(bias=True), "scale": dict(scale=0.0625), "softcap": dict(softcap=3.0),
+         "all three": dict(bias=True, scale=2.5, softcap=5.0)}
+
+
+def a_head(vocab, dtype, bias=False, scale=1.0, softcap=None):
+    b = torch.randn(vocab, generator=torch.Generator().manual_seed(1), dtype=dtype).to(DEVICE).requires_grad_() \
+        if bias else None
+    return logps.Head(b, scale, softcap)
+
+
+def by_hand(h, w, y, head):
+    """The head's logits written out, for the reference: softcap * tanh((h W^T + b) * scale / softcap)."""
+    z = h @ w.T + (head.bias if head.bias is not None else 0)
+    z = z * head.scale
+    z = head.softcap * torch.tanh(z / head.softcap) if head.softcap else z
+    return torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), -1).gather(-1, y[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("fused", [chunked_logps, triton_logps], ids=["chunked", "triton (falls back)"])
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("chunk", [None, 64])  # one chunk (logits kept) or several (recomputed in backward)
+def test_fused_heads_match_naive_with_gradients(fused, head, chunk):
+    h, w, y, up = inputs(40, 24, 300, torch.float32, seed=3)
+    head = a_head(300, torch.float32, **HEADS[head])
+    with_bias = [head.bias] if head.bias is not None else []
+
+    def grads(fn):
+        for t in [h, w] + with_bias:
+            t.grad = None
+        out = fn(h, w, y)
+        (out * up).sum().backward()
+        return [out.detach()] + [t.grad.clone() for t in [h, w] + with_bias]
+
+    want = grads(lambda h, w, y: by_hand(h, w, y, head))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+               for a, b in zip(grads(lambda h, w, y: naive_logps(h, w, y, head=head)), want))
+    got = grads(lambda h, w, y: fused(h, w, y, chunk, head))
+    for a, b in zip(got, want):
+        assert not a.isnan().any()  # every element written (outputs start as NaN)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    plain = chunked_logps(h, w, y, chunk).detach()
+    assert not torch.allclose(plain, got[0], atol=1e-3)  # the head changed the log-probs
+
+
+def test_float64_gradcheck_of_a_chunked_head():
+    h, w, y, _ = inputs(6, 5, 23, seed=4)
+    head = a_head(23, torch.float64, bias=True, scale=1.7, softcap=2.0)
+    for chunk in (7, None):  # recomputed, and kept, logits
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: chunked_logps(h, w, y, chunk, logps.Head(b, head.scale, head.softcap)), (h, w, head.bias))
+
+
+def tiny(kind):
+    """A tiny model of each head kind, random weights, fp32."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    if kind == "gemma2 (softcap)":
+        config = tf.Gemma2Config(**common, head_dim=8, final_logit_softcapping=2.0, attn_implementation="eager")
+        return tf.Gemma2ForCausalLM(config)
+    if kind == "cohere (logit_scale)":
+        return tf.CohereForCausalLM(tf.CohereConfig(**common, logit_scale=0.5))
+    if kind == "granite (logits_scaling)":
+        return tf.GraniteForCausalLM(tf.GraniteConfig(**common, logits_scaling=4.0))
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, tie_word_embeddings=False))
+    model.lm_head = torch.nn.Linear(32, 97, bias=True)  # a head with a bias
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gemma2 (softcap)", "cohere (logit_scale)", "granite (logits_scaling)",
+                                  "llama, head with a bias"])
+def test_model_heads_take_the_fused_path_and_equal_the_models_logits(kind, monkeypatch):
+    model = tiny(kind)
+    assert not logps.model_head(model).plain
+    attach_label_logps(model, "chunked")
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = IGNORE
+    batch = {"input_ids": ids, "labels": labels}
+    want = logits_token_logps(model(input_ids=ids).logits, labels).sum(-1)
+    want.sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(logps, "logits_token_logps", None)  # the fused path, never the full logits
+    got, _ = model_sequence_logps(model, batch)
+    got.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
