@@ -172,14 +172,15 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
     With varlen_layout's entries among the kwargs (the layout of these B rows), one varlen kernel call;
     without them, or for inputs the kernel does not take (fp32, dropout), sdpa per sequence.
     """
-    if kwargs.get("sliding_window") or kwargs.get("softcap") or getattr(module, "sliding_window", None):
-        raise ValueError(f"{NAME} does not implement sliding windows or soft-capping; use attn_implementation=sdpa")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if kwargs.get("softcap") or (window and window < query.shape[2]):  # a window over the row is full attention
+        raise ValueError(f"{NAME} does not implement sliding windows or soft-capping; use attn_implementation=auto")
     drop = dropout if module.training else 0.0
     if "varlen_cu_seq_q" in kwargs and not drop and _varlen_accepts(query):  # the kernel has no dropout
         return _varlen_sdpa(query, key, value, scaling, kwargs), None
     if position_ids is None:
         raise ValueError(f"{NAME} needs position_ids in attention, which {type(module).__name__} does not pass; "
-                         "use attn_implementation=sdpa")
+                         "use attn_implementation=auto")
     return _per_sequence_sdpa(query, key, value, position_ids, scaling, drop), None
 
 
@@ -257,9 +258,45 @@ def register():
 
 
 def known(name):
-    """Whether transformers (with packed_sdpa registered) accepts this attn_implementation; hub kernels
-    ("org/repo") are left for transformers to fetch and check."""
+    """Whether transformers (with packed_sdpa registered) accepts this attn_implementation, or it is "auto"
+    (see choose); hub kernels ("org/repo") are left for transformers to fetch and check."""
     from transformers import AttentionInterface
 
     register()
-    return name == "eager" or name in AttentionInterface().valid_keys() or "/" in name
+    return name in ("auto", "eager") or name in AttentionInterface().valid_keys() or "/" in name
+
+
+def packed_problem(config, max_length):
+    """Why a model of this config cannot take packed_sdpa, or None. Soft-capped attention logits (Gemma-2) and
+    sliding windows shorter than max_length are not implemented (a longer window is full attention), and the
+    model class must accept sdpa-style attention."""
+    model_class = _model_class(config)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if getattr(config, "attn_logit_softcapping", None):
+        return "its attention logits are soft-capped"
+    if window and window < max_length:
+        return f"its sliding window of {window} tokens is shorter than max_length {max_length}"
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", False):
+        return f"{model_class.__name__} takes no sdpa-style attention"
+    return None
+
+
+def _model_class(config):
+    """The causal-LM class transformers builds for this config (None for one it does not know: custom code)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping.get(type(config), None)
+
+
+def choose(name, config, max_length):
+    """(the attn_implementation to load, a line saying why, or "" when it is the one asked for). "auto":
+    packed_sdpa where the model can take it, else the best that transformers accepts for it: sdpa, else eager.
+    Under either, packing stays exact (transformers masks packed sequences apart by their position ids);
+    shared prompts need packed_sdpa."""
+    if name != "auto":
+        return name, ""
+    problem = packed_problem(config, max_length)
+    if problem is None:
+        return NAME, ""
+    fallback = "sdpa" if getattr(_model_class(config), "_supports_sdpa", False) else "eager"
+    return fallback, f"attention: {fallback}, not {NAME}, because {problem}"

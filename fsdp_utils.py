@@ -116,7 +116,8 @@ def _shard_rows(dtensor):
 
 
 def _init_nonpersistent_buffers(model):
-    """Recompute buffers that are not stored in checkpoints (rotary inverse frequencies).
+    """Recompute buffers that are not stored in checkpoints: rotary inverse frequencies, and the scale of Gemma's
+    scaled word embeddings (sqrt(hidden size)).
 
     They were created on the meta device, so `to_empty` left them uninitialised.
     """
@@ -124,13 +125,14 @@ def _init_nonpersistent_buffers(model):
         names = getattr(module, "_non_persistent_buffers_set", set())
         if not names:
             continue
-        if "RotaryEmbedding" not in type(module).__name__:
-            raise NotImplementedError(
-                f"{type(module).__name__} has non-persistent buffers {sorted(names)} that "
-                "sharded loading does not know how to rebuild"
-            )
         with torch.no_grad():
-            model._init_weights(module)
+            if "RotaryEmbedding" in type(module).__name__:
+                model._init_weights(module)
+            elif names == {"embed_scale"} and hasattr(module, "scalar_embed_scale"):  # Gemma's embeddings
+                module.embed_scale.fill_(module.scalar_embed_scale)
+            else:
+                raise NotImplementedError(f"{type(module).__name__} has non-persistent buffers {sorted(names)} "
+                                          "that sharded loading does not know how to rebuild")
 
 
 @torch.no_grad()

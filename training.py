@@ -66,7 +66,8 @@ class TrainConfig:
     # systems
     dtype: str = "bfloat16"  # compute dtype under FSDP mixed precision; master weights stay fp32
     activation_checkpointing: str = "auto"  # auto: on with CUDA (as in the paper), off on CPU
-    attn_implementation: str = "packed_sdpa"  # attention.py: sdpa per packed sequence; or sdpa, eager, ...
+    attn_implementation: str = "auto"  # auto: packed_sdpa (attention.py) where the model takes it, else sdpa or
+    # eager, said at start; or any name transformers knows
     logps_impl: str = "auto"  # label log-probs path: auto (triton on CUDA, else chunked), chunked, triton, naive
     compile: bool = False  # torch.compile each decoder layer: faster GPU steps after a compile of minutes
     # logging and checkpoints
@@ -240,6 +241,7 @@ def start_run(cfg, problems=(), other_models=()):
     for path in [model_path] + [resolve_model(m) for m in other_models if m]:
         if problem := loading_problem(path, cfg.trust_remote_code):
             raise ConfigError(f"model error: {problem}")
+    resolve_attention(cfg, model_path)
     on_rank0(lambda: check_free_space(out_dir, model_path, cfg))  # rank 0 decides for all: one answer
     on_rank0(lambda: remove_partial_saves(out_dir))
     from transformers import AutoTokenizer
@@ -247,6 +249,22 @@ def start_run(cfg, problems=(), other_models=()):
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return Run(rank, world, device, mesh, out_dir, model_path, tokenizer, pad_id, resume_from)
+
+
+def resolve_attention(cfg, model_path):
+    """cfg.attn_implementation "auto" made this model's (attention.choose, which says why when it is not
+    packed_sdpa); and shared prompts, where cfg has them, off unless packing and packed_sdpa are both on."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    cfg.attn_implementation, note = attention.choose(cfg.attn_implementation, config, cfg.max_length)
+    shared = getattr(cfg, "shared_prompt", False)
+    if shared and not (cfg.packing and cfg.attn_implementation == attention.NAME):
+        cfg.shared_prompt = False
+        note += "; " if note else f"attention: {cfg.attn_implementation}; "
+        note += "shared prompts are off (they need packing and packed_sdpa)"
+    if note:
+        print0(note)
 
 
 LOCK_FILE = "run.lock"

@@ -20,7 +20,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import attention
 import data
 from checkpoint import load_reference_logps, restore, resume_state, save_checkpoint, save_final, save_reference_logps
 from fsdp_utils import cleanup, is_local_master, is_master, on_every_rank, print0
@@ -349,7 +348,6 @@ def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before a model is loaded or a file written
     cfg = parse_config(Config, argv)
     run = start_run(cfg, wrpo_problems(cfg), other_models=[cfg.ref_model])
-    cfg.shared_prompt = cfg.shared_prompt and cfg.packing and cfg.attn_implementation == attention.NAME  # else off
     train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
     fingerprint = data.fingerprint(train_rows)

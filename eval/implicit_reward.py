@@ -19,7 +19,7 @@ import wrpo
 from checkpoint import write_atomic
 from eval import fail
 from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, loading_problem, print0, resolve_model_path
-from training import load_sharded_model
+from training import load_sharded_model, resolve_attention
 
 
 def parse_args(argv):
@@ -66,6 +66,7 @@ def main(argv):
     cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
                       max_prompt_length=args.max_prompt_length)
+    resolve_attention(cfg, paths[0])  # this model's attention; shared prompts only where it honours them
     policy, reference = (load_sharded_model(p, mesh, device, cfg, trainable=False) for p in paths)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, pad_id, device)  # the live reference model
