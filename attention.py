@@ -180,7 +180,7 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
         return _varlen_sdpa(query, key, value, scaling, kwargs), None
     if position_ids is None:
         raise ValueError(f"{NAME} needs position_ids in attention, which {type(module).__name__} does not pass; "
-                         "use attn_implementation=auto")
+                         "use attn_implementation=sdpa")
     return _per_sequence_sdpa(query, key, value, position_ids, scaling, drop), None
 
 
