@@ -55,6 +55,8 @@ class RowError(ValueError):
 
 SKIP_HINT = "fix them, or pass --skip_invalid_rows=true to train without them"  # the trainers' hint
 SPECIAL_TOKENS_HINT = "special tokens in the text: pass --allow_special_tokens to keep them as control tokens"
+SYSTEM_HINT = ("a template that refuses rows with a system turn takes none (Gemma-2's, Mistral's): put its text at the "
+               "start of the first user turn")
 
 
 @dataclass
@@ -379,14 +381,33 @@ def render(tokenizer, messages, **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except TemplateError as e:
-        raise RowError(f"the chat template refuses this row ({e})") from None
+        system = any(m["role"] == "system" for m in messages)
+        raise RowError(f"the chat template refuses this row ({e})", hint=SYSTEM_HINT if system else "") from None
 
 
-def encode(tokenizer, messages, responses):
+def special_ids(tokenizer):
+    """Ids of the tokenizer's special tokens (BOS, EOS, pad, and added ones such as <|im_end|>)."""
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def scored_length(tokenizer, reply, specials):
+    """How many of an assistant turn's tokens are scored: all, less the whitespace that a template writes
+    after the turn's end-of-turn token (ChatML's and Gemma's newline after <|im_end|> and <end_of_turn>).
+    That newline leads into the next turn; a model stops at the end-of-turn token and never generates it."""
+    tail = 0
+    while tail < min(4, len(reply) - 1) and reply[-1 - tail] not in specials:
+        tail += 1
+    if tail and reply[-1 - tail] in specials and not tokenizer.decode(reply[len(reply) - tail:]).strip():
+        return len(reply) - tail
+    return len(reply)
+
+
+def encode(tokenizer, messages, responses, specials):
     """Prompt tokens and per-response tokens, all from the tokenizer's chat template.
 
     prompt = template(messages, add_generation_prompt=True); each response is the rest of
-    template(messages + [assistant response]), so it includes the end-of-turn token.
+    template(messages + [assistant response]) up to its end-of-turn token (see scored_length;
+    `specials` are the tokenizer's special_ids).
     """
     texts = [render(tokenizer, messages, add_generation_prompt=True)]
     for r in responses:
@@ -400,16 +421,17 @@ def encode(tokenizer, messages, responses):
             raise RowError("the chat template does not render the prompt as a prefix of prompt + response")
         if len(full) == len(prompt):
             raise RowError("a response renders to no tokens")
-        out.append(full[len(prompt):])
+        reply = full[len(prompt):]
+        out.append(reply[: scored_length(tokenizer, reply, specials)])
     return prompt, out
 
 
-def encode_chat(tokenizer, messages):
+def encode_chat(tokenizer, messages, specials):
     """Tokens of a whole conversation and a mask of its assistant tokens.
 
     Rendered turn by turn: each assistant turn is what template(messages[:k + 1]) adds to
     template(messages[:k], add_generation_prompt=True), i.e. the reply and its end-of-turn
-    token, never the header before it.
+    token, never the header before it nor whitespace after it (see scored_length).
     """
     ids, mask = [], []
     for k, msg in enumerate(messages):
@@ -418,8 +440,9 @@ def encode_chat(tokenizer, messages):
         head, full = tokenizer([before, after], add_special_tokens=False, verbose=False)["input_ids"]
         if full[: len(ids)] != ids or full[: len(head)] != head:
             raise RowError(f"the chat template does not render messages[:{k}] as a prefix of messages[:{k + 1}]")
-        is_reply = msg["role"] == "assistant"
-        mask += [False] * (len(head) - len(ids)) + [is_reply] * (len(full) - len(head))
+        added = full[len(head):]
+        scored = scored_length(tokenizer, added, specials) if msg["role"] == "assistant" else 0
+        mask += [False] * (len(head) - len(ids)) + [True] * scored + [False] * (len(added) - scored)
         ids = full
     return ids, mask
 
@@ -504,12 +527,13 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
     check_tokenizer(tokenizer)
 
     special = None if allow_special_tokens else special_tokens_finder(tokenizer)
+    specials = special_ids(tokenizer)
 
     def convert(rec, where):
         messages, texts, n_chosen, prompt_id = validate_row(rec)
         if special:
             check_special_tokens(special, text_fields(rec, False), [m["content"] for m in messages] + texts)
-        prompt, responses = encode(tokenizer, messages, texts)
+        prompt, responses = encode(tokenizer, messages, texts, specials)
         length = len(prompt) + max(len(r) for r in responses)
         if truncation == "error" and length > max_length:
             raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
@@ -538,12 +562,13 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
     check_tokenizer(tokenizer)
 
     special = None if allow_special_tokens else special_tokens_finder(tokenizer)
+    specials = special_ids(tokenizer)
 
     def convert(rec, where):
         messages = sft_messages(rec)
         if special:
             check_special_tokens(special, text_fields(rec, "messages" in rec), [m["content"] for m in messages])
-        ids, mask = encode_chat(tokenizer, messages)
+        ids, mask = encode_chat(tokenizer, messages, specials)
         if len(ids) > max_length:
             if truncation == "error":
                 raise RowError(f"conversation is {len(ids)} tokens, over max_length {max_length}")

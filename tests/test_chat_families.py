@@ -1,0 +1,147 @@
+"""The chat templates of the families WRPO targets, through the data path: each prompt renders as a prefix of
+prompt + response, a reply is scored on exactly its text and its end-of-turn token, BOS and EOS are never doubled,
+system turns are kept or refused by file:line, and multi-turn SFT masks every assistant turn and nothing else."""
+
+import json
+
+import pytest
+
+from chat_families import FAMILIES, QWEN_SYSTEM, build_tokenizer
+from data import IGNORE, SYSTEM_HINT, DataError, collate_preference, load_preference_rows, load_sft_examples, render
+
+TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, how can I help"},
+         {"role": "user", "content": "What is two plus three?"}]
+REPLIES = ["Five.", "The answer is five", "Six, I think"]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    fam = FAMILIES[request.param]
+    return request.param, fam, build_tokenizer(fam)
+
+
+def write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def wrpo_row(prompt, replies=REPLIES):
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": r} for r in replies[:2]],
+            "rejected": [{"role": "assistant", "content": replies[2]}]}
+
+
+def spans(labels):
+    """The runs of scored positions in a label list, as (start, end) pairs."""
+    out, start = [], None
+    for i, t in enumerate(labels + [IGNORE]):
+        if t != IGNORE and start is None:
+            start = i
+        elif t == IGNORE and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+@pytest.mark.parametrize("turns", [TURNS[:1], TURNS], ids=["one turn", "three turns"])
+def test_a_reply_is_its_text_and_end_of_turn(tmp_path, family, turns):
+    name, fam, tok = family
+    rows = load_preference_rows(write(tmp_path / "d.jsonl", [wrpo_row(turns)]), tok, report=lambda *a: None)
+    row = rows[0]
+    prompt_text = render(tok, turns, add_generation_prompt=True)
+    assert row.prompt_ids == tok(prompt_text, add_special_tokens=False)["input_ids"]
+    end, bos, eos = (tok.convert_tokens_to_ids(t) if t else None for t in (fam.end, fam.bos, fam.eos))
+    for reply, ids in zip(REPLIES, row.responses):
+        assert tok.decode(ids) == reply + fam.end  # the reply and its end-of-turn token, nothing after
+        full = tok(render(tok, turns + [{"role": "assistant", "content": reply}]), add_special_tokens=False)
+        seq = row.prompt_ids + ids
+        assert full["input_ids"][: len(seq)] == seq  # the prompt is a prefix of prompt + response
+        assert tok.decode(full["input_ids"][len(seq):]).strip() == ""  # only the template's newline is left out
+        assert ids.count(end) == 1 and ids[-1] == end
+        assert ids.count(eos) == (eos == end)  # no EOS after the end-of-turn token (Mistral's is its EOS)
+        if bos is None:
+            assert tok.bos_token is None
+        else:
+            assert seq.count(bos) == 1 and seq[0] == bos  # the template's BOS, not a second one from the tokenizer
+    text = tok.decode(row.prompt_ids)
+    if name == "llama3.1":  # the default system header with the knowledge cut-off and the date
+        assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge "
+                               "Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>")
+    if name == "qwen2.5":  # the default system prompt, inserted when none is given
+        assert text.startswith(f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n")
+    if name == "gemma2":  # the assistant's turns are the model's
+        assert text.endswith("<start_of_turn>model\n")
+        assert "<start_of_turn>assistant" not in text and ("<start_of_turn>model\nHello" in text) == (len(turns) > 1)
+
+
+def test_system_turns_are_kept_or_refused_by_file_line(tmp_path, family):
+    name, fam, tok = family
+    system = [{"role": "system", "content": "Answer briefly."}]
+    path = write(tmp_path / "d.jsonl", [wrpo_row(TURNS), wrpo_row(system + TURNS)])
+    if not fam.system:
+        why = "System role not supported" if name == "gemma2" else "Conversation roles must alternate"
+        with pytest.raises(DataError, match=rf"d\.jsonl:2: the chat template refuses this row \({why}") as e:
+            load_preference_rows(path, tok, report=lambda *a: None)
+        assert SYSTEM_HINT in str(e.value)
+        chat = write(tmp_path / "c.jsonl", [{"messages": system + TURNS[:2]}])
+        with pytest.raises(DataError, match=rf"c\.jsonl:1: the chat template refuses this row \({why}"):
+            load_sft_examples(chat, tok, report=lambda *a: None)
+        return
+    plain, with_system = load_preference_rows(path, tok, report=lambda *a: None)
+    text = tok.decode(with_system.prompt_ids)
+    assert text.count("Answer briefly.") == 1 and "Answer briefly." not in tok.decode(plain.prompt_ids)
+    assert QWEN_SYSTEM not in text  # a given system turn replaces Qwen's default one
+    assert with_system.responses == plain.responses
+
+
+@pytest.mark.parametrize("bad", [[TURNS[0], TURNS[0]], [TURNS[1], TURNS[0]]], ids=["two user turns", "starts with "
+                                                                                   "the assistant"])
+def test_roles_that_do_not_alternate_are_refused_where_the_template_says_so(tmp_path, family, bad):
+    name, fam, tok = family
+    path = write(tmp_path / "d.jsonl", [wrpo_row(TURNS), wrpo_row(bad)])
+    if name in ("gemma2", "mistral"):
+        with pytest.raises(DataError, match=r"d\.jsonl:2: the chat template refuses this row \(Conversation roles "
+                                            r"must alternate user/assistant"):
+            load_preference_rows(path, tok, report=lambda *a: None)
+    else:
+        assert len(load_preference_rows(path, tok, report=lambda *a: None)) == 2
+
+
+def test_multi_turn_sft_scores_each_reply_and_its_end_of_turn(tmp_path, family):
+    name, fam, tok = family
+    system = [{"role": "system", "content": "Answer briefly."}] if fam.system else []
+    messages = system + TURNS + [{"role": "assistant", "content": "Five."}, {"role": "user", "content": "Thanks"},
+                                 {"role": "assistant", "content": "Sure"}]
+    path = write(tmp_path / "c.jsonl", [{"messages": messages}, wrpo_row(TURNS[:1])])
+    chat, from_wrpo = load_sft_examples(path, tok, report=lambda *a: None)
+    assert chat.ids == tok(render(tok, messages), add_special_tokens=False)["input_ids"]  # the whole conversation
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert [tok.decode(chat.ids[a:b]) for a, b in spans(chat.labels)] == [r + fam.end for r in replies]
+    assert all(chat.labels[a:b] == chat.ids[a:b] for a, b in spans(chat.labels))
+    # a WRPO row trains on prompt + its source response, scored on that reply alone
+    assert [tok.decode(from_wrpo.ids[a:b]) for a, b in spans(from_wrpo.labels)] == [REPLIES[0] + fam.end]
+    everything = load_sft_examples(path, tok, loss_on="all", report=lambda *a: None)[0]
+    assert spans(everything.labels) == [(1, len(chat.ids))]  # the paper's setting: every token after the first
+
+
+def test_a_template_without_an_end_of_turn_token_scores_the_whole_reply(tmp_path):
+    tok = build_tokenizer(FAMILIES["chatml"])
+    tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+                         "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    row = load_preference_rows(write(tmp_path / "d.jsonl", [wrpo_row(TURNS[:1])]), tok, report=lambda *a: None)[0]
+    assert [tok.decode(r) for r in row.responses] == [r + "\n\n" for r in REPLIES]  # no special token: nothing cut
+
+
+def test_a_pad_token_equal_to_eos_never_hides_a_scored_eos(tmp_path):
+    tok = build_tokenizer(FAMILIES["chatml"])
+    eos = tok.eos_token_id
+    assert tok.pad_token_id == eos
+    row = load_preference_rows(write(tmp_path / "d.jsonl", [wrpo_row(TURNS[:1])]), tok, report=lambda *a: None)[0]
+    padded = collate_preference([row], pad_id=eos)
+    for i, reply in enumerate(row.responses):
+        n = len(row.prompt_ids) + len(reply)
+        assert padded["labels"][i, n - 1] == eos and padded["attention_mask"][i, :n].all()  # the reply's own EOS
+        assert (padded["input_ids"][i, n:] == eos).all() and (padded["labels"][i, n:] == IGNORE).all()
+        assert not padded["attention_mask"][i, n:].any()
+    packed = collate_preference([row], pad_id=eos, packed=True, shared_prompt=True)
+    scored = packed["labels"][packed["labels"] != IGNORE]
+    assert scored.tolist() == [t for reply in row.responses for t in reply]  # every reply token, EOS included
