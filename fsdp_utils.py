@@ -199,7 +199,7 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
     `path` is a local folder or a hub id (resolved to a local snapshot first). A custom
     attn_implementation (attention.py's packed_sdpa) must be registered with transformers first.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     local = resolve_model_path(path)
     config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
@@ -216,6 +216,8 @@ def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_ch
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # (the second name is the first's before transformers 5.x renamed it)
     model.config.use_cache = False
+    if os.path.isfile(os.path.join(local, "generation_config.json")):  # from_config derives one from config.json,
+        model.generation_config = GenerationConfig.from_pretrained(local)  # without the stop tokens that it lists
     if compile:  # per layer, before sharding: every layer has the same code, so one compiled graph serves all
         for layer in decoder_layers(model):
             layer.compile()
