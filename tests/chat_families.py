@@ -91,14 +91,14 @@ class Family:
     arch: str  # transformers config class
     quirks: dict = field(default_factory=dict)  # config settings of the family's models
     vocab_extra: int = 0  # embedding rows past the tokenizer's tokens (Qwen2.5-7B: 151936 rows, 151665 tokens)
-    stop: tuple = ()  # more tokens that end generation (Gemma's generation config lists <end_of_turn>)
+    stop: tuple = ()  # more tokens that end generation (generation_config.json lists them with EOS)
 
 
 FAMILIES = {
-    # Llama-3.2-1B/3B: Llama-3.1's template, tied embeddings; no pad token
+    # Llama-3.2-1B/3B: Llama-3.1's template, tied embeddings; no pad token; generation stops at either end token
     "llama3.1": Family(LLAMA31, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                  "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", None, "<|eot_id|>", True,
-                       "LlamaConfig", dict(tie_word_embeddings=True)),
+                       "LlamaConfig", dict(tie_word_embeddings=True), stop=("<|end_of_text|>",)),
     # Qwen2.5: the embedding padded past the tokenizer (151936 rows for 151665 tokens), tied at the small sizes
     "qwen2.5": Family(QWEN25, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>",
                       "<|im_end|>", True, "Qwen2Config", dict(tie_word_embeddings=True, use_sliding_window=False),
