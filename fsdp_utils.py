@@ -4,9 +4,11 @@ The same functions run on CUDA (nccl) and on CPU (gloo), under torchrun or as a 
 single process, so the CPU tests exercise the exact code used on an 8-GPU node.
 """
 
+import atexit
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -73,6 +75,21 @@ def cleanup():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code=0):
+    """End a script that has finished, its work written: flush, run the atexit handlers (they release
+    out_dir's lock), then os._exit(code), without the interpreter's teardown.
+
+    destroy_process_group does not stop gloo's worker threads: torch's own caches (DTensor's sharding
+    cache, the device-mesh stack) keep the mesh, and with it the group, alive. Tearing the interpreter
+    down under those threads now and then aborts a run that has finished ("terminate called without an
+    active exception", SIGABRT), so it is skipped. (An error still exits through the teardown: it gives
+    the other ranks time to reach their own message and exit code before torchrun stops them.)"""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 # -----------------------------------------------------------------------------

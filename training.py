@@ -29,8 +29,8 @@ import attention
 import data
 from checkpoint import ResumeError, RunFinished, SaveError, find_resume, newest_checkpoint, partial_saves, \
     remove_partial_saves, step_checkpoints, write_atomic
-from fsdp_utils import DTYPES, count_parameters, init_distributed, is_master, load_model, loading_problem, print0, \
-    resolve_model_path
+from fsdp_utils import DTYPES, count_parameters, exit_process, init_distributed, is_master, load_model, \
+    loading_problem, print0, resolve_model_path
 from logps import IMPLS, attach_label_logps, resolve_impl
 
 
@@ -715,15 +715,19 @@ def cli(main):
         # torchrun sends SIGTERM to the others as soon as one worker exits: rank 0 finishes its message first
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         quiet or print(message, file=out, flush=True)
-        sys.exit(code)
+        return code
 
     try:
         main(sys.argv[1:])
+        code = 0
     except (ConfigError, ResumeError, data.DataError) as e:
-        report(f"error: {e}", 2)
+        code = report(f"error: {e}", 2)
     except RunFinished as e:
-        report(str(e), 0, sys.stdout)
+        code = report(str(e), 0, sys.stdout)
     except (TrainingError, SaveError) as e:
-        report(f"error: {e}", 3)
+        code = report(f"error: {e}", 3)
     except Preempted as e:
-        report(str(e), 128 + e.signum)
+        code = report(str(e), 128 + e.signum)
+    if code:
+        sys.exit(code)  # an error: through the interpreter's teardown (see exit_process)
+    exit_process(0)

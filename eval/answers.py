@@ -37,7 +37,7 @@ from pathlib import Path
 from eval import fail
 from eval.common import done_rows, generate, load_for_eval, merge, model_name, write_rows
 from eval.questions import read_questions
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
+from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
 # FastChat's MT-Bench sampling temperature per question category (0: greedy)
 MTBENCH_TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
@@ -153,3 +153,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)  # not the interpreter's teardown: see fsdp_utils.exit_process

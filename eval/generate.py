@@ -22,7 +22,7 @@ from pathlib import Path
 import data
 from eval import fail
 from eval.common import done_rows, generate, load_for_eval, merge, model_name, prompt_id_of, write_rows
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, print0
+from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
 
 def parse_args(argv):
@@ -102,3 +102,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)  # not the interpreter's teardown: see fsdp_utils.exit_process

@@ -18,7 +18,8 @@ import data
 import wrpo
 from checkpoint import write_atomic
 from eval import fail
-from fsdp_utils import DTYPES, cleanup, init_distributed, is_master, loading_problem, print0, resolve_model_path
+from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, loading_problem, print0, \
+    resolve_model_path
 from training import load_sharded_model, resolve_attention
 
 
@@ -83,3 +84,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)  # not the interpreter's teardown: see fsdp_utils.exit_process

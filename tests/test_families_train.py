@@ -45,6 +45,7 @@ def test_family_trains_saves_and_loads(tmp_path, name):
     for run in ("sft", "wrpo"):
         metrics = [m for m in read_jsonl(tmp_path / run / "metrics.jsonl") if "lr" in m]
         assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] == m["loss"] for m in metrics)
+        assert not (tmp_path / run / "run.lock").exists()  # released on the way out (fsdp_utils.exit_process)
 
     final = tmp_path / "wrpo" / "final"
     model = tf.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)

@@ -23,3 +23,25 @@ def test_model_path_errors(tmp_path, monkeypatch):
         resolve_model_path(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a reachable hub id"):
         resolve_model_path("no-such-org/no-such-model")
+
+
+def test_exit_process_flushes_runs_atexit_and_keeps_the_code(tmp_path):
+    """It skips the interpreter's teardown, but nothing a script wrote or registered is lost."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import fsdp_utils\n"
+        f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "sys.stderr.write('err too')\n"
+        "fsdp_utils.exit_process(3)\n"
+        "print('never')\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "buffered, no newline", "err too")
+    assert (tmp_path / "atexit").read_text() == "ran"
