@@ -55,8 +55,8 @@ class RowError(ValueError):
 
 SKIP_HINT = "fix them, or pass --skip_invalid_rows=true to train without them"  # the trainers' hint
 SPECIAL_TOKENS_HINT = "special tokens in the text: pass --allow_special_tokens to keep them as control tokens"
-SYSTEM_HINT = ("a template that refuses rows with a system turn takes none (Gemma-2's, Mistral's): put its text at the "
-               "start of the first user turn")
+SYSTEM_HINT = ("this chat template takes no system turn (Gemma-2's and Mistral v0.1/v0.2's take none): put its text at "
+               "the start of the first user turn")
 
 
 @dataclass
@@ -341,6 +341,13 @@ def check_tokenizer(tokenizer, name=""):
         raise DataError(f"tokenizer {name} has no chat template; WRPO renders rows with it")
 
 
+def special_tokens(tokenizer):
+    """The tokenizer's special-token strings: BOS, EOS, pad, and added ones such as <|im_end|>."""
+    tokens = {str(t) for t in tokenizer.all_special_tokens}
+    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    return set(filter(None, tokens))
+
+
 def special_tokens_finder(tokenizer):
     """A compiled regex matching any of the tokenizer's special-token strings, or None.
 
@@ -348,10 +355,8 @@ def special_tokens_finder(tokenizer):
     which would inject turns into training. The regex is the tokens' trie, so a scan tries one
     branch per character rather than all 256 of Llama-3's tokens at every "<|".
     """
-    tokens = {str(t) for t in tokenizer.all_special_tokens}
-    tokens |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
     trie = {}
-    for token in filter(None, tokens):
+    for token in special_tokens(tokenizer):
         node = trie
         for ch in token:
             node = node.setdefault(ch, {})
@@ -381,33 +386,60 @@ def render(tokenizer, messages, **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except TemplateError as e:
-        system = any(m["role"] == "system" for m in messages)
-        raise RowError(f"the chat template refuses this row ({e})", hint=SYSTEM_HINT if system else "") from None
+        hint = SYSTEM_HINT if takes_it_without_system(tokenizer, messages, kwargs) else ""
+        raise RowError(f"the chat template refuses this row ({e})", hint=hint) from None
 
 
-def special_ids(tokenizer):
-    """Ids of the tokenizer's special tokens (BOS, EOS, pad, and added ones such as <|im_end|>)."""
-    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+def takes_it_without_system(tokenizer, messages, kwargs):
+    """Whether the template refused these messages only for their system turns."""
+    from jinja2 import TemplateError
+
+    rest = [m for m in messages if m["role"] != "system"]
+    if len(rest) == len(messages) or not rest:
+        return bool(messages) and not rest  # no system turn; or nothing but system turns, refused
+    try:
+        return bool(tokenizer.apply_chat_template(rest, tokenize=False, **kwargs))
+    except TemplateError:
+        return False
 
 
-def scored_length(tokenizer, reply, specials):
-    """How many of an assistant turn's tokens are scored: all, less the whitespace that a template writes
-    after the turn's end-of-turn token (ChatML's and Gemma's newline after <|im_end|> and <end_of_turn>).
-    That newline leads into the next turn; a model stops at the end-of-turn token and never generates it."""
-    tail = 0
-    while tail < min(4, len(reply) - 1) and reply[-1 - tail] not in specials:
-        tail += 1
-    if tail and reply[-1 - tail] in specials and not tokenizer.decode(reply[len(reply) - tail:]).strip():
-        return len(reply) - tail
+def turn_end(tokenizer):
+    """(the id of the special token that ends an assistant turn, the tokens of the whitespace the template
+    writes after it), or None when the template writes no whitespace after a special token there.
+
+    ChatML ends a turn with "<|im_end|>\n", Gemma with "<end_of_turn>\n", Zephyr with "</s>\n". That
+    whitespace leads into the next turn: a model stops at the end-of-turn token and never generates it,
+    so it is not scored (scored_length). Found once per tokenizer, from a rendered probe turn."""
+    probe = "wrpo-probe-reply"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
+    except RowError:
+        return None
+    after = text[text.rfind(probe) + len(probe):] if probe in text else ""
+    end = after.rstrip()
+    token = max((t for t in special_tokens(tokenizer) if end.endswith(t)), key=len, default=None)
+    if token is None or end == after:
+        return None
+    space = tokenizer(after[len(end):], add_special_tokens=False)["input_ids"]  # after a special token: alone
+    return tokenizer.convert_tokens_to_ids(token), space
+
+
+def scored_length(reply, end):
+    """How many of an assistant turn's tokens are scored: all, less the whitespace after its end-of-turn
+    token (end: turn_end's)."""
+    if end is not None:
+        token, space = end
+        n = len(reply) - len(space)
+        if n > 0 and reply[n:] == space and reply[n - 1] == token:
+            return n
     return len(reply)
 
 
-def encode(tokenizer, messages, responses, specials):
+def encode(tokenizer, messages, responses, end):
     """Prompt tokens and per-response tokens, all from the tokenizer's chat template.
 
     prompt = template(messages, add_generation_prompt=True); each response is the rest of
-    template(messages + [assistant response]) up to its end-of-turn token (see scored_length;
-    `specials` are the tokenizer's special_ids).
+    template(messages + [assistant response]) up to its end-of-turn token (end: turn_end's).
     """
     texts = [render(tokenizer, messages, add_generation_prompt=True)]
     for r in responses:
@@ -422,16 +454,16 @@ def encode(tokenizer, messages, responses, specials):
         if len(full) == len(prompt):
             raise RowError("a response renders to no tokens")
         reply = full[len(prompt):]
-        out.append(reply[: scored_length(tokenizer, reply, specials)])
+        out.append(reply[: scored_length(reply, end)])
     return prompt, out
 
 
-def encode_chat(tokenizer, messages, specials):
+def encode_chat(tokenizer, messages, end):
     """Tokens of a whole conversation and a mask of its assistant tokens.
 
     Rendered turn by turn: each assistant turn is what template(messages[:k + 1]) adds to
     template(messages[:k], add_generation_prompt=True), i.e. the reply and its end-of-turn
-    token, never the header before it nor whitespace after it (see scored_length).
+    token, never the header before it nor whitespace after it (end: turn_end's).
     """
     ids, mask = [], []
     for k, msg in enumerate(messages):
@@ -441,7 +473,7 @@ def encode_chat(tokenizer, messages, specials):
         if full[: len(ids)] != ids or full[: len(head)] != head:
             raise RowError(f"the chat template does not render messages[:{k}] as a prefix of messages[:{k + 1}]")
         added = full[len(head):]
-        scored = scored_length(tokenizer, added, specials) if msg["role"] == "assistant" else 0
+        scored = scored_length(added, end) if msg["role"] == "assistant" else 0
         mask += [False] * (len(head) - len(ids)) + [True] * scored + [False] * (len(added) - scored)
         ids = full
     return ids, mask
@@ -527,13 +559,13 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
     check_tokenizer(tokenizer)
 
     special = None if allow_special_tokens else special_tokens_finder(tokenizer)
-    specials = special_ids(tokenizer)
+    end = turn_end(tokenizer)
 
     def convert(rec, where):
         messages, texts, n_chosen, prompt_id = validate_row(rec)
         if special:
             check_special_tokens(special, text_fields(rec, False), [m["content"] for m in messages] + texts)
-        prompt, responses = encode(tokenizer, messages, texts, specials)
+        prompt, responses = encode(tokenizer, messages, texts, end)
         length = len(prompt) + max(len(r) for r in responses)
         if truncation == "error" and length > max_length:
             raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
@@ -562,13 +594,13 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
     check_tokenizer(tokenizer)
 
     special = None if allow_special_tokens else special_tokens_finder(tokenizer)
-    specials = special_ids(tokenizer)
+    end = turn_end(tokenizer)
 
     def convert(rec, where):
         messages = sft_messages(rec)
         if special:
             check_special_tokens(special, text_fields(rec, "messages" in rec), [m["content"] for m in messages])
-        ids, mask = encode_chat(tokenizer, messages, specials)
+        ids, mask = encode_chat(tokenizer, messages, end)
         if len(ids) > max_length:
             if truncation == "error":
                 raise RowError(f"conversation is {len(ids)} tokens, over max_length {max_length}")

@@ -95,7 +95,7 @@ class Family:
 
 
 FAMILIES = {
-    # Llama-3.2-1B/3B: Llama-3.1's template, tied embeddings; no pad token; generation stops at either end token
+    # Llama-3.2-1B/3B: tied embeddings, two stop tokens, no pad token; Llama-3.1's template (3.2's: today's date)
     "llama3.1": Family(LLAMA31, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                  "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>", None, "<|eot_id|>", True,
                        "LlamaConfig", dict(tie_word_embeddings=True), stop=("<|end_of_text|>",)),
@@ -128,7 +128,7 @@ def corpus(n=400, seed=0):
 
 def build_tokenizer(family):
     """A byte-level BPE trained here on a small corpus, with the family's special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -139,6 +139,9 @@ def build_tokenizer(family):
     fixed = ["[INST] [/INST]", "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024", QWEN_SYSTEM,
              "Answer briefly."]  # text the templates write, and the system turn of write_rows
     tok.train_from_iterator(corpus() + fixed * 20, trainer)
+    if family.bos:  # as the real tokenizers do, unless told add_special_tokens=False (the data path does)
+        tok.post_processor = processors.TemplateProcessing(single=f"{family.bos} $A", pair=f"{family.bos} $A $B",
+                                                           special_tokens=[(family.bos, tok.token_to_id(family.bos))])
     named = {k: v for k, v in dict(bos_token=family.bos, eos_token=family.eos, pad_token=family.pad).items() if v}
     extra = [t for t in family.specials if t not in named.values()]
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=family.template, model_max_length=512,

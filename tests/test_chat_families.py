@@ -61,6 +61,7 @@ def test_a_reply_is_its_text_and_end_of_turn(tmp_path, family, turns):
         if bos is None:
             assert tok.bos_token is None
         else:
+            assert tok("Hi")["input_ids"][0] == bos  # the tokenizer adds one when asked, as the real ones do
             assert seq.count(bos) == 1 and seq[0] == bos  # the template's BOS, not a second one from the tokenizer
     text = tok.decode(row.prompt_ids)
     if name == "llama3.1":  # the default system header with the knowledge cut-off and the date
@@ -123,12 +124,42 @@ def test_multi_turn_sft_scores_each_reply_and_its_end_of_turn(tmp_path, family):
     assert spans(everything.labels) == [(1, len(chat.ids))]  # the paper's setting: every token after the first
 
 
-def test_a_template_without_an_end_of_turn_token_scores_the_whole_reply(tmp_path):
+PLAIN_TEMPLATE = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
+                  "{% if add_generation_prompt %}### assistant:\n{% endif %}")  # no end-of-turn token
+
+
+def test_only_whitespace_after_the_templates_own_end_of_turn_token_is_left_out(tmp_path):
     tok = build_tokenizer(FAMILIES["chatml"])
-    tok.chat_template = ("{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n\n{% endfor %}"
-                         "{% if add_generation_prompt %}### assistant:\n{% endif %}")
+    quiet = dict(report=lambda *a: None)
+    replies = ["Five", "Hi", "Six, I think"]  # "Hi" is one token
+    row = load_preference_rows(write(tmp_path / "a.jsonl", [wrpo_row(TURNS[:1], replies)]), tok, **quiet)[0]
+    assert [tok.decode(r) for r in row.responses] == [r + "<|im_end|>" for r in replies] and len(row.responses[1]) == 2
+    tok.chat_template = PLAIN_TEMPLATE  # no special token ends a turn: the reply and the template's "\n\n"
+    special = ["Five<|im_end|>", "Five<|im_end|> ", "Six"]  # a special token of the reply's own is not a turn's end
+    rows = load_preference_rows(write(tmp_path / "b.jsonl", [wrpo_row(TURNS[:1]), wrpo_row(TURNS[:1], special)]), tok,
+                                allow_special_tokens=True, **quiet)
+    assert [[tok.decode(r) for r in row.responses] for row in rows] == [
+        [r + "\n\n" for r in REPLIES], [r + "\n\n" for r in special]]
+    chat = {"messages": TURNS + [{"role": "assistant", "content": "Five."}]}
+    seq = load_sft_examples(write(tmp_path / "c.jsonl", [chat]), tok, **quiet)[0]
+    assert [tok.decode(seq.ids[a:b]) for a, b in spans(seq.labels)] == ["Hello, how can I help\n\n", "Five.\n\n"]
+    tok.chat_template = (  # Zephyr's: each turn ends with EOS and a newline
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    row = load_preference_rows(write(tmp_path / "z.jsonl", [wrpo_row(TURNS[:1])]), tok, **quiet)[0]
+    assert [tok.decode(r) for r in row.responses] == [r + tok.eos_token for r in REPLIES]
+
+
+def test_a_template_that_writes_todays_date_renders_it(tmp_path):
+    """Llama-3.2's template writes today's date into its system header (transformers' strftime_now)."""
+    import time
+
+    tok = build_tokenizer(FAMILIES["llama3.1"])
+    tok.chat_template = tok.chat_template.replace('set date_string = "26 Jul 2024"',
+                                                  'set date_string = strftime_now("%d %b %Y")')
     row = load_preference_rows(write(tmp_path / "d.jsonl", [wrpo_row(TURNS[:1])]), tok, report=lambda *a: None)[0]
-    assert [tok.decode(r) for r in row.responses] == [r + "\n\n" for r in REPLIES]  # no special token: nothing cut
+    assert f"Today Date: {time.strftime('%d %b %Y')}\n" in tok.decode(row.prompt_ids)
+    assert [tok.decode(r) for r in row.responses] == [r + "<|eot_id|>" for r in REPLIES]
 
 
 def test_a_pad_token_equal_to_eos_never_hides_a_scored_eos(tmp_path):
