@@ -5,6 +5,7 @@ single process, so the CPU tests exercise the exact code used on an 8-GPU node.
 """
 
 import atexit
+import ctypes
 import json
 import math
 import os
@@ -78,17 +79,21 @@ def cleanup():
 
 
 def exit_process(code=0):
-    """End a script that has finished, its work written: flush, run the atexit handlers (they release
-    out_dir's lock), then os._exit(code), without the interpreter's teardown.
+    """End a script that has finished, its work written: run the atexit handlers, flush the streams, then
+    os._exit(code), without the interpreter's teardown.
 
     destroy_process_group does not stop gloo's worker threads: torch's own caches (DTensor's sharding
     cache, the device-mesh stack) keep the mesh, and with it the group, alive. Tearing the interpreter
     down under those threads now and then aborts a run that has finished ("terminate called without an
     active exception", SIGABRT), so it is skipped. (An error still exits through the teardown: it gives
     the other ranks time to reach their own message and exit code before torchrun stops them.)"""
-    sys.stdout.flush()
-    sys.stderr.flush()
     atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head) or stream: nothing left to save
+            pass
+    ctypes.CDLL(None).fflush(None)  # C libraries' buffered output too (NCCL's logs)
     os._exit(code)
 
 

@@ -27,6 +27,7 @@ def test_model_path_errors(tmp_path, monkeypatch):
 
 def test_exit_process_flushes_runs_atexit_and_keeps_the_code(tmp_path):
     """It skips the interpreter's teardown, but nothing a script wrote or registered is lost."""
+    import os
     import subprocess
     import sys
 
@@ -36,12 +37,14 @@ def test_exit_process_flushes_runs_atexit_and_keeps_the_code(tmp_path):
     script.write_text(
         "import atexit, sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import fsdp_utils\n"
+        "from fsdp_utils import exit_process\n"
         f"atexit.register(lambda: open({str(tmp_path / 'atexit')!r}, 'w').write('ran'))\n"
-        "sys.stdout.write('buffered, no newline')\n"
+        "atexit.register(lambda: print('from atexit'))\n"
+        "sys.stdout.write('buffered, no newline; ')\n"
         "sys.stderr.write('err too')\n"
-        "fsdp_utils.exit_process(3)\n"
+        "exit_process(3)\n"
         "print('never')\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "buffered, no newline", "err too")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "buffered, no newline; from atexit\n", "err too")
     assert (tmp_path / "atexit").read_text() == "ran"
