@@ -2,6 +2,7 @@
 
     python benchmarks/logps.py                                  # CPU: fp32, 2048 x 1024 x 128256
     python benchmarks/logps.py --dtype=bfloat16 --tokens=16384 --hidden=4096   # on a GPU
+    python benchmarks/logps.py --vocab=256000 --softcap=30      # Gemma-2's soft-capped head
 
 "Extra memory" is the peak beyond the inputs and their gradients (every method needs those).
 On CUDA it comes from the allocator's peak; on CPU each measurement runs in a fresh process
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from logps import chunked_logps, naive_logps  # noqa: E402
+from logps import Head, chunked_logps, naive_logps  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -34,7 +35,10 @@ def rss_bytes(field):
     raise RuntimeError(field)
 
 
-def make_fn(impl):
+def make_fn(impl, softcap=0.0):
+    if softcap:  # Gemma-2's final_logit_softcapping: naive and chunked apply it (triton hands it to chunked)
+        fn = make_fn(impl)
+        return lambda h, w, y: fn(h, w, y, head=Head(softcap=softcap))
     if impl == "naive":
         return naive_logps
     if impl == "compiled-naive":
@@ -48,14 +52,14 @@ def make_fn(impl):
     raise ValueError(impl)
 
 
-def measure(impl, dtype, tokens, hidden, vocab, device, repeats):
+def measure(impl, dtype, tokens, hidden, vocab, device, repeats, softcap=0.0):
     """Median fwd+bwd seconds and peak extra bytes of one implementation."""
     torch.manual_seed(0)
     h = (torch.randn(tokens, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_()
     w = (torch.randn(vocab, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_()
     y = torch.randint(0, vocab, (tokens,), device=device)
     g = torch.randn(tokens, device=device)
-    fn = make_fn(impl)
+    fn = make_fn(impl, softcap)
 
     def step():
         h.grad = w.grad = None
@@ -107,6 +111,7 @@ def main():
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--softcap", type=float, default=0.0, help="a soft-capped head (Gemma-2: 30)")
     p.add_argument("--impls", default="")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: measure one impl, print JSON
     args = p.parse_args()
@@ -114,7 +119,7 @@ def main():
     dtype = DTYPES[args.dtype]
     shape = (args.tokens, args.hidden, args.vocab)
     if args.one:
-        t, extra = measure(args.one, dtype, *shape, device, args.repeats)
+        t, extra = measure(args.one, dtype, *shape, device, args.repeats, args.softcap)
         print(json.dumps({"time": t, "extra": extra}))
         return
     impls = args.impls.split(",") if args.impls else (
@@ -122,18 +127,20 @@ def main():
     results = {}
     for impl in impls:
         if device.type == "cuda":
-            results[impl] = measure(impl, dtype, *shape, device, args.repeats)
+            results[impl] = measure(impl, dtype, *shape, device, args.repeats, args.softcap)
         else:  # a fresh process per implementation, so one's allocations do not hide another's peak
             out = subprocess.run([sys.executable, __file__, f"--one={impl}", f"--dtype={args.dtype}",
                                   f"--tokens={args.tokens}", f"--hidden={args.hidden}", f"--vocab={args.vocab}",
-                                  f"--repeats={args.repeats}"], capture_output=True, text=True, check=True,
+                                  f"--repeats={args.repeats}", f"--softcap={args.softcap}"], capture_output=True,
+                                 text=True, check=True,
                                  env={**os.environ})
             r = json.loads(out.stdout.strip().splitlines()[-1])
             results[impl] = (r["time"], r["extra"])
     floor = 6 * args.tokens * args.hidden * args.vocab / matmul_rate(dtype, *shape, device) \
         if device.type == "cuda" else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}")
+    capped = f"; head soft-capped at {args.softcap:g}" if args.softcap else ""
+    print(f"device: {name}; torch {torch.__version__}{capped}")
     cols = "| impl | dtype | tokens | hidden | vocab | fwd+bwd s | extra MiB | time / naive | extra / naive |"
     print(cols + (" time / floor |" if floor else ""))
     print("|---" * (9 + bool(floor)) + "|")
