@@ -83,7 +83,7 @@ def exit_process(code=0):
     os._exit(code), without the interpreter's teardown.
 
     destroy_process_group does not stop gloo's worker threads: torch's own caches (DTensor's sharding
-    cache, the device-mesh stack) keep the mesh, and with it the group, alive. Tearing the interpreter
+    cache among them) keep the mesh, and with it the group, alive. Tearing the interpreter
     down under those threads now and then aborts a run that has finished ("terminate called without an
     active exception", SIGABRT), so it is skipped. (An error still exits through the teardown: it gives
     the other ranks time to reach their own message and exit code before torchrun stops them.)"""
