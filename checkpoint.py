@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.fsdp import FSDPModule
 
-from fsdp_utils import DTYPES, is_master, print0
+from fsdp_utils import DTYPES, is_master, on_every_rank, print0
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step_(\d{6,})")
@@ -72,9 +72,7 @@ def reason(e):
 def all_ok(error=None):
     """Collective: every rank passes the reason it failed (or None) and all raise SaveError if any failed, so that
     a write that failed on one rank never leaves the others waiting in the next collective."""
-    failures = torch.tensor(float(error is not None), device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(failures)  # a plain tensor collective each save; the messages travel only after a failure
-    if not failures.item():
+    if on_every_rank(error is None):  # a plain tensor collective each save; the messages travel only after a failure
         return
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
