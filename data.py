@@ -648,9 +648,12 @@ class TokenRows:
         pieces = [self.tokens[s:e].tolist() for s, e in spans]
         if self.kind == "sft":
             (s, e), = spans
-            labels = np.where(self.arrays["scored"][s:e] != 0, self.tokens[s:e], IGNORE).tolist()
-            return Sequence(pieces[0], labels, self.where[i])
+            return Sequence(pieces[0], self._labels(s, e).tolist(), self.where[i])
         return PreferenceRow(pieces[0], pieces[1:], len(pieces) - 2, self.where[i], self.prompt_ids[i])
+
+    def _labels(self, start, end):
+        """An SFT example's labels from its token span: the token where scored, else IGNORE."""
+        return np.where(self.arrays["scored"][start:end] != 0, self.tokens[start:end], IGNORE)
 
     def lengths(self, shared_prompt=False):
         """Tokens of each row as training lays it out: row_length() of every row (an SFT example's length)."""
@@ -667,8 +670,7 @@ class TokenRows:
             pieces = [self.tokens[self.offsets[k] : self.offsets[k + 1]] for k in range(self.firsts[i],
                                                                                          self.firsts[i + 1])]
             if self.kind == "sft":
-                s, e = self.offsets[self.firsts[i]], self.offsets[self.firsts[i] + 1]
-                yield [pieces[0], np.where(self.arrays["scored"][s:e] != 0, pieces[0], IGNORE)]
+                yield [pieces[0], self._labels(self.offsets[self.firsts[i]], self.offsets[self.firsts[i] + 1])]
             else:
                 yield [np.array([len(pieces) - 2]), *pieces]
 
