@@ -68,16 +68,21 @@ def row(rng, i):
     }
 
 
-def build_tokenizer(texts):
+def train_bpe(texts, specials, vocab_size):
+    """A byte-level BPE tokenizer (tokenizers.Tokenizer) trained on texts, the special tokens first (ids 0, 1, ...)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=640, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def build_tokenizer(texts):
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>",
-        chat_template=CHAT_TEMPLATE, model_max_length=512,
+        tokenizer_object=train_bpe(texts, SPECIALS, 640), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        pad_token="<|pad|>", chat_template=CHAT_TEMPLATE, model_max_length=512,
     )
 
 

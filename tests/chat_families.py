@@ -121,24 +121,25 @@ WORDS = ("the cat sat on a mat while two dogs ran far away from home and every b
          "be concise you are a helpful assistant hello hi there thanks sure").split()
 
 
+def sentence(rng, longest):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, longest))).capitalize() + "."
+
+
 def corpus(n=400, seed=0):
     rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))).capitalize() + "." for _ in range(n)]
+    return [sentence(rng, 12) for _ in range(n)]
 
 
 def build_tokenizer(family):
     """A byte-level BPE trained here on a small corpus, with the family's special tokens and template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=family.specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    from demo.make_demo import train_bpe  # the demo tokenizer's training
+
     fixed = ["[INST] [/INST]", "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024", QWEN_SYSTEM,
              "Answer briefly."]  # text the templates write, and the system turn of write_rows
-    tok.train_from_iterator(corpus() + fixed * 20, trainer)
+    tok = train_bpe(corpus() + fixed * 20, family.specials, 600)
     if family.bos:  # as the real tokenizers do, unless told add_special_tokens=False (the data path does)
         tok.post_processor = processors.TemplateProcessing(single=f"{family.bos} $A", pair=f"{family.bos} $A $B",
                                                            special_tokens=[(family.bos, tok.token_to_id(family.bos))])
@@ -171,7 +172,7 @@ def build_model(family, tokenizer, path, seed=0, max_shard_size="40KB"):
 def write_rows(path, n=24, seed=0, system=None):
     """WRPO rows (a source and a target chosen response, one rejected) from the corpus; half with two-turn prompts."""
     rng = random.Random(seed)
-    text = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10))).capitalize() + "."  # noqa: E731
+    text = lambda: sentence(rng, 10)  # noqa: E731
     rows = []
     for i in range(n):
         prompt = [{"role": "user", "content": text()}]

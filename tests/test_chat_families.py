@@ -2,12 +2,11 @@
 prompt + response, a reply is scored on exactly its text and its end-of-turn token, BOS and EOS are never doubled,
 system turns are kept or refused by file:line, and multi-turn SFT masks every assistant turn and nothing else."""
 
-import json
-
 import pytest
 
 from chat_families import FAMILIES, QWEN_SYSTEM, build_tokenizer
 from data import IGNORE, SYSTEM_HINT, DataError, collate_preference, load_preference_rows, load_sft_examples, render
+from test_data import write_jsonl
 
 TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, how can I help"},
          {"role": "user", "content": "What is two plus three?"}]
@@ -18,11 +17,6 @@ REPLIES = ["Five.", "The answer is five", "Six, I think"]
 def family(request):
     fam = FAMILIES[request.param]
     return request.param, fam, build_tokenizer(fam)
-
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def wrpo_row(prompt, replies=REPLIES):
@@ -45,7 +39,7 @@ def spans(labels):
 @pytest.mark.parametrize("turns", [TURNS[:1], TURNS], ids=["one turn", "three turns"])
 def test_a_reply_is_its_text_and_end_of_turn(tmp_path, family, turns):
     name, fam, tok = family
-    rows = load_preference_rows(write(tmp_path / "d.jsonl", [wrpo_row(turns)]), tok, report=lambda *a: None)
+    rows = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [wrpo_row(turns)]), tok, report=lambda *a: None)
     row = rows[0]
     prompt_text = render(tok, turns, add_generation_prompt=True)
     assert row.prompt_ids == tok(prompt_text, add_special_tokens=False)["input_ids"]
@@ -77,13 +71,13 @@ def test_a_reply_is_its_text_and_end_of_turn(tmp_path, family, turns):
 def test_system_turns_are_kept_or_refused_by_file_line(tmp_path, family):
     name, fam, tok = family
     system = [{"role": "system", "content": "Answer briefly."}]
-    path = write(tmp_path / "d.jsonl", [wrpo_row(TURNS), wrpo_row(system + TURNS)])
+    path = write_jsonl(tmp_path / "d.jsonl", [wrpo_row(TURNS), wrpo_row(system + TURNS)])
     if not fam.system:
         why = "System role not supported" if name == "gemma2" else "Conversation roles must alternate"
         with pytest.raises(DataError, match=rf"d\.jsonl:2: the chat template refuses this row \({why}") as e:
             load_preference_rows(path, tok, report=lambda *a: None)
         assert SYSTEM_HINT in str(e.value)
-        chat = write(tmp_path / "c.jsonl", [{"messages": system + TURNS[:2]}])
+        chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": system + TURNS[:2]}])
         with pytest.raises(DataError, match=rf"c\.jsonl:1: the chat template refuses this row \({why}"):
             load_sft_examples(chat, tok, report=lambda *a: None)
         return
@@ -98,7 +92,7 @@ def test_system_turns_are_kept_or_refused_by_file_line(tmp_path, family):
                                                                                    "the assistant"])
 def test_roles_that_do_not_alternate_are_refused_where_the_template_says_so(tmp_path, family, bad):
     name, fam, tok = family
-    path = write(tmp_path / "d.jsonl", [wrpo_row(TURNS), wrpo_row(bad)])
+    path = write_jsonl(tmp_path / "d.jsonl", [wrpo_row(TURNS), wrpo_row(bad)])
     if name in ("gemma2", "mistral"):
         with pytest.raises(DataError, match=r"d\.jsonl:2: the chat template refuses this row \(Conversation roles "
                                             r"must alternate user/assistant"):
@@ -112,7 +106,7 @@ def test_multi_turn_sft_scores_each_reply_and_its_end_of_turn(tmp_path, family):
     system = [{"role": "system", "content": "Answer briefly."}] if fam.system else []
     messages = system + TURNS + [{"role": "assistant", "content": "Five."}, {"role": "user", "content": "Thanks"},
                                  {"role": "assistant", "content": "Sure"}]
-    path = write(tmp_path / "c.jsonl", [{"messages": messages}, wrpo_row(TURNS[:1])])
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": messages}, wrpo_row(TURNS[:1])])
     chat, from_wrpo = load_sft_examples(path, tok, report=lambda *a: None)
     assert chat.ids == tok(render(tok, messages), add_special_tokens=False)["input_ids"]  # the whole conversation
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
@@ -132,21 +126,21 @@ def test_only_whitespace_after_the_templates_own_end_of_turn_token_is_left_out(t
     tok = build_tokenizer(FAMILIES["chatml"])
     quiet = dict(report=lambda *a: None)
     replies = ["Five", "Hi", "Six, I think"]  # "Hi" is one token
-    row = load_preference_rows(write(tmp_path / "a.jsonl", [wrpo_row(TURNS[:1], replies)]), tok, **quiet)[0]
+    row = load_preference_rows(write_jsonl(tmp_path / "a.jsonl", [wrpo_row(TURNS[:1], replies)]), tok, **quiet)[0]
     assert [tok.decode(r) for r in row.responses] == [r + "<|im_end|>" for r in replies] and len(row.responses[1]) == 2
     tok.chat_template = PLAIN_TEMPLATE  # no special token ends a turn: the reply and the template's "\n\n"
     special = ["Five<|im_end|>", "Five<|im_end|> ", "Six"]  # a special token of the reply's own is not a turn's end
-    rows = load_preference_rows(write(tmp_path / "b.jsonl", [wrpo_row(TURNS[:1]), wrpo_row(TURNS[:1], special)]), tok,
-                                allow_special_tokens=True, **quiet)
+    path = write_jsonl(tmp_path / "b.jsonl", [wrpo_row(TURNS[:1]), wrpo_row(TURNS[:1], special)])
+    rows = load_preference_rows(path, tok, allow_special_tokens=True, **quiet)
     assert [[tok.decode(r) for r in row.responses] for row in rows] == [
         [r + "\n\n" for r in REPLIES], [r + "\n\n" for r in special]]
     chat = {"messages": TURNS + [{"role": "assistant", "content": "Five."}]}
-    seq = load_sft_examples(write(tmp_path / "c.jsonl", [chat]), tok, **quiet)[0]
+    seq = load_sft_examples(write_jsonl(tmp_path / "c.jsonl", [chat]), tok, **quiet)[0]
     assert [tok.decode(seq.ids[a:b]) for a, b in spans(seq.labels)] == ["Hello, how can I help\n\n", "Five.\n\n"]
     tok.chat_template = (  # Zephyr's: each turn ends with EOS and a newline
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    row = load_preference_rows(write(tmp_path / "z.jsonl", [wrpo_row(TURNS[:1])]), tok, **quiet)[0]
+    row = load_preference_rows(write_jsonl(tmp_path / "z.jsonl", [wrpo_row(TURNS[:1])]), tok, **quiet)[0]
     assert [tok.decode(r) for r in row.responses] == [r + tok.eos_token for r in REPLIES]
 
 
@@ -157,7 +151,7 @@ def test_a_template_that_writes_todays_date_renders_it(tmp_path):
     tok = build_tokenizer(FAMILIES["llama3.1"])
     tok.chat_template = tok.chat_template.replace('set date_string = "26 Jul 2024"',
                                                   'set date_string = strftime_now("%d %b %Y")')
-    row = load_preference_rows(write(tmp_path / "d.jsonl", [wrpo_row(TURNS[:1])]), tok, report=lambda *a: None)[0]
+    row = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [wrpo_row(TURNS[:1])]), tok, report=lambda *a: None)[0]
     assert f"Today Date: {time.strftime('%d %b %Y')}\n" in tok.decode(row.prompt_ids)
     assert [tok.decode(r) for r in row.responses] == [r + "<|eot_id|>" for r in REPLIES]
 
@@ -166,7 +160,7 @@ def test_a_pad_token_equal_to_eos_never_hides_a_scored_eos(tmp_path):
     tok = build_tokenizer(FAMILIES["chatml"])
     eos = tok.eos_token_id
     assert tok.pad_token_id == eos
-    row = load_preference_rows(write(tmp_path / "d.jsonl", [wrpo_row(TURNS[:1])]), tok, report=lambda *a: None)[0]
+    row = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [wrpo_row(TURNS[:1])]), tok, report=lambda *a: None)[0]
     padded = collate_preference([row], pad_id=eos)
     for i, reply in enumerate(row.responses):
         n = len(row.prompt_ids) + len(reply)

@@ -6,23 +6,15 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from chat_families import FAMILIES, build_model, build_tokenizer, write_rows
 from conftest import REPO, read_jsonl, torchrun
+from fsdp_utils import _checkpoint_tensors
 
 pytestmark = pytest.mark.slow  # end-to-end runs: the full suite only
 
 SETTINGS = ["--max_length=128", "--global_batch_size=4", "--epochs=2", "--max_steps=2", "--lr=1e-3",
             "--dtype=float32", "--save_dtype=float32"]
-
-
-def saved_tensors(folder):
-    names = set()
-    for f in folder.glob("*.safetensors"):
-        with safe_open(f, framework="pt") as st:
-            names |= set(st.keys())
-    return names
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -53,7 +45,7 @@ def test_family_trains_saves_and_loads(tmp_path, name):
     assert model.config.vocab_size == start.config.vocab_size == len(tok) + fam.vocab_extra  # Qwen's extra rows
     tied = fam.quirks.get("tie_word_embeddings", start.config.tie_word_embeddings)
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
-    assert ("lm_head.weight" in saved_tensors(final)) == (not tied)
+    assert ("lm_head.weight" in _checkpoint_tensors(final)) == (not tied)
     for key, value in fam.quirks.items():
         assert getattr(model.config, key) == value, key
     assert model.generation_config.eos_token_id == start.generation_config.eos_token_id  # Gemma's two stop tokens
