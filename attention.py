@@ -1,38 +1,27 @@
 """Causal attention over packed rows, one sequence at a time: the `packed_sdpa` implementation.
 
-A packed row holds several sequences back to back (data.collate_packed). transformers' `sdpa`
-keeps them apart with a block mask over the whole row, so every row costs T^2 attention
-however short its sequences are, and the mask disables the kernels' causal block skipping.
-`packed_sdpa` attends within each sequence instead, so attention costs what the sequences
-alone would cost. Rules, from the position ids:
-
-  - a sequence starts wherever the position does not continue the previous one (p != prev + 1);
-  - one starting at position 0 begins a group and attends causally to itself;
-  - one starting at position p > 0 continues its group: it attends to the group's first p
-    tokens and causally to itself. This is shared-prompt packing (data.collate with
-    shared_prompt=True): [prompt, y1, prompt[-1], y2, prompt[-1], y3], where y2 and y3 restart
-    at position len(prompt) - 1 and see the one copy of the prompt, as if each were alone with it.
-
-Two paths compute this:
+A packed row holds several sequences back to back (batching.collate_packed). transformers' `sdpa` keeps them apart
+with a block mask over the whole row, so every row costs T^2 attention however short its sequences, and the mask
+disables the kernels' causal block skipping. `packed_sdpa` attends within each sequence, from the position ids
+(batching.sequences): a sequence starting at position 0 begins a group and attends causally to itself; one starting
+at p > 0 continues its group, attending to the group's first p tokens too. That is shared-prompt packing
+(batching.row_sequences): [prompt, y1, prompt[-1], y2, prompt[-1], y3], y2 and y3 restarting at len(prompt) - 1.
 
   varlen        (CUDA, fp16/bf16) one flash-attention call per layer for the whole micro-batch
-                (torch.nn.attention.varlen). The collate step builds the layout on the host
-                (`varlen_layout`: cumulative sequence lengths, and a key index that puts each
-                continuation's group prefix in front of its own keys) and the batch hands it to
-                the model as `varlen_*` keyword arguments: no host sync, no loop over sequences.
+                (torch.nn.attention.varlen), its layout built by the collate step on the host
+                (batching.varlen_layout) and passed as `varlen_*` keyword arguments: no host sync.
                 `use_varlen` says whether to build it, after a self-check against the other path.
-  per sequence  otherwise (CPU, fp32, batches without a layout): causal sdpa on each sequence,
-                reading the sequences off the position ids (one host sync per forward).
+  per sequence  otherwise (CPU, fp32, batches without a layout): causal sdpa on each sequence.
 
-The attention mask transformers would build is not used (none is registered for this name):
-rows must carry their padding at the end, as all of this project's batches do. Padded rows
-without position ids are one causal sequence each, which is exact for their real tokens.
+No attention mask is used: rows carry their padding at the end, as all of this project's batches do.
 """
 
 import weakref
 
 import torch
 import torch.nn.functional as F
+
+from batching import check_continuation, sequences, varlen_layout
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_kernel  # tests substitute an emulation
@@ -44,59 +33,8 @@ _last = (lambda: None, None)  # (weak reference to a position_ids tensor, its se
 _use_varlen = {}  # device -> use_varlen's answer, decided once per process
 
 
-def sequences(position_ids):
-    """(start, end, first position) of each sequence in a row of position ids (a 1-D list)."""
-    starts = [t for t in range(len(position_ids)) if t == 0 or position_ids[t] != position_ids[t - 1] + 1]
-    ends = starts[1:] + [len(position_ids)]
-    return [(s, e, position_ids[s]) for s, e in zip(starts, ends)]
-
-
-def _check_continuation(p, first):
-    """A sequence starting at position p > 0 needs a group before it in its row (first: the group's first
-    sequence as (start, end, position), or None) with at least p tokens."""
-    if first is None:
-        raise ValueError(f"{NAME}: a row's first sequence starts at position {p}; only a sequence after "
-                         "the start of its group (position 0) in the same row may continue it")
-    if p > first[1] - first[0]:
-        raise ValueError(f"{NAME}: a sequence continues position {p} of a group whose first sequence has "
-                         f"only {first[1] - first[0]} tokens")
-
-
 # -----------------------------------------------------------------------------
 # varlen: one flash-attention call over all the micro-batch's sequences
-
-
-def varlen_layout(position_ids):
-    """The varlen path's batch entries, from the batch's own position ids [R, T], one row per row of the batch
-    (on the host: collate calls this once per micro-batch, so no layer has to read the layout off the device).
-
-    The R rows are flattened into one stream of R * T tokens, cut into its sequences (padding at a
-    row's end is one more). Query range i is sequence i; key range i is the same tokens, after the first
-    p tokens of the group for a sequence continuing one at position p. Returns
-      varlen_cu_seq_q, varlen_cu_seq_k  int32 [N + 1]: where each sequence's queries and keys start
-      varlen_max_q, varlen_max_k        ints: the longest query and key range
-      varlen_k_index                    int64 [sum of key lengths]: the tokens that make up the key
-                                        stream; present only when some sequence continues a group
-    """
-    R, T = position_ids.shape
-    q_lens, k_lens, k_runs = [], [], []  # k_runs: (first token, count) runs of the flattened stream
-    for r, row in enumerate(position_ids.tolist()):
-        first = None
-        for s, e, p in sequences(row):
-            if p == 0:
-                first = (s, e, p)
-            else:
-                _check_continuation(p, first)
-                k_runs.append((r * T + first[0], p))
-            k_runs.append((r * T + s, e - s))
-            q_lens.append(e - s)
-            k_lens.append(e - s + p)
-    cumsum = lambda n: torch.tensor([0] + n, dtype=torch.int32).cumsum(0, dtype=torch.int32)  # noqa: E731
-    out = dict(varlen_cu_seq_q=cumsum(q_lens), varlen_cu_seq_k=cumsum(k_lens), varlen_max_q=max(q_lens),
-               varlen_max_k=max(k_lens))
-    if k_lens != q_lens:  # some continuation: its keys are gathered; otherwise the keys are the queries' tokens
-        out["varlen_k_index"] = torch.cat([torch.arange(s, s + n) for s, n in k_runs])
-    return out
 
 
 def _flash_accepts(query):
@@ -128,7 +66,7 @@ def _varlen_sdpa(query, key, value, scaling, layout):
 
 
 def _sequences_per_row(position_ids):
-    """sequences() of each row; every layer gets the same position_ids tensor, so one host sync per forward."""
+    """sequences() of each row, cached: every layer gets the same position_ids tensor (one host sync per forward)."""
     global _last
     if _last[0]() is not position_ids:
         _last = (weakref.ref(position_ids), [sequences(row) for row in position_ids.tolist()])
@@ -140,8 +78,7 @@ def _per_sequence_sdpa(query, key, value, position_ids, scaling, drop):
     B, H, T, _ = query.shape
     rows = _sequences_per_row(position_ids)
     rows = rows * B if len(rows) < B else rows  # one row of position ids shared by the batch
-    if key.shape[1] != H:  # grouped-query attention: repeat the kv heads (enable_gqa would fall back to
-        # the math kernel on CPU)
+    if key.shape[1] != H:  # grouped-query attention (enable_gqa would fall back to the math kernel on CPU)
         key, value = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (key, value))
     out = []
     for b, (q_row, k_row, v_row) in enumerate(zip(query, key, value)):  # [H, T, D] each
@@ -155,7 +92,7 @@ def _per_sequence_sdpa(query, key, value, position_ids, scaling, drop):
                 first = i
                 parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, scale=scaling))
                 continue
-            _check_continuation(p, None if first is None else seqs[first])
+            check_continuation(p, None if first is None else seqs[first])
             k = torch.cat([pieces[1][first][None, :, :p], k], dim=2)
             v = torch.cat([pieces[2][first][None, :, :p], v], dim=2)
             n = e - s  # query i sees the p prefix tokens and its own sequence up to i
@@ -167,11 +104,8 @@ def _per_sequence_sdpa(query, key, value, position_ids, scaling, drop):
 
 @torch.compiler.disable  # a Python loop over data-dependent lengths: left out of compiled layers
 def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kwargs):
-    """query [B, H, T, D], key and value [B, Hkv, T, D] -> output [B, T, H, D], no weights.
-
-    With varlen_layout's entries among the kwargs (the layout of these B rows), one varlen kernel call;
-    without them, or for inputs the kernel does not take (fp32, dropout), sdpa per sequence.
-    """
+    """query [B, H, T, D], key and value [B, Hkv, T, D] -> output [B, T, H, D], no weights: one varlen kernel call
+    with varlen_layout's entries among the kwargs, else (or for fp32, dropout) sdpa per sequence."""
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     if kwargs.get("softcap") or (window and window < query.shape[2]):  # a window over the row is full attention
         raise ValueError(f"{NAME} does not implement sliding windows or soft-capping; use attn_implementation=auto")
@@ -189,8 +123,8 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
 
 
 def varlen_self_check(device):
-    """(ok, message): whether the varlen kernel gives the per-sequence path's outputs and gradients on
-    `device`, on a small bf16 batch with a shared prompt and grouped-query heads. Never raises."""
+    """(ok, message): whether the varlen kernel gives the per-sequence path's outputs and gradients on `device`, on a
+    small bf16 batch with shared prompts and grouped-query heads. Never raises."""
     if device.type != "cuda":
         return False, f"flash varlen needs CUDA, not {device.type}"
     if _varlen_kernel is None:
@@ -202,11 +136,8 @@ def varlen_self_check(device):
 
 
 def _check_against_per_sequence(device, dtype):
-    """The varlen path in `dtype` against the per-sequence path in fp32: outputs and q, k, v gradients.
-
-    Passes when it is within 4x the per-sequence path's own error in `dtype` (+ 1e-2): bf16 rounding
-    moves these O(1) values by ~1e-2, a wrong layout by O(1).
-    """
+    """The varlen path in `dtype` against the per-sequence path in fp32 (outputs, q, k, v gradients): within 4x the
+    per-sequence path's own error in `dtype` + 1e-2. bf16 moves these O(1) values by ~1e-2, a wrong layout by O(1)."""
     row0 = list(range(12)) + list(range(7, 12)) + list(range(7, 11)) + list(range(3))  # 2 continuations, padding
     row1 = list(range(15)) + list(range(9))
     position_ids = torch.tensor([row0, row1])
@@ -235,8 +166,8 @@ def _check_against_per_sequence(device, dtype):
 
 
 def use_varlen(device):
-    """Whether batches on `device` should carry varlen_layout's entries: on CUDA when the self-check
-    passes. Decided once per process, with one line saying which path attention takes."""
+    """Whether batches on `device` should carry varlen_layout's entries: on CUDA when the self-check passes. Decided
+    once per process, with one line saying which path attention takes."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
@@ -258,45 +189,31 @@ def register():
 
 
 def known(name):
-    """Whether transformers (with packed_sdpa registered) accepts this attn_implementation, or it is "auto"
-    (see choose); hub kernels ("org/repo") are left for transformers to fetch and check."""
+    """Whether transformers (packed_sdpa registered) takes this attn_implementation, or it is "auto" (choose); hub
+    kernels ("org/repo") are left for transformers to fetch and check."""
     from transformers import AttentionInterface
 
     register()
     return name in ("auto", "eager") or name in AttentionInterface().valid_keys() or "/" in name
 
 
-def packed_problem(config, max_length):
-    """Why a model of this config cannot take packed_sdpa, or None. Soft-capped attention logits (Gemma-2) and
-    sliding windows shorter than max_length are not implemented (a longer window is full attention), and the
-    model class must accept sdpa-style attention."""
-    model_class = _model_class(config)
-    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-    if getattr(config, "attn_logit_softcapping", None):
-        return "its attention logits are soft-capped"
-    if window and window < max_length:
-        return f"its sliding window of {window} tokens is shorter than max_length {max_length}"
-    if model_class is not None and not getattr(model_class, "_supports_sdpa", False):
-        return f"{model_class.__name__} takes no sdpa-style attention"
-    return None
-
-
-def _model_class(config):
-    """The causal-LM class transformers builds for this config (None for one it does not know: custom code)."""
+def choose(name, config, max_length):
+    """(the attn_implementation to load, a line saying why, or "" when it is the one asked for). "auto": packed_sdpa
+    where the model takes it, else the best transformers accepts for it, sdpa or eager; packing stays exact under
+    either (transformers masks packed sequences apart by their position ids), shared prompts need packed_sdpa.
+    packed_sdpa does not implement soft-capped attention logits (Gemma-2) nor sliding windows shorter than
+    max_length (a longer window is full attention), and the model class must take sdpa-style attention."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM._model_mapping.get(type(config), None)
-
-
-def choose(name, config, max_length):
-    """(the attn_implementation to load, a line saying why, or "" when it is the one asked for). "auto":
-    packed_sdpa where the model can take it, else the best that transformers accepts for it: sdpa, else eager.
-    Under either, packing stays exact (transformers masks packed sequences apart by their position ids);
-    shared prompts need packed_sdpa."""
     if name != "auto":
         return name, ""
-    problem = packed_problem(config, max_length)
+    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)  # (None: a model of its own code)
+    sdpa = getattr(model_class, "_supports_sdpa", False)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    problem = ("its attention logits are soft-capped" if getattr(config, "attn_logit_softcapping", None) else
+               f"its sliding window of {window} tokens is shorter than max_length {max_length}"
+               if window and window < max_length else
+               f"{model_class.__name__} takes no sdpa-style attention" if model_class and not sdpa else None)
     if problem is None:
         return NAME, ""
-    fallback = "sdpa" if getattr(_model_class(config), "_supports_sdpa", False) else "eager"
-    return fallback, f"attention: {fallback}, not {NAME}, because {problem}"
+    return ("sdpa" if sdpa else "eager"), f"attention: {'sdpa' if sdpa else 'eager'}, not {NAME}, because {problem}"

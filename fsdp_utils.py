@@ -1,10 +1,12 @@
-"""Distributed setup, FSDP2 sharding and sharded loading of Hugging Face safetensors checkpoints.
+"""Distributed setup, and a model's way in and out: FSDP2 sharding, sharded loading of Hugging Face safetensors
+checkpoints, and the gathered full weights written back as one.
 
 The same functions run on CUDA (nccl) and on CPU (gloo), under torchrun or as a plain
 single process, so the CPU tests exercise the exact code used on an 8-GPU node.
 """
 
 import atexit
+import copy
 import ctypes
 import json
 import math
@@ -15,9 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+
+from logps import attach_label_logps, resolve_impl
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -26,11 +32,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def init_distributed():
-    """Return (rank, world_size, device, mesh) from torchrun's environment.
-
-    cuda + nccl when GPUs exist, cpu + gloo otherwise. A plain `python wrpo.py` becomes a
-    world of one so that the training code has a single path.
-    """
+    """(rank, world size, device, mesh) from torchrun's environment: cuda + nccl where GPUs are, else cpu + gloo. A
+    plain `python wrpo.py` is a world of one, so that the training code has a single path."""
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank)
@@ -58,8 +61,7 @@ def is_local_master():
 
 
 def on_every_rank(ok):
-    """Whether `ok` holds on every rank (each read a cache, say: on several nodes, or with a damaged copy,
-    some may not); `ok` itself without a process group. Collective."""
+    """Whether `ok` holds on every rank (each read a cache, say); `ok` itself without a process group. Collective."""
     if not dist.is_initialized():
         return ok
     seen = torch.tensor(float(ok), device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -79,14 +81,10 @@ def cleanup():
 
 
 def exit_process(code=0):
-    """End a script that has finished, its work written: run the atexit handlers, flush the streams, then
-    os._exit(code), without the interpreter's teardown.
-
-    destroy_process_group does not stop gloo's worker threads: torch's own caches (DTensor's sharding
-    cache among them) keep the mesh, and with it the group, alive. Tearing the interpreter
-    down under those threads now and then aborts a run that has finished ("terminate called without an
-    active exception", SIGABRT), so it is skipped. (An error still exits through the teardown: it gives
-    the other ranks time to reach their own message and exit code before torchrun stops them.)"""
+    """End a script whose work is written: the atexit handlers, the streams flushed, then os._exit(code), without the
+    interpreter's teardown. destroy_process_group does not stop gloo's worker threads (torch's caches keep the mesh
+    alive), and a teardown under them now and then aborts a finished run with SIGABRT. (An error still exits
+    through the teardown: the other ranks then reach their own message and exit code before torchrun stops them.)"""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -98,73 +96,79 @@ def exit_process(code=0):
 
 
 # -----------------------------------------------------------------------------
-# sharded loading: every rank reads only its own slices of the safetensors files
+# the way in: built on the meta device, sharded, then every rank reads only its own slices of the weights
 
 
-def _checkpoint_tensors(path):
-    """Map each tensor name to the safetensors file holding it (single file or sharded)."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / fname for name, fname in weight_map.items()}
-    single = path / "model.safetensors"
-    if not single.exists():
-        raise FileNotFoundError(
-            f"{path}: no model.safetensors or model.safetensors.index.json "
-            "(only safetensors checkpoints are loaded, never pickled .bin files)"
-        )
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+def load_model(path, mesh, device, cfg, *, attn="sdpa", trainable=True):
+    """A causal LM from a local folder of safetensors weights, sharded over `mesh`, with a `label_logps` method
+    (logps.attach_label_logps): the policy (trainable: fp32 master weights) or a frozen model.
 
-
-def count_parameters(path):
-    """Parameters stored in a safetensors checkpoint, read from the file headers only."""
-    total = 0
-    for fname in set(_checkpoint_tensors(path).values()):
-        with safe_open(fname, framework="pt") as f:
-            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return total
-
-
-def _shard_rows(dtensor):
-    """Row range [start, end) of dim 0 held by this rank (FSDP2 shards dim 0 like torch.chunk)."""
-    assert all(isinstance(p, Shard) and p.dim == 0 for p in dtensor.placements), dtensor.placements
-    mesh = dtensor.device_mesh
-    rows, world, rank = dtensor.shape[0], mesh.size(), mesh.get_local_rank()
-    chunk = math.ceil(rows / world)
-    start = min(rank * chunk, rows)
-    return start, min(start + chunk, rows)
-
-
-def _init_nonpersistent_buffers(model):
-    """Recompute buffers that are not stored in checkpoints: rotary inverse frequencies, and the scale of Gemma's
-    scaled word embeddings (sqrt(hidden size)).
-
-    They were created on the meta device, so `to_empty` left them uninitialised.
+    cfg: TrainConfig's dtype, activation_checkpointing, compile, trust_remote_code and logps_impl. attn: the
+    attn_implementation, registered with transformers first if it is not its own (attention.register).
     """
-    for module in model.modules():
-        names = getattr(module, "_non_persistent_buffers_set", set())
-        if not names:
-            continue
-        with torch.no_grad():
-            if "RotaryEmbedding" in type(module).__name__:
-                model._init_weights(module)
-            elif names == {"embed_scale"} and hasattr(module, "scalar_embed_scale"):  # Gemma's embeddings
-                module.embed_scale.fill_(module.scalar_embed_scale)
-            else:
-                raise NotImplementedError(f"{type(module).__name__} has non-persistent buffers {sorted(names)} "
-                                          "that sharded loading does not know how to rebuild")
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    param_dtype = DTYPES[cfg.dtype]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    # 1) on the meta device: shapes, no memory. A trained model keeps fp32 master weights; a frozen one is stored
+    #    directly in the compute dtype (the values FSDP would cast to in every forward, at half the memory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32 if trainable else param_dtype,
+                                                 trust_remote_code=cfg.trust_remote_code, attn_implementation=attn)
+    model.config.use_cache = False
+    if os.path.isfile(os.path.join(path, "generation_config.json")):  # from_config derives one from config.json,
+        model.generation_config = GenerationConfig.from_pretrained(path)  # without the stop tokens that it lists
+    # 2) activation checkpointing: each decoder layer recomputed in backward (non-reentrant: it composes with FSDP2)
+    checkpointing = trainable and (cfg.activation_checkpointing == "true" or (
+        cfg.activation_checkpointing == "auto" and device.type == "cuda"))
+    if checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # (the second name is the first's before transformers 5.x renamed it)
+    # 3) compile each decoder layer, before sharding: every layer has the same code, so one compiled graph serves all
+    if cfg.compile and trainable:
+        for layer in decoder_layers(model):
+            layer.compile()
+    # 4) shard: fully_shard each decoder layer, then the root
+    apply_fsdp(model, mesh, param_dtype)
+    # 5) this rank's shards allocated on the device, uninitialised
+    model.to_empty(device=device)
+    # 6) the buffers no checkpoint holds, recomputed (rotary frequencies, Gemma's embedding scale)
+    _init_nonpersistent_buffers(model)
+    # 7) this rank's rows of each tensor, read from the memory-mapped safetensors files
+    load_sharded_weights(model, path)
+    if trainable:
+        model.train()
+        print0(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, compute {cfg.dtype}, "
+               f"activation checkpointing {'on' if checkpointing else 'off'}, "
+               f"log-probs {resolve_impl(cfg.logps_impl, device)}")
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return attach_label_logps(model, cfg.logps_impl)
+
+
+def apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True):
+    """fully_shard each decoder layer, then the root (embedding, final norm, lm_head). Parameters stay in fp32 (the
+    optimizer's master weights); FSDP casts them to `param_dtype` for compute. Gradients are reduced in fp32: summing
+    bf16 gradients over many ranks loses the low bits of small updates, which at lr 3e-7 are most of them."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def decoder_layers(model):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: expected decoder layers at model.model.layers")
+    return list(layers)
 
 
 @torch.no_grad()
 def load_sharded_weights(model, path):
-    """Fill a meta-initialised, fully_shard-ed model from a safetensors checkpoint.
-
-    Each rank reads only the rows of each tensor that it owns (safetensors slices are
-    memory-mapped), so host memory stays near one copy of the model per node instead of
-    one per rank.
-    """
+    """Fill a meta-initialised, fully_shard-ed model from a safetensors checkpoint: each rank reads only its own rows
+    of each tensor (memory-mapped slices), so host memory stays near one copy of the model per node."""
     files = _checkpoint_tensors(path)
     tied = getattr(model.config, "tie_word_embeddings", False)
     handles = {}
@@ -189,76 +193,60 @@ def load_sharded_weights(model, path):
         handles.clear()
 
 
-# -----------------------------------------------------------------------------
-# FSDP2
+def _checkpoint_tensors(path):
+    """Map each tensor name to the safetensors file holding it (single file or sharded)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / fname for name, fname in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                                "checkpoints are loaded, never pickled .bin files)")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
 
 
-def apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True):
-    """fully_shard each decoder layer, then the root (embedding, final norm, lm_head).
-
-    Parameters stay in fp32 (the optimizer's master weights); FSDP casts them to
-    `param_dtype` for compute. Gradients are reduced in fp32: summing bf16 gradients across
-    many ranks loses the low bits of small updates, which at lr 3e-7 are most of them.
-    """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    return model
+def _shard_rows(dtensor):
+    """Row range [start, end) of dim 0 held by this rank (FSDP2 shards dim 0 like torch.chunk)."""
+    assert all(isinstance(p, Shard) and p.dim == 0 for p in dtensor.placements), dtensor.placements
+    mesh = dtensor.device_mesh
+    rows, world, rank = dtensor.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = math.ceil(rows / world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
 
 
-def decoder_layers(model):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: expected decoder layers at model.model.layers")
-    return list(layers)
+def _init_nonpersistent_buffers(model):
+    """Recompute the buffers no checkpoint holds, which `to_empty` left uninitialised: rotary inverse frequencies, and
+    the scale of Gemma's scaled word embeddings (sqrt(hidden size))."""
+    for module in model.modules():
+        names = getattr(module, "_non_persistent_buffers_set", set())
+        if not names:
+            continue
+        with torch.no_grad():
+            if "RotaryEmbedding" in type(module).__name__:
+                model._init_weights(module)
+            elif names == {"embed_scale"} and hasattr(module, "scalar_embed_scale"):  # Gemma's embeddings
+                module.embed_scale.fill_(module.scalar_embed_scale)
+            else:
+                raise NotImplementedError(f"{type(module).__name__} has non-persistent buffers {sorted(names)} "
+                                          "that sharded loading does not know how to rebuild")
 
 
-def load_model(path, mesh, device, param_dtype, *, trainable=True, activation_checkpointing=False,
-               trust_remote_code=False, attn_implementation="sdpa", compile=False):
-    """Build a causal LM on the meta device, shard it, then load this rank's slices.
-
-    `path` is a local folder or a hub id (resolved to a local snapshot first). A custom
-    attn_implementation (attention.py's packed_sdpa) must be registered with transformers first.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    local = resolve_model_path(path)
-    config = AutoConfig.from_pretrained(local, trust_remote_code=trust_remote_code)
-    # a trained model keeps fp32 master weights; a frozen one is stored directly in the compute
-    # dtype (the same values FSDP would cast to on every forward, at half the memory)
-    storage_dtype = torch.float32 if trainable else param_dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=storage_dtype, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
-        )
-    if activation_checkpointing:
-        # non-reentrant checkpointing recomputes each layer in backward and composes with FSDP2
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})  # (the second name is the first's before transformers 5.x renamed it)
-    model.config.use_cache = False
-    if os.path.isfile(os.path.join(local, "generation_config.json")):  # from_config derives one from config.json,
-        model.generation_config = GenerationConfig.from_pretrained(local)  # without the stop tokens that it lists
-    if compile:  # per layer, before sharding: every layer has the same code, so one compiled graph serves all
-        for layer in decoder_layers(model):
-            layer.compile()
-    apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True)
-    model.to_empty(device=device)
-    _init_nonpersistent_buffers(model)
-    load_sharded_weights(model, local)
-    if trainable:
-        model.train()
-    else:
-        model.eval()
-        model.requires_grad_(False)
-    return model
+def count_parameters(path):
+    """Parameters stored in a safetensors checkpoint, read from the file headers only."""
+    total = 0
+    for fname in set(_checkpoint_tensors(path).values()):
+        with safe_open(fname, framework="pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
 
 
 def loading_problem(path, trust_remote_code=False):
-    """The one rule for loading a model folder, in every script: weights from safetensors only (never a
-    pickle), and code shipped with the checkpoint (an `auto_map` in its config or tokenizer config) only
-    with --trust_remote_code. Returns why `path` breaks it, or None."""
+    """Why the folder `path` breaks the one loading rule of every script, or None: weights from safetensors only
+    (never a pickle), code shipped with the checkpoint (an `auto_map` in its configs) only with --trust_remote_code."""
     path = Path(path)
     for name in ("config.json", "tokenizer_config.json"):
         f = path / name
@@ -296,3 +284,47 @@ def resolve_model_path(path):
         return snapshot_download(path, allow_patterns=patterns)
     except Exception as e:
         raise FileNotFoundError(f"model '{path}' is neither a local folder nor a reachable hub id: {e}") from e
+
+
+# -----------------------------------------------------------------------------
+# the way out: the full weights gathered on rank 0, written as a Hugging Face folder
+
+
+def write_hf_weights(model, folder, *, tokenizer=None, train_config=None, dtype=torch.bfloat16,
+                     max_shard_bytes=5 * 2**30):
+    """The full weights gathered on rank 0 (CPU-offloaded) and written there as a Hugging Face folder: safetensors
+    files of at most max_shard_bytes (with an index when there are several), the config and generation config, the
+    tokenizer and train_config.json. Collective; a write that fails raises on rank 0 alone (checkpoint.collectively)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_master():
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    shards, size = [{}], 0
+    for name in list(state):  # one tensor at a time, so fp32 and save-dtype copies never coexist whole
+        t = state[name] = state[name].to(dtype).contiguous()
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name], size = t, size + t.nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards):
+        save_file(shard, folder / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
+                 "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = copy.deepcopy(model.config)
+    # fully_shard swaps in a subclass (FSDPLlamaForCausalLM); record the model's own class
+    config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
+    config.dtype = dtype
+    config.use_cache = True  # training turned it off; generation wants it
+    config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if train_config is not None:
+        (folder / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")

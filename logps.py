@@ -1,20 +1,17 @@
 """Log-probabilities of label tokens, without materialising the full logits.
 
-WRPO and SFT need, for each scored token, log p(y_t) = logit(y_t) - logsumexp(logits): one
-number per token. For Llama-3 the logits of one 2048-token sequence are 2048 x 128256 floats
-(1 GB in fp32), and the readable path (matmul, log_softmax, gather) keeps several such tensors
-alive for backward. `token_logps` computes the same numbers three ways:
+WRPO and SFT need, per scored token, log p(y_t) = logit(y_t) - logsumexp(logits): one number. For Llama-3 the
+logits of one 2048-token sequence are 2048 x 128256 floats (1 GB in fp32), and the readable path keeps several such
+tensors alive for backward. `token_logps` computes the same numbers three ways:
 
   naive    lm_head matmul -> float32 log_softmax -> gather. The reference.
-  chunked  an autograd.Function over chunks of the vocabulary: the forward keeps only the
-           per-token log-sum-exp and target logit; the backward recomputes each chunk's logits
-           (or reuses them when one chunk held them all). Extra memory O(tokens x chunk), a
-           fixed budget (CHUNK_BYTES). CPU and CUDA.
-  triton   (CUDA) a kernel computes the online log-sum-exp and the target logit tile by tile,
-           never writing logits to memory; the backward is the chunked one.
+  chunked  an autograd.Function over chunks of the vocabulary: the forward keeps only each token's log-sum-exp and
+           target logit; the backward recomputes each chunk's logits. Extra memory: a fixed budget (CHUNK_BYTES).
+  triton   (CUDA) a kernel computes the online log-sum-exp and target logit tile by tile, never writing logits to
+           memory; the backward is the chunked one.
 
-`auto` picks triton on CUDA when it is installed, chunked otherwise. Positions labelled IGNORE
-are dropped before any matmul. Sequence log-probs are the per-token values SUMMED.
+`auto` picks triton on CUDA when it is installed, chunked otherwise. Positions labelled IGNORE are dropped before any
+matmul. Sequence log-probs are the per-token values SUMMED.
 """
 
 import types
@@ -22,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from data import IGNORE
-
+IGNORE = -100  # the label of a token that gets no loss (prompt, padding): log-prob 0, and no matmul spent on it
 IMPLS = ("auto", "naive", "chunked", "triton")
 CHUNK_BYTES = 32 * 2**20  # fp32 logits of one vocabulary chunk; bounds the chunked path's extra memory
 POISON = False  # tests set it: outputs start as NaN, so an element that is never written shows up
@@ -94,12 +90,11 @@ def vocab_chunk(n_tokens, vocab, chunk=None):
 class ChunkedLogps(torch.autograd.Function):
     """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, not stored.
 
-    Forward: an online log-sum-exp over the chunks, and the target logit from the chunk that holds
-    it. Backward: with z = h W^T, p = softmax(z) and upstream grad g, dz = g (onehot(y) - p);
-    each chunk of columns gives its rows of grad_W = dz^T h in one matmul (written once, never
-    accumulated) and adds dz W to grad_h. When one chunk spans the whole vocabulary (few tokens),
-    its logits are within the same memory budget and are kept for backward instead. A Head's bias,
-    scale and soft-cap are applied to each chunk's logits, and their derivatives to its dz.
+    Forward: an online log-sum-exp over the chunks, and the target logit from the chunk that holds it. Backward: with
+    z = h W^T, p = softmax(z) and upstream grad g, dz = g (onehot(y) - p); each chunk of columns gives its rows of
+    grad_W = dz^T h in one matmul (written once) and adds dz W to grad_h. When one chunk spans the vocabulary (few
+    tokens), its logits are kept for backward instead. A Head's bias, scale and soft-cap apply to each chunk's
+    logits, and their derivatives to its dz.
     """
 
     @staticmethod
@@ -181,11 +176,8 @@ def resolve_impl(impl, device):
 
 
 def token_logps(hidden, weight, labels, impl="auto", chunk=None, head=PLAIN):
-    """log p(labels) under logits = hidden @ weight.T (as `head` transforms them); 0 where labels == IGNORE.
-
-    hidden [..., H] (compute dtype), weight [V, H], labels [...]. Returns float32 [...].
-    Ignored positions are dropped before the matmul, so prompt and padding tokens cost nothing.
-    """
+    """log p(labels) [...] float32 under logits = hidden [..., H] @ weight [V, H].T (as `head` transforms them), 0
+    where labels == IGNORE: those positions are dropped before the matmul, so prompt and padding cost nothing."""
     impl = resolve_impl(impl, hidden.device)
     mask = labels != IGNORE
     out = torch.zeros(labels.shape, dtype=_acc(hidden), device=hidden.device)
@@ -212,14 +204,10 @@ def model_head(model):
 
 
 def attach_label_logps(model, impl="auto"):
-    """Give `model` a `label_logps(input_ids, labels, attention_mask, position_ids)` method.
-
-    It runs the decoder for hidden states and scores the labels with `token_logps`, so the full
-    logits are never built. Registered as an FSDP forward method, so the root unit's parameters
-    (embedding, final norm, lm_head) are gathered for it and their gradients reduce-scattered,
-    exactly as for `forward`. A head's bias, logit scale and soft-cap go into the fused paths (model_head);
-    a head they cannot express falls back to the model's own logits.
-    """
+    """Give `model` a `label_logps(input_ids, labels, attention_mask, position_ids)` method: the decoder's hidden
+    states scored with `token_logps`, the full logits never built. Registered as an FSDP forward method, so the root
+    unit's parameters (embedding, final norm, lm_head) are gathered for it and their gradients reduce-scattered, as
+    for `forward`. A head the fused paths cannot express (model_head) falls back to the model's own logits."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     def label_logps(self, input_ids, labels, attention_mask=None, position_ids=None, **attention_kwargs):
@@ -238,11 +226,8 @@ def attach_label_logps(model, impl="auto"):
 
 
 def logits_token_logps(logits, labels):
-    """The readable reference from full logits: per-token log p(label), shifted for next-token prediction.
-
-    logits [N, T, V]: position t predicts token t + 1. labels [N, T]: IGNORE where no loss.
-    Returns [N, T - 1] float32 (at least), 0 where ignored.
-    """
+    """The readable reference from full logits [N, T, V] (position t predicts token t + 1) and labels [N, T]:
+    per-token log p(label) [N, T - 1], float32 at least, 0 where ignored."""
     labels = labels[:, 1:]
     mask = labels != IGNORE
     logits = logits[:, :-1].to(_acc(logits))
@@ -251,13 +236,9 @@ def logits_token_logps(logits, labels):
 
 
 def model_sequence_logps(model, batch):
-    """Summed label log-probs per sequence [N] and the scored-token counts [N].
-
-    A padded batch carries an attention_mask; a packed one carries position_ids that restart
-    per sequence and no mask (see data.collate_packed), and `segments` when the sums are per
-    sequence rather than per row. use_cache=False matters for packing: with a cache,
-    transformers lets packed examples attend to each other. The model needs attach_label_logps first.
-    """
+    """Summed label log-probs per sequence [N] and the scored-token counts [N] (the model: attach_label_logps's).
+    A padded batch carries an attention_mask; a packed one position ids that restart per sequence
+    (batching.collate_packed), and `segments` when the sums are per sequence rather than per row."""
     layout = {k: v for k, v in batch.items() if k.startswith("varlen_")}  # attention.varlen_layout's, if any
     logps = model.label_logps(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                               batch.get("position_ids"), **layout)

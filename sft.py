@@ -19,13 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
+import batching
 import data
+import tokens
 from checkpoint import restore, resume_state, save_checkpoint, save_final
-from fsdp_utils import cleanup, print0
-from logps import model_sequence_logps
-from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, collated, \
-    every, get_lr, global_sum, load_sharded_model, nonfinite_step, parse_config, set_lr, start_run, stop_requested, \
-    stop_signals, throughput, total_steps_for, write_run_config
+from fsdp_utils import cleanup, load_model, print0
+from lifecycle import Preempted, cli, start_run, stop_requested, stop_signals, write_run_config
+from logps import IGNORE, model_sequence_logps
+from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_norm, every, get_lr, global_sum, \
+    nonfinite_step, parse_config, set_lr, throughput, total_steps_for
 
 
 @dataclass
@@ -42,15 +44,6 @@ class Config(TrainConfig):
     truncation: str = "keep_start"  # keep_start: cut long examples to max_length; error: reject them
 
 
-def sft_problems(cfg):
-    problems = []
-    if cfg.loss_on not in ("assistant", "all"):
-        problems.append(f"loss_on must be 'assistant' or 'all', got '{cfg.loss_on}'")
-    if cfg.truncation not in ("keep_start", "error"):
-        problems.append(f"truncation must be 'keep_start' or 'error', got '{cfg.truncation}'")
-    return problems
-
-
 def token_nll(policy, batch):
     """Summed negative log-likelihood of the label tokens of each sequence [N], and their counts [N]."""
     logps, counts = model_sequence_logps(policy, batch)
@@ -62,9 +55,10 @@ def evaluate(policy, examples, seqs, cfg, run):
     """Mean per-token loss on held-out examples (seqs: their grouping into sequences), over all ranks."""
     policy.eval()
     sums = MetricSum()
-    for idx, weight in data.eval_batches(len(seqs), cfg.micro_batch_size, run.rank, run.world):
+    for idx, weight in batching.eval_batches(len(seqs), cfg.micro_batch_size, run.rank, run.world):
         groups = [[examples[e] for e in seqs[i]] for i in idx]
-        nll, counts = token_nll(policy, collated(data.collate_packed(groups, run.pad_id), cfg, run.device))
+        batch = batching.collate_packed(groups, run.pad_id, varlen=run.varlen)
+        nll, counts = token_nll(policy, batching.to_device(batch, run.device))
         sums.add({"loss": nll / counts.clamp(min=1)}, counts * weight.to(run.device))
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
@@ -90,27 +84,26 @@ def load_examples(path, cfg, run):
     sequences of up to max_length tokens (packing) or one each; ([], []) without a path."""
     if not path:
         return [], []
-    examples = data.load_sft_examples(path, run.tokenizer, max_length=cfg.max_length, loss_on=cfg.loss_on,
-                                      truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows, report=print0,
-                                      allow_special_tokens=cfg.allow_special_tokens,
-                                      cache=data.cache_folder(cfg.data_cache_dir, path))
+    examples = data.load_cached(data.load_sft_examples, path, run.tokenizer, cfg.data_cache_dir, report=print0,
+                                max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation,
+                                skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
     if cfg.packing:
-        return examples, data.pack(data.row_lengths(examples), cfg.max_length)
+        return examples, batching.pack(batching.row_lengths(examples), cfg.max_length)
     return examples, [[i] for i in range(len(examples))]
 
 
 def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before the model is loaded or a file written
     cfg = parse_config(Config, argv)
-    run = start_run(cfg, sft_problems(cfg))
+    run = start_run(cfg, data.settings_problems("sft", cfg.max_length, cfg.truncation, loss_on=cfg.loss_on))
     examples, seqs = load_examples(cfg.data, cfg, run)
     eval_examples, eval_seqs = load_examples(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
-    fingerprint = data.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed
+    fingerprint = tokens.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed
     state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE)
     print_plan(cfg, run, examples, seqs, len(eval_examples), total_steps)
     write_run_config(run, cfg)
-    policy = load_sharded_model(run.model_path, run.mesh, run.device, cfg, trainable=True)
+    policy = load_model(run.model_path, run.mesh, run.device, cfg, attn=run.attn, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
@@ -120,18 +113,18 @@ def main(argv):
 
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
-        for step, epoch, idx in data.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size, run.rank,
+        for step, epoch, idx in batching.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size, run.rank,
                                                   run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
-            micro_batches = data.micro_batches_by_rows(idx, cfg.micro_batch_size)  # of sequences (groups of examples)
+            micro_batches = batching.micro_batches_by_rows(idx, cfg.micro_batch_size)  # of sequences
             groups = [[[examples[e] for e in seqs[i]] for i in mb] for mb in micro_batches]
-            batches = [data.collate_packed(g, run.pad_id) for g in groups]
+            batches = [batching.collate_packed(g, run.pad_id, varlen=run.varlen) for g in groups]
             # the step's loss is the mean over every loss token of the global batch: count them first
-            n_loss = global_sum(sum(int((b["labels"] != data.IGNORE).sum()) for b in batches), run.device)
+            n_loss = global_sum(sum(int((b["labels"] != IGNORE).sum()) for b in batches), run.device)
             sums, seen = MetricSum(), []
             for group, batch in zip(groups, batches):
-                nll, counts = token_nll(policy, collated(batch, cfg, run.device))
+                nll, counts = token_nll(policy, batching.to_device(batch, run.device))
                 # FSDP averages gradients over ranks, hence the factor world
                 (nll.sum() * run.world / n_loss).backward()
                 sums.add({"loss": nll.detach() / counts.clamp(min=1)}, counts)
@@ -145,9 +138,9 @@ def main(argv):
             optimizer.zero_grad(set_to_none=True)
 
             # --- log, evaluate, checkpoint; after SIGTERM / SIGINT on any rank, save and stop
-            tokens = sum(len(ex.ids) for g in groups for seq in g for ex in seq)
+            n_tokens = sum(len(ex.ids) for g in groups for seq in g for ex in seq)
             m = {"step": step + 1, "epoch": epoch, "lr": lr, "grad_norm": grad_norm, **metrics,
-                 **throughput(tokens, t0, run, policy), "skipped_steps": skipped}
+                 **throughput(n_tokens, t0, run, policy), "skipped_steps": skipped}
             if every(cfg.eval_every, step + 1, total_steps):
                 m.update(held_out(policy, eval_examples, eval_seqs, cfg, run, step + 1))
             log.log(m)
@@ -165,7 +158,7 @@ def main(argv):
 
 
 def print_plan(cfg, run, examples, seqs, n_eval, total_steps):
-    fill = sum(data.row_lengths(examples)) / (len(seqs) * cfg.max_length)
+    fill = sum(batching.row_lengths(examples)) / (len(seqs) * cfg.max_length)
     print0(f"{len(examples)} examples in {len(seqs)} sequences ({fill:.0%} of max_length {cfg.max_length} used), "
            f"{n_eval} held-out examples; world {run.world} on {run.device.type}; "
            f"{total_steps} optimizer steps of {cfg.global_batch_size} sequences")

@@ -20,13 +20,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import batching
 import data
-from checkpoint import load_reference_logps, restore, resume_state, save_checkpoint, save_final, save_reference_logps
-from fsdp_utils import cleanup, is_local_master, is_master, on_every_rank, print0
+import tokens
+from checkpoint import restore, resume_state, save_checkpoint, save_final
+from fsdp_utils import cleanup, is_master, load_model, print0
+from lifecycle import Preempted, cli, resolve_model, start_run, stop_requested, stop_signals, write_run_config
 from logps import model_sequence_logps
-from training import RESUME_FREE, MetricsLog, MetricSum, Preempted, TrainConfig, cli, clip_grad_norm, collated, \
-    every, get_lr, load_sharded_model, nonfinite_step, parse_config, resolve_model, set_lr, start_run, \
-    stop_requested, stop_signals, throughput, total_steps_for, write_run_config
+from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_norm, every, get_lr, nonfinite_step, \
+    parse_config, set_lr, throughput, total_steps_for
 
 
 @dataclass
@@ -69,14 +71,12 @@ def wrpo_problems(cfg):
         problems.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{cfg.loss_type}'")
     if cfg.gamma < 0:
         problems.append(f"gamma must be >= 0, got {cfg.gamma}")
-    if not 0 < cfg.max_prompt_length < cfg.max_length:
-        problems.append(f"need 0 < max_prompt_length < max_length, got {cfg.max_prompt_length}, {cfg.max_length}")
     if cfg.ref_logps not in ("precompute", "live"):
         problems.append(f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'")
     if cfg.max_tokens_per_micro_batch < 0:
         problems.append(f"max_tokens_per_micro_batch must be >= 0 (0: 3 x max_length), "
                         f"got {cfg.max_tokens_per_micro_batch}")
-    return problems
+    return problems + data.settings_problems("preference", cfg.max_length, cfg.truncation, cfg.max_prompt_length)
 
 
 # -----------------------------------------------------------------------------
@@ -164,9 +164,11 @@ def preference_forward(policy, batch, ref_logps, alpha, cfg):
     return losses, rewards, logps
 
 
-def collate(rows, cfg, pad_id, device):
-    """A micro-batch of preference rows as tensors on `device`, packed (and prompts shared) as cfg says."""
-    return collated(data.collate_preference(rows, pad_id, cfg.packing, cfg.shared_prompt), cfg, device)
+def collate(rows, cfg, run):
+    """A micro-batch of preference rows as tensors on the run's device, packed as cfg says, prompts shared and the
+    varlen layout built where the run can take them."""
+    batch = batching.collate_preference(rows, run.pad_id, cfg.packing, run.shared_prompt, run.varlen)
+    return batching.to_device(batch, run.device)
 
 
 def _won(a, b):
@@ -190,31 +192,54 @@ def row_metrics(losses, rewards, logps):
 # the reference: its log-probs precomputed in one pass (and cached), or the live frozen model
 
 
-def reference_cache_path(cfg, ref_path, rows, data_path):
-    """Cache file for the reference log-probs of `rows`, named by a hash of all they depend on.
+def load_reference(cfg, run, train_rows, eval_rows):
+    """The references of the training and the held-out rows: [n_rows, 3] tables of log-probs (precompute: read from
+    the cache, or one pass of the reference model, loaded only then and freed on return), the live frozen model
+    (live), or None (SimPO has no reference)."""
+    if cfg.loss_type == "simpo":
+        return None, None
+    ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else run.model_path
+    if cfg.ref_logps == "live":
+        ref = load_model(ref_path, run.mesh, run.device, cfg, attn=run.attn, trainable=False)
+        return ref, ref
+    models, tables = [], []  # models: the reference, once a cache is missing
 
-    That is the reference checkpoint (its files' names, sizes and modification times), the
-    tokenized rows themselves (so the data, tokenizer, chat template and truncation settings)
-    and the compute settings. Any change gives a new name, so a stale cache is never read.
-    """
-    h = hashlib.sha256()
-    ref = Path(ref_path)
-    for f in sorted(ref.glob("*.safetensors")) + sorted(ref.glob("*.json")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-    h.update(data.fingerprint(rows).encode())
-    h.update(f"{cfg.dtype}:{cfg.attn_implementation}".encode())
+    def compute(rows, name):
+        models[:] = models or [load_model(ref_path, run.mesh, run.device, cfg, attn=run.attn, trainable=False)]
+        return {"logps": compute_reference(models[0], rows, cfg, run, f"reference {name}").numpy()}, {}
+
+    for data_path, rows in [(cfg.data, train_rows), (cfg.eval_data, eval_rows)]:
+        if not rows:
+            tables.append(None)
+            continue
+        file, key = reference_cache(cfg, run.attn, ref_path, rows, data_path)
+        t0 = time.time()
+        arrays, _, how = tokens.cached(file, key, lambda: compute(rows, Path(data_path).name), "reference log-probs",
+                                       print0)
+        tables.append(torch.from_numpy(arrays["logps"][:]))
+        print0(f"reference log-probs: {file} (cached)" if how == "cached" else f"reference log-probs: "
+               f"{file if how == 'written' else 'not cached'} ({len(rows)} rows in {time.time() - t0:.1f}s)")
+    return tables[0], tables[1]
+
+
+def reference_cache(cfg, attn, ref_path, rows, data_path):
+    """(file, key) of the cache of `rows`' reference log-probs. The key covers all they depend on: the reference
+    checkpoint (its files' names, sizes and times), the tokenized rows (so the data, tokenizer, chat template and
+    truncation) and the compute settings. Any change gives a new file, so a stale cache is never read."""
+    h = hashlib.sha256(f"{tokens.fingerprint(rows)}|{cfg.dtype}|{attn}|".encode())
+    for f in sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.json")):
+        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};".encode())
     name = f"{Path(data_path).name}.ref-logps-{h.hexdigest()[:20]}.safetensors"
-    return data.cache_folder(cfg.ref_cache_dir, data_path) / name
+    return tokens.cache_folder(cfg.ref_cache_dir, data_path) / name, h.hexdigest()
 
 
 @torch.no_grad()
 def compute_reference(ref, rows, cfg, run, desc):
     """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks."""
     idx, weights, logps = [], [], []
-    for batch_idx, weight in tqdm(no_grad_batches(rows, cfg, run.rank, run.world, run.device), desc=desc,
+    for batch_idx, weight in tqdm(no_grad_batches(rows, cfg, run), desc=desc,
                                   disable=not is_master() or not sys.stderr.isatty()):
-        logps.append(row_logps(ref, collate([rows[i] for i in batch_idx], cfg, run.pad_id, run.device)).float())
+        logps.append(row_logps(ref, collate([rows[i] for i in batch_idx], cfg, run)).float())
         idx += batch_idx
         weights.append(weight)
     mine = [torch.tensor(idx, device=run.device), torch.cat(weights).to(run.device), torch.cat(logps)]
@@ -232,48 +257,14 @@ def token_budget(cfg):
     return cfg.max_tokens_per_micro_batch or 3 * cfg.max_length
 
 
-def no_grad_batches(rows, cfg, rank, world, device):
+def no_grad_batches(rows, cfg, run):
     """This rank's share of `rows` for a no-grad pass (reference log-probs, held-out metrics) as (indices,
     weights [B]) micro-batches, as many on every rank: the training's token budget with packing, else
     micro_batch_size rows. Collective."""
     if cfg.packing:
-        return data.eval_batches_by_tokens(data.row_lengths(rows, cfg.shared_prompt), token_budget(cfg), rank,
-                                           world, device)
-    return list(data.eval_batches(len(rows), cfg.micro_batch_size, rank, world))
-
-
-def load_reference(cfg, run, train_rows, eval_rows):
-    """The references of the training and the held-out rows: [n_rows, 3] tables of log-probs (precompute:
-    read from the cache, or one pass of the reference model, loaded only then and freed), the live
-    frozen model (live), or None (SimPO has no reference)."""
-    if cfg.loss_type == "simpo":
-        return None, None
-    ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else run.model_path
-    if cfg.ref_logps == "live":
-        ref = load_sharded_model(ref_path, run.mesh, run.device, cfg, trainable=False)
-        return ref, ref
-    tables, ref = [], None
-    for data_path, rows in [(cfg.data, train_rows), (cfg.eval_data, eval_rows)]:
-        if not rows:
-            tables.append(None)
-            continue
-        path = reference_cache_path(cfg, ref_path, rows, data_path)
-        table = load_reference_logps(path, len(rows)) if path.exists() else None  # None: missing or damaged
-        if on_every_rank(table is not None):  # all ranks read the cache, or all compute (collectives)
-            print0(f"reference log-probs: {path} (cached)")
-            tables.append(table)
-            continue
-        if ref is None:  # loaded only when a cache is missing, and freed on return
-            ref = load_sharded_model(ref_path, run.mesh, run.device, cfg, trainable=False)
-        t0 = time.time()
-        tables.append(compute_reference(ref, rows, cfg, run, f"reference {Path(data_path).name}"))
-        seconds = time.time() - t0
-        # the first process of each node writes the node's copy (global rank 0, which prints, is one of them)
-        saved = is_local_master() and save_reference_logps(path, tables[-1], {"data": str(data_path),
-                                                                              "reference": str(ref_path)})
-        print0(f"reference log-probs: {path if saved else 'not cached'} ({len(rows)} rows in {seconds:.1f}s)")
-        dist.barrier()  # the cache is complete before any rank looks for it again
-    return tables[0], tables[1]
+        lengths = batching.row_lengths(rows, run.shared_prompt)
+        return batching.eval_batches_by_tokens(lengths, token_budget(cfg), run.rank, run.world, run.device)
+    return list(batching.eval_batches(len(rows), cfg.micro_batch_size, run.rank, run.world))
 
 
 def reference_logps(reference, idx, batch):
@@ -294,15 +285,15 @@ def reference_logps(reference, idx, batch):
 
 
 @torch.no_grad()
-def evaluate(policy, reference, rows, alpha, cfg, pad_id, device):
+def evaluate(policy, reference, rows, alpha, cfg, run):
     """Held-out implicit-reward metrics (accuracy: the weighted chosen reward beats the rejected one),
     over all ranks. reference: as for reference_logps; cfg: the objective's settings and the batching's."""
     policy.eval()
     sums = MetricSum()
-    for idx, weight in no_grad_batches(rows, cfg, dist.get_rank(), dist.get_world_size(), device):
-        batch = collate([rows[i] for i in idx], cfg, pad_id, device)
+    for idx, weight in no_grad_batches(rows, cfg, run):
+        batch = collate([rows[i] for i in idx], cfg, run)
         losses, rewards, logps = preference_forward(policy, batch, reference_logps(reference, idx, batch), alpha, cfg)
-        sums.add(row_metrics(losses, rewards, logps), weight.to(device))
+        sums.add(row_metrics(losses, rewards, logps), weight.to(run.device))
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
 
@@ -312,8 +303,7 @@ def held_out(policy, reference, rows, cfg, run, step, total_steps, before=None):
     metrics `before` training when given; {} without rows."""
     if not rows:
         return {}
-    m = evaluate(policy, reference, rows, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule), cfg,
-                 run.pad_id, run.device)
+    m = evaluate(policy, reference, rows, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule), cfg, run)
     print0(f"step {step}: held-out reward accuracy {m['eval/rewards/accuracies']:.3f} "
            f"(source {m['eval/rewards/source_accuracies']:.3f}, target {m['eval/rewards/target_accuracies']:.3f}), "
            f"margin {m['eval/rewards/margins']:.4f}")
@@ -334,14 +324,14 @@ RESUME_FREE_WRPO = RESUME_FREE | {"max_tokens_per_micro_batch", "ref_logps", "re
 
 
 def load_rows(path, cfg, run):
-    """Every row of `path` read, validated and tokenized ([] without a path): bad rows stop the run here."""
+    """Every row of `path` read, validated and tokenized ([] without a path), through the token cache: bad rows stop
+    the run here."""
     if not path:
         return []
-    return data.load_preference_rows(path, run.tokenizer, max_length=cfg.max_length,
-                                     max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
-                                     skip_invalid=cfg.skip_invalid_rows, report=print0,
-                                     allow_special_tokens=cfg.allow_special_tokens,
-                                     cache=data.cache_folder(cfg.data_cache_dir, path))
+    return data.load_cached(data.load_preference_rows, path, run.tokenizer, cfg.data_cache_dir, report=print0,
+                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                            truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows,
+                            allow_special_tokens=cfg.allow_special_tokens)
 
 
 def main(argv):
@@ -350,15 +340,15 @@ def main(argv):
     run = start_run(cfg, wrpo_problems(cfg), other_models=[cfg.ref_model])
     train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
-    fingerprint = data.fingerprint(train_rows)
+    fingerprint = tokens.fingerprint(train_rows)
     state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO)
-    lengths = data.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
-    packed_lengths = data.row_lengths(train_rows, cfg.shared_prompt)  # the tokens a forward runs
+    lengths = batching.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
+    packed_lengths = batching.row_lengths(train_rows, run.shared_prompt)  # the tokens a forward runs
     budget = token_budget(cfg)  # tokens per micro-batch, with packing
     print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps, budget)
     write_run_config(run, cfg)
     train_reference, eval_reference = load_reference(cfg, run, train_rows, eval_rows)  # tables, a model, or None
-    policy = load_sharded_model(run.model_path, run.mesh, run.device, cfg, trainable=True)
+    policy = load_model(run.model_path, run.mesh, run.device, cfg, attn=run.attn, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
@@ -369,22 +359,22 @@ def main(argv):
 
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
-        for step, epoch, idx in data.train_steps(len(train_rows), cfg.epochs, cfg.seed, cfg.global_batch_size,
+        for step, epoch, idx in batching.train_steps(len(train_rows), cfg.epochs, cfg.seed, cfg.global_batch_size,
                                                   run.rank, run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
-            micro_batches = (data.micro_batches_by_tokens(idx, packed_lengths, budget, run.device) if cfg.packing
-                             else data.micro_batches_by_rows(idx, cfg.micro_batch_size))
+            micro_batches = (batching.micro_batches_by_tokens(idx, packed_lengths, budget, run.device) if cfg.packing
+                             else batching.micro_batches_by_rows(idx, cfg.micro_batch_size))
             sums, seen = MetricSum(), []
             for mb in micro_batches:
-                batch = collate([train_rows[i] for i in mb], cfg, run.pad_id, run.device)
+                batch = collate([train_rows[i] for i in mb], cfg, run)
                 ref_logps = reference_logps(train_reference, mb, batch)  # precomputed, the live model's, or None
                 losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
                 # FSDP averages gradients over ranks: dividing by this rank's rows gives the global mean's gradient
                 (losses.sum() / len(idx)).backward()
                 sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
-                seen.append(([data.row_name(train_rows[i]) for i in mb], losses.detach()))
+                seen.append(([tokens.row_name(train_rows[i]) for i in mb], losses.detach()))
             metrics = sums.mean()
             grad_norm = clip_grad_norm(policy, cfg.grad_clip)
             if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
@@ -415,7 +405,7 @@ def main(argv):
 
 def print_plan(cfg, run, n_train, n_eval, total_steps, budget):
     micro = f"micro-batches of <= {budget} tokens" if cfg.packing else f"micro-batches of {cfg.micro_batch_size} rows"
-    micro += ", prompts shared by their responses" if cfg.shared_prompt else ""
+    micro += ", prompts shared by their responses" if run.shared_prompt else ""
     print0(f"{n_train} training rows, {n_eval} held-out rows; world {run.world} on {run.device.type}; "
            f"{total_steps} optimizer steps of {cfg.global_batch_size} rows ({cfg.global_batch_size // run.world} "
            f"per rank, in {micro})")

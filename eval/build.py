@@ -14,9 +14,9 @@ import math
 import sys
 from pathlib import Path
 
-from data import DataError, RowError, convert_rows, prompt_messages, valid_text
+from data import DataError, RowError, prompt_messages, valid_text
 from eval import fail
-from eval.common import prompt_id_of, write_jsonl
+from eval.common import convert_rows, prompt_id_of, write_jsonl
 
 HINT = "fix or remove them; nothing was written"
 

@@ -26,6 +26,15 @@ from eval import fail
 from fsdp_utils import loading_problem, resolve_model_path
 
 
+def convert_rows(path, convert, skip_invalid=False, report=print, hint="fix or remove them"):
+    """[convert(record, where)] of every record of `path` (the fusion pipeline's and the benchmarks' rows); a bad row
+    is a RowError of convert's, and all of them are reported as file:line as the trainers report theirs."""
+    errors, row_hints = [], []
+    out = list(data.convert_records(data.read_records(path), convert, errors, row_hints))
+    data.report_bad_rows(path, errors, row_hints, len(out), skip_invalid, report, hint)
+    return out
+
+
 def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
     """(model, tokenizer) for inference, or a one-line error: a bad path, a tokenizer without a chat
     template, or a folder that breaks the loading rule of every script (fsdp_utils.loading_problem:

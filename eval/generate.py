@@ -21,7 +21,7 @@ from pathlib import Path
 
 import data
 from eval import fail
-from eval.common import done_rows, generate, load_for_eval, merge, model_name, prompt_id_of, write_rows
+from eval.common import convert_rows, done_rows, generate, load_for_eval, merge, model_name, prompt_id_of, write_rows
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
 
@@ -56,7 +56,7 @@ def read_prompts(path):
             raise data.RowError("missing field 'prompt'")
         return prompt_id_of(rec), data.prompt_messages(rec["prompt"])
 
-    prompts = data.convert_rows(path, checked)
+    prompts = convert_rows(path, checked)
     seen = set()
     for pid, _ in prompts:
         if pid in seen:

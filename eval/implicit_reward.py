@@ -18,9 +18,9 @@ import data
 import wrpo
 from checkpoint import write_atomic
 from eval import fail
-from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, loading_problem, print0, \
-    resolve_model_path
-from training import load_sharded_model, resolve_attention
+from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, load_model, loading_problem, \
+    print0, resolve_model_path
+from lifecycle import Run, resolve_attention
 
 
 def parse_args(argv):
@@ -49,7 +49,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    _, _, device, mesh = init_distributed()
+    rank, world, device, mesh = init_distributed()
     from transformers import AutoTokenizer
 
     try:
@@ -67,10 +67,11 @@ def main(argv):
     cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
                       max_prompt_length=args.max_prompt_length)
-    resolve_attention(cfg, paths[0])  # this model's attention; shared prompts only where it honours them
-    policy, reference = (load_sharded_model(p, mesh, device, cfg, trainable=False) for p in paths)
+    attn, shared_prompt = resolve_attention(cfg, paths[0])  # this model's; shared prompts only where it honours them
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, pad_id, device)  # the live reference model
+    run = Run(rank, world, device, mesh, None, paths[0], tokenizer, pad_id, attn=attn, shared_prompt=shared_prompt)
+    policy, reference = (load_model(p, mesh, device, cfg, attn=attn, trainable=False) for p in paths)
+    m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, run)  # the live reference model
     m = {k.removeprefix("eval/"): v for k, v in m.items()}
     print0(f"{len(rows)} rows of {args.data}: accuracy {m['rewards/accuracies']:.3f} (alpha {args.alpha}), "
            f"source {m['rewards/source_accuracies']:.3f}, target {m['rewards/target_accuracies']:.3f}, "

@@ -24,7 +24,7 @@ import torch
 
 import data
 from eval import fail
-from eval.common import done_rows, load_for_eval, merge, prompt_id_of, write_rows
+from eval.common import convert_rows, done_rows, load_for_eval, merge, prompt_id_of, write_rows
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
 
@@ -57,7 +57,7 @@ def read_samples(path):
             raise data.RowError("responses must be a non-empty list of strings")
         return {**rec, "prompt_id": prompt_id_of(rec)}
 
-    rows = data.convert_rows(path, checked)
+    rows = convert_rows(path, checked)
     if len({r["prompt_id"] for r in rows}) != len(rows):
         fail(f"{path}: a prompt_id appears twice; one row per prompt")
     return rows

@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from data import DataError, RowError, convert_rows, prompt_id_text, prompt_messages, validate_chat, validate_row
+from data import DataError, RowError, prompt_id_text, prompt_messages, validate_chat, validate_row
 from eval import fail
-from eval.common import prompt_id_of, write_jsonl
+from eval.common import convert_rows, prompt_id_of, write_jsonl
 
 
 def in_sft_part(prompt_id, fraction, seed):

@@ -60,9 +60,9 @@ def read_jsonl(path):
 def release_out_dir_locks():
     """A run's out_dir lock lasts as long as its process; a run called in-process ends with its test."""
     yield
-    import training
+    import lifecycle
 
-    training.release_locks()
+    lifecycle.release_locks()
 
 
 @pytest.fixture(scope="session")

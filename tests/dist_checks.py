@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import save_hf_checkpoint  # noqa: E402
 from fsdp_utils import _checkpoint_tensors, cleanup, init_distributed, load_model  # noqa: E402
+from training import TrainConfig  # noqa: E402
 
 
 def max_diff(a, b):
@@ -38,7 +39,7 @@ def main(out):
         dist.barrier()
         n_files = len(set(_checkpoint_tensors(path).values()))
 
-        model = load_model(str(path), mesh, device, torch.float32)
+        model = load_model(str(path), mesh, device, TrainConfig(dtype="float32"))
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -72,7 +73,7 @@ def main(out):
     # bf16 training computes with bf16 copies of the fp32 master weights; a bf16 checkpoint
     # holds exactly those copies, so it reproduces the trained model's bf16 logits
     path = out / "saved_fp32_tiedFalse"
-    model = load_model(str(path), mesh, device, torch.bfloat16)
+    model = load_model(str(path), mesh, device, TrainConfig(dtype="bfloat16"))
     with torch.no_grad():
         bf16_logits = model(ids).logits
     save_hf_checkpoint(model, out / "saved_bf16", dtype=torch.bfloat16)

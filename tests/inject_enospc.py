@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import checkpoint  # noqa: E402
-import training  # noqa: E402
+import lifecycle  # noqa: E402
 import wrpo  # noqa: E402
 
 
@@ -33,10 +33,10 @@ class FullDisk:
 
 if __name__ == "__main__":
     if os.environ["RANK"] == os.environ["ENOSPC_RANK"]:
-        real_init = checkpoint._Crc32Writer.__init__
+        real_init = checkpoint._ErrorKeepingWriter.__init__
 
         def init(self, f, fs):
             real_init(self, FullDisk(f) if os.environ["ENOSPC_IN"] in f.name else f, fs)
 
-        checkpoint._Crc32Writer.__init__ = init
-    training.cli(wrpo.main)
+        checkpoint._ErrorKeepingWriter.__init__ = init
+    lifecycle.cli(wrpo.main)

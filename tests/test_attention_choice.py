@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attention
-import data
+import batching
 from conftest import DEMO_MODEL, REPO, read_jsonl, torchrun
 from logps import attach_label_logps
 from test_packing import logps_and_grads, rows
@@ -71,7 +71,7 @@ def test_packing_stays_exact_under_the_fallback(tmp_path, tokenizer, kind):
         torch.manual_seed(0)
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         attach_label_logps(model, "chunked")
-        results[packed] = logps_and_grads(model, data.collate_preference(examples, tokenizer.pad_token_id, packed))
+        results[packed] = logps_and_grads(model, batching.collate_preference(examples, tokenizer.pad_token_id, packed))
     (lp_pad, c_pad, g_pad), (lp_packed, c_packed, g_packed) = results[False], results[True]
     assert (c_pad == c_packed).all()
     torch.testing.assert_close(lp_packed, lp_pad, rtol=1e-4, atol=1e-4)
@@ -107,11 +107,12 @@ def test_gemma2_loads_sharded_as_from_pretrained_does(tmp_path):
     import transformers as tf
 
     from fsdp_utils import init_distributed, load_model
+    from training import TrainConfig
 
     torch.manual_seed(0)
     tf.Gemma2ForCausalLM(config("gemma2")).save_pretrained(tmp_path)
     _, _, device, mesh = init_distributed()
-    sharded = load_model(tmp_path, mesh, device, torch.float32, trainable=False, attn_implementation="eager")
+    sharded = load_model(tmp_path, mesh, device, TrainConfig(dtype="float32"), attn="eager", trainable=False)
     plain = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager")
     embed = sharded.model.embed_tokens
     assert embed.embed_scale.item() == pytest.approx(COMMON["hidden_size"] ** 0.5)

@@ -4,8 +4,9 @@ system turns are kept or refused by file:line, and multi-turn SFT masks every as
 
 import pytest
 
+from batching import collate_preference
 from chat_families import FAMILIES, QWEN_SYSTEM, build_tokenizer
-from data import IGNORE, SYSTEM_HINT, DataError, collate_preference, load_preference_rows, load_sft_examples, render
+from data import IGNORE, SYSTEM_HINT, DataError, load_preference_rows, load_sft_examples, render
 from test_data import write_jsonl
 
 TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello, how can I help"},

@@ -31,7 +31,6 @@ def test_overrides_are_typed(tmp_path):
     (["--trust_remote_code=maybe"], "trust_remote_code must be bool"),
     (["--nope=1"], "unknown setting 'nope'"),
     (["--beta"], "expected --key=value"),  # only a true/false setting may stand alone
-    (["--logprobs=naive"], r"unknown setting 'logprobs' \(renamed logps_impl\)"),  # an old config's key
     (["beta=1"], "expected --key=value"),
     (["--config=/no/such.json"], "cannot read JSON config"),
 ])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import data
-from data import IGNORE, DataError, collate_preference, load_preference_rows, train_steps, truncate
+from batching import collate_preference, train_steps
+from data import IGNORE, DataError, load_preference_rows, truncate
 
 
 def wrpo_row(prompt="What is 2 + 2?", ws="Adding 2 and 2 gives 4.", wt="4", rej="5", **extra):

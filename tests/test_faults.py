@@ -37,7 +37,7 @@ def poisoned(tmp_path, step):
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    import data
+    import batching
 
     model = tmp_path / "model"
     shutil.copytree(DEMO_MODEL, model)
@@ -46,7 +46,7 @@ def poisoned(tmp_path, step):
     weights["model.embed_tokens.weight"][token] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     rows = [json.loads(x) for x in DEMO_ROWS[:24]]
-    order = [i for _, _, step_rows in data.train_steps(len(rows), 1, 42, 4, 0, 1, len(rows) // 4) for i in step_rows]
+    order = [i for _, _, step_rows in batching.train_steps(len(rows), 1, 42, 4, 0, 1, len(rows) // 4) for i in step_rows]
     bad = order[(step - 1) * 4 + 1]
     rows[bad]["chosen"][0]["content"] += " §"  # y_ws: both WRPO and SFT (which trains on it) read it
     path = tmp_path / "rows.jsonl"
@@ -95,7 +95,7 @@ def test_preemption_saves_the_resumable_state_only_even_on_a_save_step(tmp_path,
     import signal
 
     import wrpo
-    from training import Preempted
+    from lifecycle import Preempted
 
     monkeypatch.chdir(REPO)
     checks = []
@@ -117,7 +117,7 @@ def test_overwrite_drops_the_old_runs_checkpoints_so_a_resume_continues_the_new_
     import signal
 
     import wrpo
-    from training import Preempted
+    from lifecycle import Preempted
 
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"

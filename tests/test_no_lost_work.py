@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,18 +42,19 @@ def train(out, cache, *extra):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """One uninterrupted 6-step run on 48 demo rows (checkpoints at steps 2 and 4, then final/), and which
-    files its saves read back."""
-    import checkpoint
-
+    """One uninterrupted 6-step run on 48 demo rows (checkpoints at steps 2 and 4, then final/)."""
     root = tmp_path_factory.mktemp("base")
     (root / "cache").mkdir()
-    read_back, crc = [], checkpoint.file_crc32
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
-        mp.setattr(checkpoint, "file_crc32", lambda path, *a: read_back.append(str(path)) or crc(path, *a))
         train(root / "out", root / "cache")
-    return root, read_back
+    return root
+
+
+def file_crc(path):
+    import checkpoint
+
+    return checkpoint.crc32([Path(path).read_bytes()])
 
 
 def copy_run(base, tmp_path, drop=("final",)):
@@ -87,7 +90,7 @@ def garble(path, offset_from_end=64):
 
 
 def test_resume_cuts_a_torn_metrics_file_back_and_continues(base, tmp_path, monkeypatch, capsys):
-    root, _ = base
+    root = base
     out = copy_run(root, tmp_path)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     lines[2:2] = ["garbage", "[1, 2]"]  # a line that is not JSON, and JSON that is not a row
@@ -106,12 +109,13 @@ def test_resume_cuts_a_torn_metrics_file_back_and_continues(base, tmp_path, monk
     (lambda s: s.__setitem__("rng", []), "one rng entry per rank"),
     (lambda s: s["files"].__setitem__("model.safetensors", "big"), "a damaged files entry"),
     (lambda s: s.__setitem__("skipped_steps", None), "'skipped_steps' must be int"),
+    (lambda s: s.pop("crc32"), "no 'crc32'"),  # every checkpoint has its files' CRC-32s: none is taken on trust
 ])
 def test_a_malformed_trainer_state_is_skipped_with_its_reason(base, tmp_path, damage, reason):
     import checkpoint
 
     folder = tmp_path / "step_000004"
-    shutil.copytree(base[0] / "out" / "step_000004", folder)
+    shutil.copytree(base / "out" / "step_000004", folder)
     assert checkpoint.checkpoint_problem(folder) is None
     state = json.loads((folder / "trainer_state.json").read_text())
     damage(state)
@@ -124,7 +128,7 @@ def test_a_malformed_trainer_state_is_skipped_with_its_reason(base, tmp_path, da
 
 
 def test_resume_auto_falls_back_past_a_malformed_trainer_state(base, tmp_path, monkeypatch, capsys):
-    root, _ = base
+    root = base
     out = copy_run(root, tmp_path)
     state = json.loads((out / "step_000004" / "trainer_state.json").read_text())
     state["rng"][0]["numpy"] = "broken"
@@ -141,71 +145,80 @@ def test_resume_auto_falls_back_past_a_malformed_trainer_state(base, tmp_path, m
 # 2. the reference log-prob cache: checked against its shape and CRC-32, recomputed when damaged
 
 
-def test_a_damaged_reference_cache_is_recomputed_never_trusted(tmp_path, capsys):
-    from safetensors.torch import save_file
+def test_a_damaged_reference_cache_is_recomputed_never_trusted(tmp_path):
+    """tokens.cached, the one procedure of both caches, as the reference log-probs use it: a file is read only when
+    it holds the key asked for and every array matches its CRC-32; anything else is recomputed, and said."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
-    import checkpoint
+    import tokens
 
-    table = torch.randn(10, 3)
+    table, said, computed = np.random.default_rng(0).standard_normal((10, 3), dtype=np.float32), [], []
     path = tmp_path / "rows.jsonl.ref-logps-0.safetensors"
-    assert checkpoint.save_reference_logps(path, table, {"data": "rows.jsonl"})
-    assert torch.equal(checkpoint.load_reference_logps(path, 10), table)
-    assert checkpoint.load_reference_logps(path, 11) is None  # another number of rows
-    good = path.read_bytes()
+
+    def read(key="k"):
+        compute = lambda: computed.append(1) or ({"logps": table}, {"data": "rows.jsonl"})  # noqa: E731
+        arrays, meta, how = tokens.cached(path, key, compute, "reference log-probs", said.append)
+        assert np.array_equal(arrays["logps"][:], table) and meta["data"] == "rows.jsonl"
+        return how
+
+    assert read() == "written" and read() == "cached" and len(computed) == 1
+    good, meta = path.read_bytes(), safe_open(path, "np").metadata()
     cases = {
-        "garbled": lambda: garble(path, 16),  # the same size: values only
-        "truncated": lambda: path.write_bytes(good[: len(good) // 2]),
-        "empty": lambda: path.write_bytes(b""),
-        "other shape": lambda: checkpoint.save_reference_logps(path, torch.randn(10, 2), {}),
-        "other key": lambda: save_file({"x": table}, path),
-        "no CRC (a cache from before CRCs)": lambda: save_file({"logps": table}, path),
+        "garbled": (lambda: garble(path, 16), "logps does not match its CRC-32"),  # the same size: values only
+        "truncated": (lambda: path.write_bytes(good[: len(good) // 2]), "unreadable"),
+        "empty": (lambda: path.write_bytes(b""), "unreadable"),
+        "other key": (lambda: save_file({"logps": table}, path, {**meta, "key": "x"}), "computed for another key"),
+        "no key": (lambda: save_file({"logps": table}, path), "computed for another key"),
+        "no CRC": (lambda: save_file({"logps": table}, path, {"key": "k"}), "logps does not match its CRC-32"),
+        "another array": (lambda: save_file({"x": table}, path, meta), "x does not match its CRC-32"),
     }
-    for name, damage in cases.items():
+    for name, (damage, problem) in cases.items():
         path.write_bytes(good)
         damage()
-        assert checkpoint.load_reference_logps(path, 10) is None, name
-        assert f"{path} is damaged (" in capsys.readouterr().out, name
+        said.clear()
+        assert read() == "written", name  # computed again, and the file rewritten whole
+        assert len(said) == 1 and said[0].startswith(f"reference log-probs: the cache {path} is damaged ({problem}")
+        assert said[0].endswith("; computing it again"), name
+        assert np.array_equal(load_file(path)["logps"], table) and safe_open(path, "np").metadata()["key"] == "k"
+    assert read("another key") == "written"  # (the file's name is the caller's: another key, another name)
 
 
 def test_a_garbled_reference_cache_gives_the_true_loss(base, tmp_path, monkeypatch, capsys):
-    root, _ = base
+    root = base
     cache = tmp_path / "cache"
     shutil.copytree(root / "cache", cache)  # the rows and their cached reference log-probs
     [cached] = cache.glob("*.ref-logps-*.safetensors")
     garble(cached, 16)
     monkeypatch.chdir(REPO)
     train(tmp_path / "out", cache, "--max_steps=1")
-    assert "is damaged (its values do not match their CRC-32); computing them again" in capsys.readouterr().out
+    assert "is damaged (logps does not match its CRC-32); computing it again" in capsys.readouterr().out
     # policy == reference at step 1: the loss is ln 2 exactly as in the clean run (a wrong cache gave 0.69288)
     assert steps(tmp_path / "out")[0]["loss"] == steps(root / "out")[0]["loss"]
     assert math.isclose(steps(tmp_path / "out")[0]["loss"], math.log(2), rel_tol=1e-6)
-    import checkpoint
+    from safetensors.numpy import load_file
 
-    n_rows = len(read_jsonl(rows48(cache)))
-    assert checkpoint.load_reference_logps(cached, n_rows) is not None  # rewritten whole, and sound again
+    clean = next((root / "cache").glob("*.ref-logps-*.safetensors"))
+    assert (load_file(cached)["logps"] == load_file(clean)["logps"]).all()  # rewritten whole, and sound again
     assert len(list(cache.glob("*.ref-logps-*.safetensors"))) == 1
 
 
 # -----------------------------------------------------------------------------
-# 3. checkpoints: CRC-32s computed while writing, verified before resuming
+# 3. checkpoints: CRC-32s read back after writing, verified before resuming
 
 
-def test_checkpoint_crcs_are_computed_while_writing_and_match_the_files(base):
-    import checkpoint
-
-    root, read_back = base
-    assert read_back and not [p for p in read_back if "/state/" in p]  # the shards' CRCs came from the writes
+def test_checkpoint_crcs_are_read_back_and_match_the_files(base):
     for step in (2, 4):
-        folder = root / "out" / f"step_{step:06d}"
+        folder = base / "out" / f"step_{step:06d}"
         state = json.loads((folder / "trainer_state.json").read_text())
         assert set(state["crc32"]) == set(state["files"]) and any(n.startswith("state/") for n in state["crc32"])
-        assert all(checkpoint.file_crc32(folder / n) == c for n, c in state["crc32"].items())
+        assert all(file_crc(folder / n) == c for n, c in state["crc32"].items())
 
 
 def test_resume_auto_skips_a_silently_damaged_checkpoint(base, tmp_path, monkeypatch, capsys):
     from checkpoint import ResumeError
 
-    root, _ = base
+    root = base
     out = copy_run(root, tmp_path)
     shard = sorted((out / "step_000004" / "state").glob("*.distcp"))[0]
     garble(shard, shard.stat().st_size // 2)  # the same size: only a checksum can tell
@@ -222,27 +235,15 @@ def test_resume_auto_skips_a_silently_damaged_checkpoint(base, tmp_path, monkeyp
     import checkpoint
 
     assert checkpoint.checkpoint_problem(out / "step_000004") is None
-    assert checkpoint.file_crc32(out / "step_000004" / "state" / shard.name) != checkpoint.file_crc32(
+    assert file_crc(out / "step_000004" / "state" / shard.name) != file_crc(
         out / "step_000004.damaged" / "state" / shard.name)
-
-
-def test_a_checkpoint_from_before_checksums_still_resumes(base, tmp_path, monkeypatch, capsys):
-    root, _ = base
-    out = copy_run(root, tmp_path)
-    state = json.loads((out / "step_000004" / "trainer_state.json").read_text())
-    del state["crc32"]  # the format before CRC-32s: sizes only
-    (out / "step_000004" / "trainer_state.json").write_text(json.dumps(state))
-    monkeypatch.chdir(REPO)
-    train(out, root / "cache", "--resume=auto")
-    assert f"resumed from {out / 'step_000004'} at step 4" in capsys.readouterr().out
-    same_metrics(root / "out", out)
 
 
 def test_prune_drops_the_checkpoints_of_an_abandoned_timeline(base, tmp_path):
     """A run resumed from step 2 while step 4 exists: once it saves, step 4 belongs to a timeline it left."""
     import checkpoint
 
-    out = copy_run(base[0], tmp_path)
+    out = copy_run(base, tmp_path)
     shutil.copytree(out / "step_000002", out / "step_000001")
     checkpoint.prune(out, 2, keep_last=1)
     assert sorted(p.name for p in out.glob("step_*")) == ["step_000002", "step_000004.abandoned"]  # kept, aside
@@ -259,8 +260,8 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(tmp_pat
 
     out = tmp_path / "out"
     out.mkdir()
-    hold = ("import sys, time; from pathlib import Path; sys.path.insert(0, '.'); import fsdp_utils, training; "
-            "fsdp_utils.init_distributed(); training.lock_out_dir(Path(sys.argv[1])); print('held', flush=True); "
+    hold = ("import sys, time; from pathlib import Path; sys.path.insert(0, '.'); import fsdp_utils, lifecycle; "
+            "fsdp_utils.init_distributed(); lifecycle.lock_out_dir(Path(sys.argv[1])); print('held', flush=True); "
             "time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -280,7 +281,7 @@ def test_a_second_run_into_a_locked_out_dir_is_refused_naming_the_holder(tmp_pat
 def test_the_launchers_death_is_one_signal_however_often_it_comes():
     """The kernel may send SIGHUP once per thread of a dying torchrun; only SIGTERM / SIGINT count towards
     'a third signal stops at once' (a user insisting)."""
-    from training import stop_signals
+    from lifecycle import stop_signals
 
     with stop_signals(0) as received:
         for sig in [signal.SIGHUP] * 3 + [signal.SIGTERM] * 2:
@@ -342,17 +343,18 @@ def test_interrupted_saves_count_as_free_space_and_are_removed(tmp_path, monkeyp
 
 def test_disk_full_mid_save_is_one_line_and_leaves_no_partial_folder(base, tmp_path, monkeypatch):
     import checkpoint
+    import fsdp_utils
     from checkpoint import SaveError
 
-    root, _ = base
-    real = checkpoint.save_file
+    root = base
+    real = fsdp_utils.save_file
 
     def full_disk(tensors, path, **kw):
         if "step_000004" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(tensors, path, **kw)
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(fsdp_utils, "save_file", full_disk)
     monkeypatch.chdir(REPO)
     out = tmp_path / "out"
     with pytest.raises(SaveError, match=f"cannot save {out / 'step_000004'}: No space left on device .*removed the "
@@ -374,11 +376,11 @@ def test_a_full_disk_inside_torch_save_is_named(tmp_path, monkeypatch):
 
     _, _, _, mesh = fsdp_utils.init_distributed()
     model = fully_shard(torch.nn.Linear(64, 64), mesh=mesh)  # tensors only: every byte goes through torch.save
-    real_init = checkpoint._Crc32Writer.__init__
-    monkeypatch.setattr(checkpoint._Crc32Writer, "__init__", lambda self, f, fs: real_init(self, FullDisk(f), fs))
-    fs = checkpoint._Crc32FileSystem()
+    real_init = checkpoint._ErrorKeepingWriter.__init__
+    monkeypatch.setattr(checkpoint._ErrorKeepingWriter, "__init__", lambda self, f, fs: real_init(self, FullDisk(f), fs))
+    fs = checkpoint._ErrorKeepingFileSystem()
     with open(tmp_path / "t.pt", "wb") as f, pytest.raises(RuntimeError, match="unexpected pos"):
-        torch.save(torch.zeros(1000), checkpoint._Crc32Writer(f, fs))  # the OSError inside is swallowed...
+        torch.save(torch.zeros(1000), checkpoint._ErrorKeepingWriter(f, fs))  # the OSError inside is swallowed...
     assert fs.error.errno == errno.ENOSPC  # ...but the writer kept it
     with pytest.raises(OSError) as e:
         checkpoint.save_state(model, torch.optim.AdamW(model.parameters()), tmp_path / "state")
@@ -389,7 +391,7 @@ def test_a_full_disk_inside_torch_save_is_named(tmp_path, monkeypatch):
 def test_disk_full_on_one_rank_stops_every_rank_with_one_message(base, tmp_path):
     """rank 1 alone fails inside the sharded save: no rank may hang in a collective; torchrun returns 1, the
     workers exit 3, rank 0 prints the one message."""
-    root, _ = base
+    root = base
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ENOSPC_RANK": "1",
            "ENOSPC_IN": "step_000004"}

@@ -6,10 +6,16 @@ import pytest
 import torch
 
 import attention
+import batching
 import data
 from conftest import DEMO_MODEL
 from logps import attach_label_logps, model_sequence_logps
 from wrpo import wrpo_loss
+
+
+def row_length(row, shared_prompt=False):
+    """Tokens of a row's sequences, as batching.row_sequences lays them out."""
+    return sum(len(s.ids) for s in batching.row_sequences(row, shared_prompt))
 
 
 def rows(tmp_path, tokenizer, n=5):
@@ -48,7 +54,7 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
     for attn, mode in MODES:
         model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32, attn_implementation=attn)
         attach_label_logps(model)
-        batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=mode != "padded",
+        batch = batching.collate_preference(examples, tokenizer.pad_token_id, packed=mode != "padded",
                                         shared_prompt=mode == "shared")
         assert ("attention_mask" in batch) == (mode == "padded")
         results[attn, mode] = logps_and_grads(model, batch)
@@ -59,20 +65,20 @@ def test_packed_and_padded_batches_give_the_same_logps_and_gradients(tmp_path, t
         torch.testing.assert_close(lp, lp_pad, rtol=1e-5, atol=1e-5, msg=str(key))
         for name in g_pad:
             torch.testing.assert_close(g[name], g_pad[name], rtol=1e-4, atol=1e-6, msg=f"{key} {name}")
-    packed_batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=True)
+    packed_batch = batching.collate_preference(examples, tokenizer.pad_token_id, packed=True)
     n_rows, width = packed_batch["input_ids"].shape
     longest = max(len(ex.prompt_ids) + len(r) for ex in examples for r in ex.responses)
     assert width == longest and n_rows <= 14  # rows as wide as the longest sequence
-    assert int((packed_batch["segments"] >= 0).sum()) == sum(data.row_length(ex) for ex in examples)
-    shared = data.collate_preference(examples, tokenizer.pad_token_id, packed=True, shared_prompt=True)
-    saved = sum(data.row_length(ex) - data.row_length(ex, shared_prompt=True) for ex in examples)
-    assert int((shared["segments"] >= 0).sum()) == sum(data.row_length(ex) for ex in examples) - saved
+    assert int((packed_batch["segments"] >= 0).sum()) == sum(row_length(ex) for ex in examples)
+    shared = batching.collate_preference(examples, tokenizer.pad_token_id, packed=True, shared_prompt=True)
+    saved = sum(row_length(ex) - row_length(ex, shared_prompt=True) for ex in examples)
+    assert int((shared["segments"] >= 0).sum()) == sum(row_length(ex) for ex in examples) - saved
     assert saved == sum((len(ex.prompt_ids) - 1) * (len(ex.responses) - 1) for ex in examples) > 0
 
 
 def test_packed_sdpa_reads_sequences_off_position_ids():
-    assert attention.sequences([0, 1, 2, 0, 1, 5, 6, 0]) == [(0, 3, 0), (3, 5, 0), (5, 7, 5), (7, 8, 0)]
-    assert attention.sequences([3, 4]) == [(0, 2, 3)]
+    assert batching.sequences([0, 1, 2, 0, 1, 5, 6, 0]) == [(0, 3, 0), (3, 5, 0), (5, 7, 5), (7, 8, 0)]
+    assert batching.sequences([3, 4]) == [(0, 2, 3)]
     q = torch.randn(1, 2, 6, 4)
     module = torch.nn.Module()
     with pytest.raises(ValueError, match="only 2 tokens"):  # continues position 3 of a 2-token group
@@ -91,8 +97,8 @@ def test_micro_batches_by_rows_or_token_budget(monkeypatch):
     monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: None)  # one rank: nothing to even out
     rows = [7, 3, 9, 1, 4, 0, 8]  # one step's rows on this rank (indices into the data)
     lengths = {7: 50, 3: 10, 9: 300, 1: 40, 4: 40, 0: 90, 8: 5}
-    assert data.micro_batches_by_rows(rows, 3) == [[7, 3, 9], [1, 4, 0], [8]]  # in order
-    batches = data.micro_batches_by_tokens(rows, lengths, budget=100, device=torch.device("cpu"))
+    assert batching.micro_batches_by_rows(rows, 3) == [[7, 3, 9], [1, 4, 0], [8]]  # in order
+    batches = batching.micro_batches_by_tokens(rows, lengths, budget=100, device=torch.device("cpu"))
     assert sorted(i for b in batches for i in b) == sorted(rows)
     assert [9] in batches  # longer than the budget: alone
     assert all(sum(lengths[i] for i in b) <= 100 for b in batches if len(b) > 1)
@@ -104,11 +110,11 @@ def test_no_grad_passes_take_token_budget_micro_batches(monkeypatch, world):
     lengths = [50, 10, 300, 40, 40, 90, 5, 70, 20, 35, 60]  # 11 rows: with 2 or 3 ranks the last is short
     device = torch.device("cpu")
     monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: None)
-    most = max(len(data.eval_batches_by_tokens(lengths, 100, r, world, device)) for r in range(world))
+    most = max(len(batching.eval_batches_by_tokens(lengths, 100, r, world, device)) for r in range(world))
     monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: t.fill_(most))  # every rank runs `most`
     seen = []
     for rank in range(world):
-        batches = data.eval_batches_by_tokens(lengths, 100, rank, world, device)
+        batches = batching.eval_batches_by_tokens(lengths, 100, rank, world, device)
         assert len(batches) == most
         for idx, weight in batches:
             assert sum(lengths[i] for i in idx) <= 100 or len(idx) == 1  # an over-long row alone
@@ -119,7 +125,7 @@ def test_no_grad_passes_take_token_budget_micro_batches(monkeypatch, world):
 
 def test_same_count_on_all_ranks_splits_the_largest(monkeypatch):
     monkeypatch.setattr(data.dist, "all_reduce", lambda t, op=None: t.fill_(5))  # another rank has 5
-    out = data.same_count_on_all_ranks([[1, 2, 3, 4], [5], [6, 7]], torch.device("cpu"))
+    out = batching.same_count_on_all_ranks([[1, 2, 3, 4], [5], [6, 7]], torch.device("cpu"))
     assert len(out) == 5 and sorted(i for b in out for i in b) == [1, 2, 3, 4, 5, 6, 7]
     assert all(b for b in out)
 
@@ -129,16 +135,18 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     import os
     import shutil
 
-    from wrpo import Config, reference_cache_path
+    import tokens
+    from wrpo import Config, reference_cache
 
     ref = tmp_path / "ref"
     shutil.copytree(DEMO_MODEL, ref)
     cfg = Config(ref_cache_dir=str(tmp_path / "cache"))
     examples = rows(tmp_path, tokenizer)
-    path = lambda c=cfg, ex=examples: reference_cache_path(c, ref, ex, tmp_path / "rows.jsonl")  # noqa: E731
+    path = lambda c=cfg, ex=examples, attn="sdpa": reference_cache(c, attn, ref, ex, tmp_path / "rows.jsonl")  # noqa
     base = path()
-    assert base == path() and base.parent == tmp_path / "cache" and base.name.startswith("rows.jsonl.ref-logps-")
-    assert path(ex=examples[:-1]) != base  # other data
+    assert base == path() and base[0].parent == tmp_path / "cache" and base[0].name.startswith("rows.jsonl.ref-logps-")
+    assert base[0].name.endswith(f"-{base[1][:20]}.safetensors")  # named by its key
+    assert path(ex=tokens.build_rows("preference", examples[:-1])) != base  # other data
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = tok.chat_template.replace("<|eot_id|>", "<|end_of_text|>")
     retokenized = data.load_preference_rows(tmp_path / "rows.jsonl", tok)
@@ -146,10 +154,11 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     truncated = data.load_preference_rows(tmp_path / "rows.jsonl", tokenizer, max_length=24, max_prompt_length=16)
     assert path(ex=truncated) != base  # other truncation settings
     assert path(c=Config(ref_cache_dir=cfg.ref_cache_dir, dtype="float32")) != base  # other compute dtype
+    assert path(attn="packed_sdpa") != base  # other attention
     weights = ref / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert path() != base  # other reference weights
-    assert reference_cache_path(Config(), ref, examples, tmp_path / "rows.jsonl").parent == tmp_path  # beside data
+    assert reference_cache(Config(), "sdpa", ref, examples, tmp_path / "rows.jsonl")[0].parent == tmp_path  # beside
 
 
 def test_packed_rows_combine_sequences_and_index_them_right():
@@ -157,7 +166,7 @@ def test_packed_rows_combine_sequences_and_index_them_right():
     rand = lambda n: torch.randint(10, 99, (n,), generator=g).tolist()  # noqa: E731
     examples = [data.PreferenceRow(rand(p), [rand(a), rand(b), rand(c)], 2, f"x:{i}")
                 for i, (p, a, b, c) in enumerate([(5, 40, 3, 2), (3, 4, 30, 6), (8, 2, 2, 20), (4, 7, 5, 9)])]
-    batch = data.collate_preference(examples, pad_id=0, packed=True)
+    batch = batching.collate_preference(examples, pad_id=0, packed=True)
     width = batch["input_ids"].shape[1]
     assert width == 45 and batch["input_ids"].shape[0] < 12  # short sequences share rows
     for i, ex in enumerate(examples):
@@ -172,7 +181,7 @@ def test_shared_prompt_rows_keep_each_rows_sequences_together():
     rand = lambda n: torch.randint(10, 99, (n,), generator=g).tolist()  # noqa: E731
     examples = [data.PreferenceRow(rand(p), [rand(a), rand(b), rand(c)][: 2 if i == 1 else 3], 2 if i != 1 else 1, f"x:{i}")
                 for i, (p, a, b, c) in enumerate([(5, 40, 3, 2), (3, 4, 30, 6), (8, 2, 2, 20), (1, 7, 5, 9)])]
-    batch = data.collate_preference(examples, pad_id=0, packed=True, shared_prompt=True)
+    batch = batching.collate_preference(examples, pad_id=0, packed=True, shared_prompt=True)
     assert batch["input_ids"].shape[1] == 5 + 40 + 4 + 3  # the widest row: one whole example
     for i, ex in enumerate(examples):
         p = ex.prompt_ids
@@ -185,7 +194,7 @@ def test_shared_prompt_rows_keep_each_rows_sequences_together():
             assert batch["position_ids"][where].tolist() == list(range(start, start + len(ids)))
             assert batch["labels"][where].tolist() == [data.IGNORE] * (len(ids) - len(response)) + response
     with pytest.raises(ValueError, match="packed"):
-        data.collate_preference(examples, pad_id=0, shared_prompt=True)
+        batching.collate_preference(examples, pad_id=0, shared_prompt=True)
 
 
 def test_the_reference_cache_is_read_only_when_every_rank_sees_it(tmp_path, monkeypatch):

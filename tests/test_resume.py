@@ -136,7 +136,7 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(tmp_path):
     assert state["step"] == 9 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert (broken / "step_000009" / "model.safetensors").exists()  # each checkpoint is also an HF model
 
-    # a finished run: --resume=auto has nothing to do and says so (training.cli exits 0)
+    # a finished run: --resume=auto has nothing to do and says so (lifecycle.cli exits 0)
     import wrpo
     from checkpoint import RunFinished
 
@@ -175,9 +175,9 @@ def test_resume_refuses_changed_settings_and_data_and_reshards(tmp_path, monkeyp
     # settings that only change speed or logging may change, the data file may move, and the
     # world size may change: DCP reshards the 1-rank state for 2 ranks
     shutil.copy(REPO / "demo" / "data" / "train.jsonl", tmp_path / "moved.jsonl")
-    import training
+    import lifecycle
 
-    training.release_locks()  # out_dir's lock, held by the runs above as their own processes would until exit
+    lifecycle.release_locks()  # out_dir's lock, held by the runs above as their own processes would until exit
     stdout = torchrun(2, REPO / "wrpo.py", *base, "--micro_batch_size=4", "--log_every=2",
                       f"--data={tmp_path / 'moved.jsonl'}", f"--ref_cache_dir={tmp_path}")
     assert "world size 1 -> 2" in stdout and "at step 3" in stdout

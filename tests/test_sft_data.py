@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import data
+from batching import collate_packed, pack
 from conftest import DEMO_MODEL
-from data import IGNORE, DataError, collate_packed, load_sft_examples, pack
+from data import IGNORE, DataError, load_sft_examples
 from logps import attach_label_logps, logits_token_logps, model_sequence_logps
 
 CHAT = {"messages": [

@@ -1,13 +1,12 @@
-"""Tokenized rows held flat (data.TokenRows), shared by ranks, and cached in a file each node memory-maps."""
+"""Tokenized rows held flat (tokens.TokenRows), shared by ranks, and cached in a file each node maps (data.load_cached,
+through tokens.cached: the procedure the reference log-probs' cache shares)."""
 
-import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from array import array
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+import batching
 import data
+import tokens
 from conftest import REPO
 from data import DataError, load_preference_rows, load_sft_examples
 from test_data import wrpo_row, write_jsonl
@@ -37,19 +38,15 @@ def as_lists(rows):
             else (r.ids, r.labels, r.where, r.start) for r in rows]
 
 
-def fingerprint_before(rows, groups=()):
-    """data.fingerprint as it was before TokenRows (737978f): the digest saved checkpoints hold, which a resume
-    compares with the rows' (so it must not change)."""
-    h = hashlib.sha256()
-    for row in rows:
-        parts = [[row.n_chosen], row.prompt_ids, *row.responses] if isinstance(row, data.PreferenceRow) else \
-            [row.ids, row.labels]
-        for p in parts:
-            h.update(array("q", p).tobytes() + b"|")
-        h.update(b";")
-    for group in groups:
-        h.update(array("q", group).tobytes() + b";")
-    return f"{len(rows)} rows, sha256 {h.hexdigest()[:20]}"
+def cached_rows(path, tokenizer, cache, report=None, sft=False, **settings):
+    """data.load_cached of load_sft_examples (sft) or load_preference_rows (with the tests' lengths by default)."""
+    load = data.load_sft_examples if sft else data.load_preference_rows
+    settings = settings or ({} if sft else dict(max_length=64, max_prompt_length=16))
+    return data.load_cached(load, path, tokenizer, cache, report=report or (lambda _: None), **settings)
+
+
+def row_length(row, shared_prompt=False):
+    return sum(len(s.ids) for s in batching.row_sequences(row, shared_prompt))
 
 
 def one_at_a_time(tmp_path, path, load):
@@ -62,18 +59,25 @@ def test_token_rows_give_back_what_convert_made(tmp_path, tokenizer):
     path = rows_file(tmp_path)
     load = lambda p: load_preference_rows(p, tokenizer, max_length=64, max_prompt_length=16)  # noqa: E731
     rows, lists = load(path), one_at_a_time(tmp_path, path, load)
-    assert isinstance(rows, data.TokenRows) and rows.tokens.dtype == np.int32 and len(rows) == 12
+    assert isinstance(rows, tokens.TokenRows) and rows.tokens.dtype == np.int32 and len(rows) == 12
     assert [r[:3] + r[4:] for r in as_lists(rows)] == [r[:3] + r[4:] for r in as_lists(lists)]
     assert [r.where for r in rows] == [f"{path}:{i}" for i in range(1, 13)]
     assert rows[3].n_chosen == 1 and len(rows[3].responses) == 2 and rows[-1].prompt_id == "q11"
     assert as_lists(rows[2:5]) == as_lists([rows[2], rows[3], rows[4]])
     with pytest.raises(IndexError):
         rows[12]
-    # lengths and fingerprints from the flat arrays equal those of the lists
+    # lengths from the flat arrays equal those of the lists; the fingerprint sees any token and any row boundary
     for shared in (False, True):
-        assert data.row_lengths(rows, shared) == [data.row_length(r, shared) for r in lists]
-    assert data.fingerprint(rows) == data.fingerprint(list(rows)) == fingerprint_before(lists)
+        assert batching.row_lengths(rows, shared) == [row_length(r, shared) for r in lists]
     assert rows.tokens.nbytes == 4 * sum(len(r.prompt_ids) + sum(map(len, r.responses)) for r in lists)
+    same = tokens.build_rows("preference", list(rows))
+    assert tokens.fingerprint(same) == tokens.fingerprint(rows)
+    changed = list(rows)
+    changed[7].responses[0][-1] += 1
+    assert tokens.fingerprint(tokens.build_rows("preference", changed)) != tokens.fingerprint(rows)
+    moved = list(rows)  # the same tokens, one of them moved from a prompt to its response
+    moved[4].responses[0].insert(0, moved[4].prompt_ids.pop())
+    assert tokens.fingerprint(tokens.build_rows("preference", moved)) != tokens.fingerprint(rows)
 
 
 def test_sft_token_rows_keep_their_labels(tmp_path, tokenizer):
@@ -85,28 +89,33 @@ def test_sft_token_rows_keep_their_labels(tmp_path, tokenizer):
         assert [(r.ids, r.labels) for r in rows] == [(r.ids, r.labels) for r in lists]
         ignored = rows[0].labels.count(data.IGNORE)  # the first token always; with "assistant", the other turns too
         assert ignored > 1 if loss_on == "assistant" else ignored == 1
-        assert data.row_lengths(rows) == [len(r.ids) for r in lists]
-        assert data.fingerprint(rows, [[0, 1], [2]]) == fingerprint_before(lists, [[0, 1], [2]])
+        assert batching.row_lengths(rows) == [len(r.ids) for r in lists]
+        assert tokens.fingerprint(rows, [[0, 1], [2]]) != tokens.fingerprint(rows, [[0], [1, 2]])  # the packing
 
 
 def test_the_cache_is_written_once_and_read_back(tmp_path, tokenizer):
     path, cache, said = rows_file(tmp_path), tmp_path / "cache", []
-    first = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=said.append)
+    first = cached_rows(path, tokenizer, cache, said.append)
     (file,) = cache.glob("rows.jsonl.tokens-*.safetensors")
     assert "tokenized on 1 rank; cached in" in said[-1] and not list(cache.glob("*.tmp"))
+    assert not isinstance(first.tokens, np.ndarray)  # even the run that wrote it reads the rows off the file
     mtime = file.stat().st_mtime_ns
-    again = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=said.append)
+    again = cached_rows(path, tokenizer, cache, said.append)
     assert f"(cached: {file})" in said[-1] and file.stat().st_mtime_ns == mtime
-    assert isinstance(again.tokens, np.memmap) and not again.tokens.flags.writeable  # mapped, read-only
-    assert as_lists(again) == as_lists(first) and data.fingerprint(again) == data.fingerprint(first)
+    assert not isinstance(again.tokens, np.ndarray)  # slices of the file, read a row at a time: never copied whole
+    fresh = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16)
+    assert as_lists(again) == as_lists(first) == as_lists(fresh)
+    assert tokens.fingerprint(again) == tokens.fingerprint(first) == tokens.fingerprint(fresh)
+    assert batching.row_lengths(again, True) == batching.row_lengths(fresh, True)
+    meta = safe_open(file, "np").metadata()  # the key it was computed for is in the file, and is checked
+    assert file.name.split("-")[-1].split(".")[0] == meta["key"][:20] and meta["kind"] == "preference"
 
 
 @pytest.mark.parametrize("change", ["content", "settings", "template", "kind", "code", "path"])
 def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change, monkeypatch):
     path, cache = rows_file(tmp_path), tmp_path / "cache"
-    load = lambda tok, n=64, sft=False: (  # noqa: E731
-        load_sft_examples(path, tok, max_length=n, cache=cache) if sft else
-        load_preference_rows(path, tok, max_length=n, max_prompt_length=16, cache=cache))
+    load = lambda tok, n=64, sft=False: cached_rows(  # noqa: E731
+        path, tok, cache, sft=sft, **({"max_length": n} if sft else {"max_length": n, "max_prompt_length": 16}))
     before = load(tokenizer)
     if change == "content":  # one character, the same size and a restored mtime: the content decides
         stat = path.stat()
@@ -116,7 +125,7 @@ def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change, monkeypatch):
         assert after[5].prompt_ids != before[5].prompt_ids
     elif change == "settings":
         after = load(tokenizer, n=40)
-        assert max(data.row_lengths(after)) < max(data.row_lengths(before))
+        assert max(batching.row_lengths(after)) < max(batching.row_lengths(before))
     elif change == "template":
         other = shutil.copytree(REPO / "demo" / "model", tmp_path / "tok",
                                 ignore=shutil.ignore_patterns("*.safetensors"))
@@ -142,36 +151,51 @@ def test_a_stale_cache_is_never_used(tmp_path, tokenizer, change, monkeypatch):
     assert len(list(cache.glob("rows.jsonl.tokens-*.safetensors"))) == 2  # a new file, the old one untouched
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header"])
+def rewrite(file, tensors, metadata):
+    from safetensors.numpy import save_file
+
+    file.unlink()  # a new file: rows loaded before may still map the old one
+    save_file(tensors, file, metadata=metadata)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "header", "key", "crc"])
 def test_a_damaged_cache_is_refused_and_rewritten(tmp_path, tokenizer, damage):
     path, cache, said = rows_file(tmp_path), tmp_path / "cache", []
-    good = as_lists(load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache))
+    good = as_lists(cached_rows(path, tokenizer, cache))
     (file,) = cache.glob("*.tokens-*")
     raw = bytearray(file.read_bytes())
-    if damage == "flip":
-        raw[-9] ^= 0x40  # a token in the last piece
-    elif damage == "truncate":
-        raw = raw[: len(raw) // 2]
-    elif damage == "empty":
-        raw = b""
+    if damage in ("key", "crc"):  # a sound file of another key; a CRC-32 that is not its array's
+        arrays, meta = load_file(file), safe_open(file, "np").metadata()
+        meta = {**meta, "key": "0" * 64} if damage == "key" else {
+            **meta, "crc32": json.dumps({**json.loads(meta["crc32"]), "offsets": "00000000"})}
+        rewrite(file, arrays, meta)
     else:
-        raw[8:12] = b"!!!!"
-    file.unlink()  # a new file: the loaded rows above may still map the old one
-    file.write_bytes(bytes(raw))
-    rows = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=said.append)
-    assert any(f"the cache {file} is damaged" in s and "tokenizing again" in s for s in said), said
+        if damage == "flip":
+            raw[-9] ^= 0x40  # a token in the last piece
+        elif damage == "truncate":
+            raw = raw[: len(raw) // 2]
+        elif damage == "empty":
+            raw = b""
+        else:
+            raw[8:12] = b"!!!!"
+        file.unlink()  # a new file: the loaded rows above may still map the old one
+        file.write_bytes(bytes(raw))
+    rows = cached_rows(path, tokenizer, cache, said.append)
+    problem = {"flip": "tokens does not match its CRC-32", "key": "computed for another key",
+               "crc": "offsets does not match its CRC-32"}.get(damage, "unreadable")
+    assert any(f"tokenized rows: the cache {file} is damaged ({problem}" in s and "computing it again" in s
+               for s in said), said
     assert as_lists(rows) == good
     again = []
-    load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache, report=again.append)
+    cached_rows(path, tokenizer, cache, again.append)
     assert "(cached:" in again[-1]  # rewritten whole
 
 
 def test_an_unwritable_cache_folder_only_costs_the_cache(tmp_path, tokenizer):
     path, said = rows_file(tmp_path), []
     (tmp_path / "file").write_text("")
-    rows = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=tmp_path / "file" / "c",
-                                report=said.append)
-    assert len(rows) == 12 and any("tokenized rows not cached" in s for s in said)
+    rows = cached_rows(path, tokenizer, tmp_path / "file" / "c", said.append)
+    assert len(rows) == 12 and any("tokenized rows: not cached" in s for s in said)
     assert "(tokenized on 1 rank)" in said[-1]
 
 
@@ -179,17 +203,21 @@ FULL_DISK = """
 import resource, signal, sys
 import torch
 sys.path.insert(0, {repo!r})
-import checkpoint, data
+import numpy as np
+import data, tokens
+from pathlib import Path
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained({model!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))  # a disk that fills up mid-file
 said = []
-rows = data.load_preference_rows({path!r}, tok, max_length=64, max_prompt_length=16, cache={cache!r},
-                                 report=said.append)
+rows = data.load_cached(data.load_preference_rows, {path!r}, tok, {cache!r}, report=said.append, max_length=64,
+                        max_prompt_length=16)
 print(len(rows), "|".join(said))
-print(checkpoint.save_reference_logps(__import__("pathlib").Path({cache!r}) / "ref.safetensors",
-                                      torch.zeros(1000, 3), {{}}))
+table = {{"logps": np.zeros((1000, 3), np.float32)}}
+_, _, how = tokens.cached(Path({cache!r}) / "ref.safetensors", "k", lambda: (table, {{}}), "reference log-probs",
+                          print)
+print(how)
 """
 
 
@@ -203,14 +231,14 @@ def test_a_cache_the_disk_cannot_hold_is_only_reported(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     rows_line = next(line for line in lines if line.startswith("12 "))  # the 12 rows, and what was said
-    assert "tokenized rows not cached" in rows_line and "(tokenized on 1 rank)" in rows_line
-    assert lines[-1] == "False" and any("reference log-probs: computed, not cached" in line for line in lines)
+    assert "tokenized rows: not cached" in rows_line and "(tokenized on 1 rank)" in rows_line
+    assert lines[-1] == "computed" and any("reference log-probs: not cached" in line for line in lines)
     assert not list(cache.glob("*")) or all(not f.name.endswith(".tmp") for f in cache.iterdir())
 
 
 def test_temporary_files_of_dead_writers_are_removed(tmp_path, tokenizer):
     path, cache = rows_file(tmp_path), tmp_path / "cache"
-    load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache)
+    cached_rows(path, tokenizer, cache)
     (file,) = cache.glob("*.tokens-*")
     host = socket.gethostname()
     dead, live, other = (cache / f"{file.name}.{h}-{pid}.tmp" for h, pid in
@@ -218,7 +246,7 @@ def test_temporary_files_of_dead_writers_are_removed(tmp_path, tokenizer):
     for f in (dead, live, other):
         f.write_bytes(b"half a cache")
     file.unlink()
-    load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=cache)
+    cached_rows(path, tokenizer, cache)
     assert not dead.exists() and live.exists() and other.exists()  # only this host's dead writer's
 
 
@@ -227,11 +255,11 @@ def test_skipped_rows_are_reported_again_from_the_cache(tmp_path, tokenizer):
     path, cache = write_jsonl(tmp_path / "rows.jsonl", rows), tmp_path / "cache"
     for _ in range(2):
         said = []
-        out = load_preference_rows(path, tokenizer, skip_invalid=True, cache=cache, report=said.append)
+        out = cached_rows(path, tokenizer, cache, said.append, skip_invalid=True)
         assert len(out) == 2 and said[0].startswith("skipped 2 bad row(s)") and f"{path}:4" in said[0]
     assert "(cached:" in said[-1]
     with pytest.raises(DataError, match="2 bad row"):  # without skipping: refused, and nothing cached for it
-        load_preference_rows(path, tokenizer, cache=cache)
+        cached_rows(path, tokenizer, cache, max_length=2048)
     assert len(list(cache.glob("*.tokens-*"))) == 1
 
 
@@ -269,15 +297,15 @@ DRIVER = """
 import json, sys
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import data
+import batching, data, tokens
 from transformers import AutoTokenizer
 dist.init_process_group("gloo")
 tok = AutoTokenizer.from_pretrained({model!r})
 said = []
 try:
-    rows = data.load_preference_rows({path!r}, tok, max_length=64, max_prompt_length=16, cache={cache!r},
-                                     skip_invalid={skip}, report=said.append)
-    out = dict(fingerprint=data.fingerprint(rows), said=said, lengths=data.row_lengths(rows, True))
+    rows = data.load_cached(data.load_preference_rows, {path!r}, tok, {cache!r}, report=said.append, max_length=64,
+                            max_prompt_length=16, skip_invalid={skip})
+    out = dict(fingerprint=tokens.fingerprint(rows), said=said, lengths=batching.row_lengths(rows, True))
 except data.DataError as e:
     out = dict(error=str(e))
 json.dump(out, open({out!r} + str(dist.get_rank()), "w"))
@@ -301,18 +329,18 @@ def test_ranks_share_the_work_and_agree_with_one_process(tmp_path, tokenizer):
     path = rows_file(tmp_path, n=15)
     one = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16)
     r1, r2 = load_under_torchrun(tmp_path, 2, path, tmp_path / "cache2")
-    assert r1["fingerprint"] == r2["fingerprint"] == data.fingerprint(one)
-    assert r1["lengths"] == data.row_lengths(one, True)
+    assert r1["fingerprint"] == r2["fingerprint"] == tokens.fingerprint(one)
+    assert r1["lengths"] == batching.row_lengths(one, True)
     assert "tokenized on 2 ranks; cached in" in r1["said"][-1]
     (file,) = (tmp_path / "cache2").glob("*.tokens-*")  # the same file one process writes
-    data.load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16, cache=tmp_path / "cache1")
+    cached_rows(path, tokenizer, tmp_path / "cache1")
     assert [f.name for f in (tmp_path / "cache1").glob("*.tokens-*")] == [file.name]
     one_file, two_files = (tmp_path / "cache1" / file.name, file)
     assert safe_open(one_file, "np").metadata() == safe_open(two_files, "np").metadata()  # (any order in the header)
     a, b = load_file(one_file), load_file(two_files)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     r1, r2 = load_under_torchrun(tmp_path, 2, path, tmp_path / "cache2")
-    assert "(cached:" in r1["said"][-1] and r1["fingerprint"] == data.fingerprint(one)
+    assert "(cached:" in r1["said"][-1] and r1["fingerprint"] == tokens.fingerprint(one)
     # bad rows in both ranks' shares: one report, in file order, the same on every rank and as one process's
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[1], rows[13] = {"prompt": "x"}, "not json"

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 import attention
+import batching
 import data
 from conftest import DEMO_MODEL
 from logps import attach_label_logps
+from training import TrainConfig
 from test_packing import logps_and_grads
 from test_packing import rows as heldout_rows
 
@@ -67,9 +69,9 @@ def batches():
     preference rows (WRPO and DPO), and shared-prompt rows."""
     g = torch.Generator().manual_seed(0)
     seq = lambda n: data.Sequence(random_ids(g, n), [data.IGNORE] + random_ids(g, n - 1), "x")  # noqa: E731
-    sft = data.collate_packed([[seq(5), seq(9)], [seq(14)], [seq(3)], [seq(1), seq(6), seq(2)]], pad_id=0)
-    packed = data.collate_preference(preference_rows(g), pad_id=0, packed=True)
-    shared = data.collate_preference(preference_rows(g), pad_id=0, packed=True, shared_prompt=True)
+    sft = batching.collate_packed([[seq(5), seq(9)], [seq(14)], [seq(3)], [seq(1), seq(6), seq(2)]], pad_id=0)
+    packed = batching.collate_preference(preference_rows(g), pad_id=0, packed=True)
+    shared = batching.collate_preference(preference_rows(g), pad_id=0, packed=True, shared_prompt=True)
     return {"sft": sft["position_ids"], "packed": packed["position_ids"], "shared": shared["position_ids"]}
 
 
@@ -80,14 +82,14 @@ def batches():
 def test_layout_by_hand():
     # row 0: a 4-token group, a 2-token continuation of its first 2 tokens, a 2-token group;
     # row 1: sequences of 3 and 4 tokens and 1 padding token
-    layout = attention.varlen_layout(torch.tensor([[0, 1, 2, 3, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2, 3, 0]]))
+    layout = batching.varlen_layout(torch.tensor([[0, 1, 2, 3, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2, 3, 0]]))
     assert layout["varlen_cu_seq_q"].tolist() == [0, 4, 6, 8, 11, 15, 16]
     assert layout["varlen_cu_seq_k"].tolist() == [0, 4, 8, 10, 13, 17, 18]  # the continuation: 2 + 2 keys
     assert layout["varlen_cu_seq_q"].dtype == layout["varlen_cu_seq_k"].dtype == torch.int32
     assert layout["varlen_k_index"].tolist() == [0, 1, 2, 3, 0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     assert (layout["varlen_max_q"], layout["varlen_max_k"]) == (4, 4)
     # no continuation: the keys are the queries' tokens, nothing to gather
-    plain = attention.varlen_layout(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]))
+    plain = batching.varlen_layout(torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]))
     assert "varlen_k_index" not in plain and plain["varlen_cu_seq_k"].tolist() == [0, 3, 5, 10] \
         == plain["varlen_cu_seq_q"].tolist()
     assert (plain["varlen_max_q"], plain["varlen_max_k"]) == (5, 5)
@@ -95,13 +97,13 @@ def test_layout_by_hand():
 
 def test_a_continuation_longer_than_its_group_is_an_error():
     with pytest.raises(ValueError, match="only 2 tokens"):  # continues position 3 of a 2-token group
-        attention.varlen_layout(torch.tensor([[0, 1, 3, 4, 5, 6]]))
+        batching.varlen_layout(torch.tensor([[0, 1, 3, 4, 5, 6]]))
     with pytest.raises(ValueError, match="first sequence starts at position 2"):  # groups do not span rows
-        attention.varlen_layout(torch.tensor([[0, 1, 2], [2, 3, 4]]))
+        batching.varlen_layout(torch.tensor([[0, 1, 2], [2, 3, 4]]))
     q = torch.randn(1, 2, 4, 8)
     for pos in ([[3, 4, 5, 6]], [[2, 3, 0, 1]]):  # a row opening with a continuation: no group to continue
         with pytest.raises(ValueError, match="first sequence starts at position"):
-            attention.varlen_layout(torch.tensor(pos))
+            batching.varlen_layout(torch.tensor(pos))
         with pytest.raises(ValueError, match="first sequence starts at position"):  # the same rule per sequence
             attention.packed_sdpa(torch.nn.Module(), q, q, q, None, position_ids=torch.tensor(pos))
 
@@ -113,7 +115,7 @@ def test_a_continuation_longer_than_its_group_is_an_error():
 @pytest.mark.parametrize("kind", ["sft", "packed", "shared"])
 def test_varlen_attention_and_gradients_equal_per_sequence_sdpa(kind, kernel_calls):
     position_ids = batches()[kind]
-    layout = attention.varlen_layout(position_ids)
+    layout = batching.varlen_layout(position_ids)
     assert ("varlen_k_index" in layout) == (kind == "shared")
     (R, T), H, Hkv, D = position_ids.shape, 4, 2, 8
     assert R > 1 and (position_ids[:, -1] < T - 1).any()  # several rows, some ending in padding
@@ -135,7 +137,7 @@ def test_without_an_accepting_kernel_the_layout_is_ignored(monkeypatch):
     """fp32 on CPU is not for the flash kernel, and it has no dropout: the per-sequence path serves both."""
     monkeypatch.setattr(attention, "_varlen_kernel", lambda *a, **k: pytest.fail("the kernel was called"))
     position_ids = batches()["shared"]
-    layout = attention.varlen_layout(position_ids)
+    layout = batching.varlen_layout(position_ids)
     q = torch.randn(position_ids.shape[0], 2, position_ids.shape[1], 8)
     module = torch.nn.Module().eval()
     out, _ = attention.packed_sdpa(module, q, q, q, None, position_ids=position_ids, **layout)
@@ -168,17 +170,16 @@ def test_varlen_model_logps_and_gradients_equal_padded_sdpa(tmp_path, tokenizer,
                                                                        attn_implementation=attn))
 
     def sharded():
-        return attach_label_logps(fsdp_utils.load_model(DEMO_MODEL, mesh, device, torch.float32,
-                                                        activation_checkpointing=True,
-                                                        attn_implementation=attention.NAME))
+        cfg = TrainConfig(dtype="float32", activation_checkpointing="true")
+        return fsdp_utils.load_model(DEMO_MODEL, mesh, device, cfg, attn=attention.NAME)
 
-    padded = data.collate_preference(examples, tokenizer.pad_token_id)
+    padded = batching.collate_preference(examples, tokenizer.pad_token_id)
     lp_pad, c_pad, g_pad = logps_and_grads(plain("sdpa"), padded)
     assert lp_pad.shape == (5, 3)
     layers = 2
     for make, shared, calls in [(plain, False, layers), (plain, True, layers), (sharded, True, 2 * layers)]:
-        batch = data.collate_preference(examples, tokenizer.pad_token_id, packed=True, shared_prompt=shared)
-        batch.update(attention.varlen_layout(batch["position_ids"]))
+        batch = batching.collate_preference(examples, tokenizer.pad_token_id, packed=True, shared_prompt=shared)
+        batch.update(batching.varlen_layout(batch["position_ids"]))
         kernel_calls.clear()
         lp, c, g = logps_and_grads(make(), batch)
         key = f"{make.__name__} shared={shared}"

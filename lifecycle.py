@@ -1,0 +1,320 @@
+"""A run's life from start to exit: the checks before anything is read or written, the out_dir lock, what happens when
+the launcher dies or a signal arrives, and the exit codes (cli): 0 done (or nothing left to do), 2 a user error
+(settings, paths, data, a checkpoint that does not fit; one line from rank 0, no traceback), 3 a fault during the run
+(a non-finite step, a save that failed), 128 + N stopped by signal N after saving a checkpoint.
+"""
+
+import atexit
+import ctypes
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import attention
+import data
+from checkpoint import ResumeError, RunFinished, SaveError, find_resume, partial_saves, remove_partial_saves, \
+    step_checkpoints, write_atomic
+from fsdp_utils import DTYPES, count_parameters, exit_process, init_distributed, loading_problem, print0, \
+    resolve_model_path
+from training import ConfigError, TrainingError, config_problems, on_rank0
+
+
+@dataclass
+class Run:
+    """One training run: this process's place in it, the folder it writes, and what it starts from."""
+
+    rank: int
+    world: int
+    device: torch.device
+    mesh: object
+    out_dir: Path
+    model_path: str  # resolved local folder of cfg.model
+    tokenizer: object
+    pad_id: int
+    resume_from: Path = None  # the checkpoint this run continues from, if any
+    attn: str = "sdpa"  # the attn_implementation the models are loaded with (cfg's "auto" made this model's)
+    shared_prompt: bool = False  # whether a preference row's responses share one copy of its prompt
+    varlen: bool = False  # whether packed batches carry the flash varlen layout (attention.use_varlen)
+    settings: dict = None  # cfg as the run resolved it: what config.json and each train_config.json record
+
+
+def start_run(cfg, problems=(), other_models=()):
+    """Process group, settings, the output folder (locked for this run), the checkpoint to resume, the model, its
+    attention and tokenizer; other_models (a reference) are checked like cfg.model. Before any data is read, so a user
+    error surfaces in seconds; nothing is written but out_dir and its lock (and interrupted saves are removed)."""
+    rank, world, device, mesh = init_distributed()
+    exit_with_launcher()
+    problems = list(problems) + config_problems(cfg, world)
+    if problems:
+        raise ConfigError("bad config:\n  " + "\n  ".join(problems))
+    out_dir = Path(cfg.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError("permission denied")
+    except OSError as e:
+        raise ConfigError(f"out_dir {out_dir} is not writable: {e}") from None
+    lock_out_dir(out_dir)  # before anything in out_dir is read or changed: no second run writes beside this one
+    resume_from = find_resume(cfg.resume, out_dir)
+    if (out_dir / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"out_dir {out_dir} already holds a run; pass --resume=auto to continue it, another "
+                          "--out_dir, or --overwrite=true to replace it")
+    model_path = resolve_model(cfg.model)
+    for path in [model_path] + [resolve_model(m) for m in other_models if m]:
+        if problem := loading_problem(path, cfg.trust_remote_code):
+            raise ConfigError(f"model error: {problem}")
+    attn, shared_prompt = resolve_attention(cfg, model_path)
+    varlen = attn == attention.NAME and cfg.dtype != "float32" and attention.use_varlen(device)  # (its self-check)
+    on_rank0(lambda: check_free_space(out_dir, model_path, cfg))  # rank 0 decides for all: one answer
+    on_rank0(lambda: remove_partial_saves(out_dir))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # config.json records the attention that runs and whether prompts are shared; a resume compares what was asked
+    settings = {**dataclasses.asdict(cfg), "attn_implementation": attn} | (
+        {"shared_prompt": shared_prompt} if hasattr(cfg, "shared_prompt") else {})
+    return Run(rank, world, device, mesh, out_dir, model_path, tokenizer, pad_id, resume_from, attn, shared_prompt,
+               varlen, settings)
+
+
+def resolve_model(path):
+    try:
+        return resolve_model_path(path)
+    except OSError as e:
+        raise ConfigError(f"model error: {e}") from None
+
+
+def resolve_attention(cfg, model_path):
+    """(the attn_implementation to load, whether a row's responses share its prompt): cfg's, with "auto" made this
+    model's (attention.choose), and shared prompts, where cfg has them, off unless packing and packed_sdpa are both
+    on. Says why in one line where either is not what was asked."""
+    from transformers import AutoConfig
+
+    attention.register()
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    attn, note = attention.choose(cfg.attn_implementation, config, cfg.max_length)
+    asked = getattr(cfg, "shared_prompt", False)
+    shared = asked and cfg.packing and attn == attention.NAME
+    if asked and not shared:
+        note += "; " if note else f"attention: {attn}; "
+        note += "shared prompts are off (they need packing and packed_sdpa)"
+    if note:
+        print0(note)
+    return attn, shared
+
+
+def write_run_config(run, cfg):
+    """config.json: the run's settings, once the data has validated. --overwrite drops the old run's checkpoints here
+    (step ones and final/), so that --resume=auto can never pick one of them up."""
+    def write():
+        if cfg.overwrite:  # and final/: a rerun with --resume=auto must not take the old run for finished
+            for folder in [f for _, f in step_checkpoints(run.out_dir)] + [run.out_dir / "final"]:
+                shutil.rmtree(folder, ignore_errors=True)
+        try:
+            write_atomic(run.out_dir / "config.json", json.dumps(run.settings, indent=2) + "\n")
+        except OSError as e:
+            raise OSError(f"cannot write {run.out_dir / 'config.json'}: {e.strerror or e}") from None
+
+    on_rank0(write)  # (broadcast: every rank has checked out_dir before rank 0 writes into it)
+
+
+LOCK_FILE = "run.lock"
+
+
+_locks = {}  # out_dir -> the open lock file of a run in this process (tests run several in one process)
+
+
+def lock_out_dir(out_dir):
+    """Collective: rank 0 holds out_dir/run.lock until this process exits; a second run into out_dir stops here,
+    naming the holder. The lock is the kernel's (flock): it dies with its process however that ends, leaving a
+    stale file the next run takes over. (On NFS with local locks, or Lustre without -o flock, it guards one node.)"""
+    path = (out_dir / LOCK_FILE).resolve()
+    on_rank0(lambda: str(path) in _locks or _lock(path))  # (held already: a run before this one, in-process)
+
+
+def _lock(path):
+    """Take the lock on `path` for this process; ConfigError naming the holder when another process has it."""
+    try:
+        while True:
+            f = open(path, "a+", encoding="utf-8", errors="replace")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "holder unknown"
+                f.close()
+                raise ConfigError(f"out_dir {path.parent} is in use by another run ({holder}); wait for it to end "
+                                  "or stop it, or pass another --out_dir") from None
+            except OSError as e:  # a file system without locks
+                f.close()
+                print0(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run into {path.parent}")
+                return
+            try:
+                if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()  # its holder ended and removed it between our open and our lock: lock the new file
+        f.seek(0)
+        if stale := f.read().strip():
+            print0(f"out_dir {path.parent}: taking over the lock of a run that ended without releasing it ({stale})")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(sys.argv)[:300]}\n")
+        f.flush()
+    except OSError as e:  # run.lock is a folder, or not ours to open
+        raise OSError(f"cannot lock {path}: {e.strerror or e}") from None
+    _locks[str(path)] = f
+
+
+@atexit.register
+def release_locks():
+    """At exit (or after a run called in-process): remove each lock file, then let go of its lock (in this order, so
+    that no other run ever locks a file about to disappear)."""
+    while _locks:
+        _, f = _locks.popitem()
+        Path(f.name).unlink(missing_ok=True)
+        f.close()
+
+
+_launcher = None  # torchrun's pid, the parent of this worker
+
+
+def exit_with_launcher():
+    """Under torchrun: end this worker when its launcher dies (a scheduler's SIGKILL, say), not train on beside a
+    requeued run. On Linux the kernel sends SIGHUP (the loop saves and exits as on preemption); elsewhere
+    stop_requested notices the new parent pid at the next step."""
+    global _launcher
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _launcher is not None:
+        return
+    _launcher = os.getppid()
+    if sys.platform.startswith("linux"):  # (the kernel watches the thread that started us: torchrun's main one)
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+        if os.getppid() != _launcher:  # it died before the call above
+            os.kill(os.getpid(), signal.SIGHUP)
+
+
+def launcher_gone():
+    return _launcher is not None and os.getppid() != _launcher
+
+
+def check_free_space(out_dir, model_path, cfg):
+    """Refuse to start when out_dir cannot hold one checkpoint and the final weights; warn when it cannot hold
+    keep_last + 1 checkpoints (the newest are written before the oldest go). Interrupted saves count as free: the
+    run removes them next (remove_partial_saves)."""
+    try:
+        params = count_parameters(model_path)
+    except Exception as e:  # no safetensors files, or a damaged header: say so before any data is read
+        raise ConfigError(f"model error: {model_path}: cannot read its safetensors weights ({e})") from None
+    save_bytes = DTYPES[cfg.save_dtype].itemsize
+    # resumable state: fp32 master weights and AdamW's two fp32 moments; plus the HF weights
+    checkpoint = params * (12 + save_bytes)
+    need = checkpoint + params * save_bytes  # one checkpoint (at least on SIGTERM) and final/
+    leftovers = partial_saves(out_dir)
+    reclaimable = sum(f.stat().st_size for folder in leftovers for f in folder.rglob("*") if f.is_file())
+    free = shutil.disk_usage(out_dir).free + reclaimable
+    note = f" (counting {human_bytes(reclaimable)} of interrupted saves, to be removed)" if leftovers else ""
+    if free < need:
+        raise ConfigError(f"out_dir {out_dir} has {human_bytes(free)} free{note}; this model ({params / 1e6:.1f}M "
+                          f"parameters) needs about {human_bytes(need)}: one resumable checkpoint "
+                          f"({human_bytes(checkpoint)}: fp32 weights and AdamW state, and {cfg.save_dtype} weights) "
+                          "and the final weights")
+    if cfg.save_every and cfg.keep_last and free < (cfg.keep_last + 1) * checkpoint + params * save_bytes:
+        print0(f"warning: out_dir {out_dir} has {human_bytes(free)} free{note}; keep_last={cfg.keep_last} "
+               f"checkpoints of {human_bytes(checkpoint)} each may not fit")
+
+
+def human_bytes(n):
+    """1.5 GiB, 12.0 MiB, 800 B: a unit that fits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT/SIGHUP: the step finished and a checkpoint was saved; exit code 128 + signal."""
+
+    def __init__(self, signum, step, path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; saved {path}. Rerun the "
+                         "same command with --resume=auto to continue")
+        self.signum = signum
+
+
+@contextmanager
+def stop_signals(rank):
+    """While inside, SIGTERM, SIGINT and SIGHUP (the launcher died) are recorded, not obeyed, so that the loop can
+    finish its step and save (stop_requested); a third signal stops at once. Yields the list of signals received."""
+    received, previous = [], {}
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGHUP and signum in received:
+            return  # the launcher's death can arrive once per thread of the dying launcher: one is enough
+        received.append(signum)
+        if len(received) == 1:
+            print(f"rank {rank}: got {signal.Signals(signum).name}; saving after this step "
+                  "(a third signal stops at once)", file=sys.stderr, flush=True)
+        elif len([s for s in received if s != signal.SIGHUP]) >= 3:  # a user insisting, not the launcher
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested(received, device):
+    """The signal number if any rank received SIGTERM, SIGINT or SIGHUP (its launcher died), else 0. Collective: all
+    ranks stop together."""
+    if not received and launcher_gone():  # the kernel's SIGHUP covers Linux; this, everywhere else
+        if os.environ.get("LOCAL_RANK") == "0":
+            print(f"the launcher (pid {_launcher}) is gone; saving after this step", file=sys.stderr, flush=True)
+        received.append(signal.SIGHUP)
+    signum = torch.tensor(float(received[0] if received else 0), device=device)
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
+
+
+def cli(main):
+    """Run a script's main on the command line, with the exit codes above: one message, from rank 0."""
+    quiet = os.environ.get("RANK", "0") != "0"
+
+    def report(message, code, out=sys.stderr):
+        # torchrun sends SIGTERM to the others as soon as one worker exits: rank 0 finishes its message first
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        quiet or print(message, file=out, flush=True)
+        return code
+
+    try:
+        main(sys.argv[1:])
+        code = 0
+    except (ConfigError, ResumeError, data.DataError) as e:
+        code = report(f"error: {e}", 2)
+    except RunFinished as e:
+        code = report(str(e), 0, sys.stdout)
+    except (TrainingError, SaveError) as e:
+        code = report(f"error: {e}", 3)
+    except Preempted as e:
+        code = report(str(e), 128 + e.signum)
+    if code:
+        sys.exit(code)  # an error: through the interpreter's teardown (see exit_process)
+    exit_process(0)

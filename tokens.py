@@ -1,0 +1,249 @@
+"""The token table and the cache procedure.
+
+TokenRows holds every tokenized row of a data file in a few flat arrays (about 4 bytes per token, where Python lists
+of ints take 25-45); data.py builds it, and the batches read rows out of it. `cached` is the one procedure of both
+caches, the tokenized rows (data.load_cached) and the reference log-probs (wrpo.load_reference): read the file if it
+verifies, else compute it on all ranks and write one copy per node. A cache file is a safetensors file whose
+metadata holds the key it was computed for and the CRC-32 of each array.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import socket
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+
+from checkpoint import crc32, write_atomic
+from fsdp_utils import is_local_master, on_every_rank
+from logps import IGNORE
+
+
+@dataclass
+class PreferenceRow:
+    """A tokenized WRPO row (or DPO pair): one prompt and its responses."""
+
+    prompt_ids: list  # chat-template tokens of the prompt, ending with the assistant header
+    responses: list  # token lists: chosen[0], (chosen[1]), rejected; each ends with end-of-turn
+    n_chosen: int  # 2 for WRPO rows, 1 for DPO pairs
+    where: str  # "file:line", for error messages
+    prompt_id: str = ""
+
+
+@dataclass
+class Sequence:
+    """A tokenized sequence with its labels: an SFT example, or one prompt + response of a preference row."""
+
+    ids: list  # one whole sequence (an SFT conversation, or a prompt + one response)
+    labels: list  # ids where the loss applies, IGNORE elsewhere (always IGNORE at position 0)
+    where: str
+    start: int = 0  # position id of the first token (> 0: continues a shared prompt, see attention.py)
+
+
+# -----------------------------------------------------------------------------
+# the token table
+
+
+class TokenRows:
+    """Tokenized rows as flat arrays; rows[i] builds the i-th PreferenceRow (or SFT Sequence) when a batch needs it.
+
+        tokens   int32 [n_tokens]       the tokens of every piece, back to back
+        offsets  int64 [n_pieces + 1]   where each piece starts: a preference row's pieces are its prompt
+                                        then its responses; an SFT example is one piece
+        firsts   int64 [n_rows + 1]     the first piece of each row
+        scored   uint8 [n_tokens]       SFT only: 1 where the label is the token, 0 where it is IGNORE
+
+    tokens and scored may be slices of a cache file, read a row at a time: a node's page cache holds the file once
+    for all its ranks. where: each row's file:line; skipped: the report of the bad rows left out ("" if none).
+    """
+
+    def __init__(self, kind, arrays, where, prompt_ids, skipped=""):
+        self.kind, self.arrays, self.where, self.prompt_ids, self.skipped = kind, arrays, where, prompt_ids, skipped
+        self.tokens, self.scored = arrays["tokens"], arrays.get("scored")
+        self.offsets, self.firsts = np.asarray(arrays["offsets"][:]), np.asarray(arrays["firsts"][:])
+
+    def __len__(self):
+        return len(self.where)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices, and IndexError past the end
+        spans = [(int(self.offsets[k]), int(self.offsets[k + 1])) for k in range(self.firsts[i], self.firsts[i + 1])]
+        pieces = [self.tokens[s:e].tolist() for s, e in spans]
+        if self.kind == "sft":
+            (s, e), = spans
+            return Sequence(pieces[0], np.where(self.scored[s:e] != 0, pieces[0], IGNORE).tolist(), self.where[i])
+        return PreferenceRow(pieces[0], pieces[1:], len(pieces) - 2, self.where[i], self.prompt_ids[i])
+
+
+def build_rows(kind, rows):
+    """TokenRows of converted rows, an iterable of PreferenceRows or SFT Sequences: each row's lists live only while
+    it is copied in."""
+    tokens, scored, offsets, firsts = array("i"), array("B"), array("q", [0]), array("q", [0])
+    where, prompt_ids = [], []
+    for row in rows:
+        if kind == "sft":
+            pieces = [row.ids]
+            scored.extend(label != IGNORE for label in row.labels)
+        else:
+            pieces = [row.prompt_ids, *row.responses]
+            prompt_ids.append(row.prompt_id)
+        for p in pieces:
+            tokens.extend(p)
+            offsets.append(len(tokens))
+        firsts.append(len(offsets) - 1)
+        where.append(row.where)
+    arrays = dict(tokens=np.frombuffer(tokens, np.int32), offsets=np.frombuffer(offsets, np.int64),
+                  firsts=np.frombuffer(firsts, np.int64))
+    if kind == "sft":
+        arrays["scored"] = np.frombuffer(scored, np.uint8)
+    return TokenRows(kind, arrays, where, prompt_ids)
+
+
+def join_rows(parts):
+    """One TokenRows of several (the ranks' shares, in order): each part's offsets shifted past the tokens before it."""
+    tokens = np.cumsum([0] + [p.offsets[-1] for p in parts])
+    pieces = np.cumsum([0] + [len(p.offsets) - 1 for p in parts])
+    arrays = dict(tokens=np.concatenate([p.tokens for p in parts]),
+                  offsets=np.concatenate([[0]] + [p.offsets[1:] + tokens[r] for r, p in enumerate(parts)]),
+                  firsts=np.concatenate([[0]] + [p.firsts[1:] + pieces[r] for r, p in enumerate(parts)]))
+    if parts[0].kind == "sft":
+        arrays["scored"] = np.concatenate([p.scored for p in parts])
+    return TokenRows(parts[0].kind, arrays, [w for p in parts for w in p.where], [i for p in parts for i in p.prompt_ids])
+
+
+def row_name(row):
+    """How messages name a row: file:line, and its prompt_id when it has one."""
+    pid = getattr(row, "prompt_id", "")
+    return f"{row.where} ({pid})" if pid else row.where
+
+
+def fingerprint(rows, groups=None):
+    """A digest of tokenized rows and of how they are grouped (SFT's packed sequences): any change to the data, the
+    tokenizer or its chat template, the truncation settings or the packing changes it. A resume compares it."""
+    h = hashlib.sha256(rows.kind.encode())
+    for name in sorted(rows.arrays):
+        for piece in _pieces(rows.arrays[name]):
+            h.update(piece)
+    for group in groups or []:
+        h.update(np.asarray(group, np.int64).tobytes() + b";")
+    return f"{len(rows)} rows, sha256 {h.hexdigest()[:20]}"
+
+
+def _pieces(a, n=1 << 24):
+    """An array, or a safetensors slice of one, in pieces of n elements along its first dimension."""
+    size = a.get_shape()[0] if hasattr(a, "get_shape") else len(a)
+    return (np.ascontiguousarray(a[i : min(i + n, size)]) for i in range(0, size, n))
+
+
+# -----------------------------------------------------------------------------
+# the cache procedure
+
+
+def cached(file, key, compute, what, report):
+    """(arrays, metadata, how): `file`'s, or compute()'s where no copy of it verifies. Collective.
+
+    1. `file` is named after `key`, a digest of everything its content depends on; its metadata holds the key too.
+    2. Every rank reads it if it verifies: the key it holds is `key`, each array matches its CRC-32. A damaged file
+       is reported and never used.
+    3. If any rank has no such file (another node's cache, say), all compute it: compute() is collective and returns
+       (arrays, metadata), the same on every rank. The first process of each node writes the node's copy, whole or
+       not at all; a folder that cannot take it is reported, and costs only the next run the same compute.
+    4. Every rank then reads the written copy back: one copy per node in its page cache, not one per rank.
+    how: "cached" (read), "written" (computed, then read back) or "computed" (not cached).
+    """
+    found = _read(file, key, what, report) if file.exists() else None
+    if on_every_rank(found is not None):
+        return (*found, "cached")
+    arrays, metadata = compute()
+    if is_local_master():
+        _write(file, key, arrays, metadata, what, report)
+    if dist.is_initialized():
+        dist.barrier()  # the file is whole (or was not written) before any rank looks for it
+    found = _read(file, key, what, lambda _: None) if file.exists() else None
+    return (*found, "written") if on_every_rank(found is not None) else (arrays, metadata, "computed")
+
+
+def _write(file, key, arrays, metadata, what, report):
+    """The arrays as a safetensors file, with the key and their CRC-32s in its metadata, under a temporary name of
+    this process's own (nodes sharing a folder may write it at once)."""
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
+    metadata = {**metadata, "key": key, "crc32": json.dumps({k: crc32([a]) for k, a in arrays.items()})}
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(file, lambda tmp: save_file(arrays, tmp, metadata=metadata), private=True)
+    except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as a SafetensorError)
+        report(f"{what}: not cached ({file.parent}: {getattr(e, 'strerror', None) or e})")
+        return
+    prefix = f"{file.name}.{socket.gethostname()}-"  # the temporary files of writers on this host that died writing
+    for tmp in file.parent.glob(glob.escape(prefix) + "*.tmp"):
+        try:
+            os.kill(int(tmp.name[len(prefix) : -len(".tmp")]), 0)  # signal 0: only whether the process exists
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not a pid; another user's process
+            pass
+
+
+def _read(file, key, what, report):
+    """(arrays as slices of the file, metadata), or None when it does not verify (reported)."""
+    try:
+        with safe_open(file, framework="np") as f:
+            metadata, arrays = f.metadata() or {}, {k: f.get_slice(k) for k in f.keys()}
+        crcs = json.loads(metadata.get("crc32", "{}"))
+        problem = ("computed for another key" if metadata.get("key") != key else
+                   next((f"{k} does not match its CRC-32" for k, a in arrays.items()
+                         if crcs.get(k) != crc32(_pieces(a))), None))
+    except (OSError, SafetensorError, ValueError) as e:  # (json.JSONDecodeError is a ValueError)
+        problem = f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    if problem:
+        report(f"{what}: the cache {file} is damaged ({problem}); computing it again")
+        return None
+    return arrays, metadata
+
+
+def cached_rows(file, key, load, report):
+    """(TokenRows, how) through the cache procedure (`cached`), load() computing them: the file holds their arrays,
+    and as metadata their kind, names, prompt_ids and the report of bad rows left out, said again when read."""
+    def compute():
+        rows = load()
+        return rows.arrays, {"kind": rows.kind, "where": json.dumps(rows.where),
+                             "prompt_ids": json.dumps(rows.prompt_ids), "skipped": rows.skipped}
+
+    arrays, meta, how = cached(file, key, compute, "tokenized rows", report)
+    rows = TokenRows(meta["kind"], arrays, json.loads(meta["where"]), json.loads(meta["prompt_ids"]), meta["skipped"])
+    if how == "cached" and rows.skipped:
+        report(rows.skipped)  # the bad rows left out, as when they were tokenized
+    return rows, how
+
+
+def cache_folder(setting, data_path):
+    """Where a cache of `data_path` goes: the folder a setting names, or beside the data (in a data folder)."""
+    data_path = Path(data_path)
+    return Path(setting) if setting else data_path if data_path.is_dir() else data_path.parent
+
+
+def tokenizer_digest(tokenizer):
+    """A digest of what decides a tokenizer's output here: its chat template, special tokens, and its fast
+    tokenizer's full serialization (else the tokenizer files of its folder)."""
+    h = hashlib.sha256(f"{type(tokenizer).__name__}|{tokenizer.chat_template}|"
+                       f"{sorted(map(str, tokenizer.all_special_tokens))}|".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        folder = Path(tokenizer.name_or_path)
+        for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if f.is_file() and not f.name.startswith(("config", "generation_config", "model", "pytorch_model")) \
+                    and f.suffix in (".json", ".model", ".txt", ".jinja", ".tiktoken"):
+                h.update(f.name.encode() + b":" + f.read_bytes())
+    return h.hexdigest()
