@@ -1,14 +1,11 @@
-"""Checkpoints: how a run is saved and resumed, and how neither loses work.
-
-A step checkpoint is out_dir/step_NNNNNN/:
+"""Checkpoints: how a run is saved and resumed, and how neither loses work. A step checkpoint is out_dir/step_NNNNNN/:
     model.safetensors, config.json, tokenizer files, train_config.json   Hugging Face weights (hf=True)
-    state/                     fp32 master weights and AdamW state, one shard per rank (torch.distributed.checkpoint)
-    trainer_state.json         step, settings, data fingerprint, every rank's random generators, the script's
-                               own fields (meta) and every file with its size and CRC-32; written last: the
-                               completion marker
-final/ is the Hugging Face folder alone. Save and resume come first below; then how a checkpoint is verified, found
-and pruned, and the atomic writes under all of it: every file and folder is written under a temporary name and
-renamed when complete, so a crash at any point leaves the older ones as they were.
+    state/               fp32 master weights and AdamW state, a shard per rank (torch.distributed.checkpoint)
+    trainer_state.json   step, settings, data fingerprint, every rank's random generators, the script's own fields
+                         and every file with its size and CRC-32; written last, it marks the checkpoint complete
+final/ is the Hugging Face folder alone. Save and resume come first; then how a checkpoint is verified, found and
+pruned, and the atomic writes under all of it: a file or folder is written under a temporary name and renamed when
+complete, so a crash at any point leaves the older ones as they were.
 """
 
 import base64
@@ -55,13 +52,9 @@ class SaveError(RuntimeError):
 
 
 def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
-    """out_dir/step_NNNNNN: HF weights (hf=True) and the resumable state, written atomically. Collective.
-
-    meta: the script's own fields for trainer_state.json (the data fingerprint, eval_before, skipped_steps).
-    Uses run.out_dir, run.tokenizer, run.world, cfg.save_dtype and cfg.keep_last. Older complete checkpoints
-    beyond keep_last are deleted only after this one is complete. A write that fails (a full disk) raises
-    SaveError on every rank and leaves no partial folder.
-    """
+    """out_dir/step_NNNNNN: HF weights (hf=True) and the resumable state, written atomically. Collective. meta: the
+    script's own fields for trainer_state.json. Older checkpoints beyond cfg.keep_last go only once this one is
+    complete. A write that fails (a full disk) raises SaveError on every rank and leaves no partial folder."""
     folder = run.out_dir / f"step_{step:06d}"
     if run.resume_from and folder.resolve() == run.resume_from.resolve():  # saved already: resumed here, stopped
         return folder
@@ -98,20 +91,18 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
 
 def save_final(run, cfg, model, step, skipped=0):
     """out_dir/final: the trained weights as a Hugging Face folder (cfg.save_dtype), with the settings. Collective."""
-    path = run.out_dir / "final"
+    path, settings = run.out_dir / "final", export_settings(run, cfg, step)
     try:
-        save_hf_checkpoint(model, path, **export_settings(run, cfg, step))
+        write_atomic(path, lambda tmp: collectively(lambda: write_hf_weights(model, tmp, **settings)), collective=True)
     except SaveError as e:
         raise SaveError(f"cannot write {path}: {e}; removed the partial folder. {_newest_note(run.out_dir)}") from None
     print0(f"saved {path}" + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
 
 
 def find_resume(resume, out_dir):
-    """The checkpoint folder to continue from (resume: "", "auto" or a folder); None to start at step 0.
-
-    Collective (every rank calls it): the candidates are checked against their CRCs, the ranks sharing the
-    reading. auto takes the newest that verifies, naming each one skipped and why, and sets it aside.
-    """
+    """The checkpoint folder to continue from (resume: "", "auto" or a folder); None to start at step 0. Collective:
+    the candidates are checked against their CRCs, the ranks sharing the reading; auto takes the newest that
+    verifies, naming each one skipped and why, and sets it aside."""
     if not resume:
         return None
     if resume != "auto":
@@ -144,12 +135,9 @@ def find_resume(resume, out_dir):
 
 
 def resume_state(folder, config, fingerprint, free):
-    """The trainer state of checkpoint `folder` (None: a fresh run), after checking that this run may continue it.
-
-    Refuses, naming each field, when a setting that decides the run's math changed (every key of
-    `config` but those in `free`) or the data's fingerprint did. Only reads JSON: call it before
-    loading any model.
-    """
+    """The trainer state of checkpoint `folder` (None: a fresh run), once this run may continue it: refused, naming
+    each field, when a setting that decides the run's math (any key of `config` not in `free`) or the data's
+    fingerprint changed. Only reads JSON: call it before loading any model."""
     if folder is None:
         return None
     state = read_state(folder)
@@ -188,11 +176,6 @@ def restore(run, policy, optimizer, state):
 # what a checkpoint holds: Hugging Face weights, sharded state (torch.distributed.checkpoint), random generators
 
 
-def save_hf_checkpoint(model, folder, **kwargs):
-    """fsdp_utils.write_hf_weights, atomically: into folder.tmp, renamed to `folder` when complete. Collective."""
-    write_atomic(folder, lambda tmp: collectively(lambda: write_hf_weights(model, tmp, **kwargs)), collective=True)
-
-
 def export_settings(run, cfg, step):
     """What every Hugging Face folder of a run carries: the tokenizer, the save dtype and the settings at `step`."""
     return dict(tokenizer=run.tokenizer, dtype=DTYPES[cfg.save_dtype],
@@ -200,8 +183,8 @@ def export_settings(run, cfg, step):
 
 
 def save_state(model, optimizer, folder):
-    """The fp32 master weights and AdamW state, each rank writing its own shards into `folder`. Collective.
-    DCP files load on any number of ranks (they are resharded)."""
+    """The fp32 master weights and AdamW state, each rank writing its own shards into `folder` (they load on any
+    number of ranks, resharded). Collective."""
     model_state, optim_state = get_state_dict(model, optimizer)
     writer = dcp.FileSystemWriter(folder)
     if type(getattr(writer, "fs", None)) is FileSystem:  # (another torch may write through something else)
@@ -299,8 +282,8 @@ def read_state(folder):
 
 
 def checkpoint_problem(folder):
-    """None for a complete checkpoint folder (its state file is sound, every file there at its size), else why
-    it is not one. Quick: reads no weights (usable checks their content)."""
+    """None for a complete checkpoint folder (its state file sound, every file there at its size), else why not.
+    Quick: reads no weights (usable checks their content)."""
     if not (Path(folder) / STATE_FILE).is_file():
         return f"no {STATE_FILE} (the save did not finish)"
     try:
@@ -317,7 +300,7 @@ def checkpoint_problem(folder):
 
 
 def usable(folder):
-    """Collective: why checkpoint `folder` cannot be resumed from ([] if it can). Rank 0's quick check
+    """Collective: why checkpoint `folder` cannot be resumed from ([] if it can): rank 0's quick check
     (checkpoint_problem), then every file against its CRC-32, the ranks sharing the reading."""
     box = [None, None]
     if dist.get_rank() == 0:
@@ -450,13 +433,10 @@ def collectively(fn):
 
 
 def write_atomic(path, write, collective=False, private=False):
-    """Write `path`, a file or a folder, whole or not at all: under path.tmp, then renamed over `path`.
-
-    write: the text, or a function that writes the temporary path. collective=True: every rank
-    calls this, and write(tmp) with it (a sharded save); rank 0 alone clears and renames.
-    private=True: the temporary name is this process's own (path.HOST-PID.tmp), for a cache that
-    the nodes of a run may write at once into a folder they share (tokens.py removes those of dead writers).
-    """
+    """Write `path`, a file or a folder, whole or not at all: under path.tmp, then renamed over `path`. write: the
+    text, or a function that writes the temporary path. collective=True: every rank calls this and write(tmp) (a
+    sharded save), rank 0 alone clears and renames. private=True: the temporary name is this process's own
+    (path.HOST-PID.tmp), for a cache the nodes may write at once into a folder they share (tokens._write)."""
     path = Path(path)
     tmp = path.with_name(path.name + (f".{socket.gethostname()}-{os.getpid()}" if private else "") + ".tmp")
     owner = is_master() or not collective

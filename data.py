@@ -1,5 +1,5 @@
 """How a data file becomes token ids: rows read, validated, rendered with the chat template, tokenized and truncated
-into TokenRows (tokens.py); and the token cache that keeps them for the next run. A row (see README):
+into TokenRows (tokens.py; training.load_cached keeps them for the next run). A row (see README):
 
     {"prompt_id": "...",
      "prompt":   [{"role": "user", "content": x}]          # or a plain string
@@ -12,12 +12,8 @@ A row whose `chosen` has one element is a plain DPO pair (chosen, rejected). SFT
 """
 
 import errno
-import hashlib
-import inspect
 import json
-import re
 import stat
-import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -188,22 +184,6 @@ def valid_text(text, name):
     return text
 
 
-def _turns(msgs, field, plain):
-    """[{"role", "content"}] of a list of messages: dicts of a known role, or (plain) strings, alternately user and
-    assistant turns."""
-    out = []
-    for i, msg in enumerate(msgs):
-        if isinstance(msg, dict) or not plain:
-            if not isinstance(msg, dict):
-                raise RowError(f"{field}[{i}] must be a {{'role', 'content'}} dict, got {type(msg).__name__}")
-            if (role := msg.get("role")) not in ROLES:
-                raise RowError(f"{field}[{i}] has role {role!r}, expected one of {', '.join(ROLES)}")
-        else:
-            role = "user" if i % 2 == 0 else "assistant"
-        out.append({"role": role, "content": _content(msg, field, i, role)})
-    return out
-
-
 def prompt_messages(prompt):
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -211,7 +191,14 @@ def prompt_messages(prompt):
         return [{"role": "user", "content": valid_text(prompt, "prompt")}]
     if not isinstance(prompt, list) or not prompt:
         raise RowError("prompt must be a non-empty string or list of messages")
-    messages = _turns(prompt, "prompt", plain=True)
+    messages = []
+    for i, msg in enumerate(prompt):
+        if isinstance(msg, dict):
+            if (role := msg.get("role")) not in ROLES:
+                raise RowError(f"prompt[{i}] has role {role!r}, expected one of {', '.join(ROLES)}")
+        else:  # plain strings alternate user, assistant, user, ...
+            role = "user" if i % 2 == 0 else "assistant"
+        messages.append({"role": role, "content": _content(msg, "prompt", i, role)})
     if messages[-1]["role"] != "user":
         raise RowError(f"prompt must end with a user turn, ends with '{messages[-1]['role']}'")
     return messages
@@ -246,7 +233,13 @@ def validate_chat(row):
     """A chat row {"messages": [...]} for SFT: valid roles, non-empty turns, at least one assistant turn."""
     if not isinstance(row["messages"], list) or not row["messages"]:
         raise RowError("messages must be a non-empty list")
-    out = _turns(row["messages"], "messages", plain=False)
+    out = []
+    for i, msg in enumerate(row["messages"]):
+        if not isinstance(msg, dict):
+            raise RowError(f"messages[{i}] must be a {{'role', 'content'}} dict, got {type(msg).__name__}")
+        if (role := msg.get("role")) not in ROLES:
+            raise RowError(f"messages[{i}] has role {role!r}, expected one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": _content(msg, "messages", i, role)})
     if not any(m["role"] == "assistant" for m in out):
         raise RowError("messages has no assistant turn to learn from")
     return out
@@ -264,33 +257,6 @@ def sft_messages(row):
 
 # -----------------------------------------------------------------------------
 # the chat template: messages -> tokens
-
-
-def special_tokens(tokenizer):
-    """The tokenizer's special-token strings: BOS, EOS, pad, and added ones such as <|im_end|>."""
-    found = {str(t) for t in tokenizer.all_special_tokens}
-    found |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    return set(filter(None, found))
-
-
-def special_tokens_finder(tokenizer):
-    """A regex matching any of the tokenizer's special-token strings (or None): text holding one, such as
-    `<|eot_id|><|start_header_id|>user`, would be tokenized as control tokens and inject turns. The regex is the
-    tokens' trie: a scan tries one branch per character, not all 256 of Llama-3's tokens at every "<|" (70x faster)."""
-    trie = {}
-    for token in special_tokens(tokenizer):
-        node = trie
-        for ch in token:
-            node = node.setdefault(ch, {})
-        node[""] = {}  # a token ends here
-
-    def pattern(node):  # a token ending here is optional (?), so the longest token matches
-        alts = [re.escape(ch) + pattern(child) for ch, child in sorted(node.items()) if ch]
-        if not alts or len(alts) == 1 and "" not in node:
-            return "".join(alts)
-        return "(?:" + "|".join(alts) + ")" + ("?" if "" in node else "")
-
-    return re.compile(pattern(trie)) if trie else None
 
 
 def check_special_tokens(finder, row, texts, chat=False):
@@ -342,7 +308,7 @@ def turn_end(tokenizer):
         return None
     after = text[text.rfind(probe) + len(probe):] if probe in text else ""
     end = after.rstrip()
-    token = max((t for t in special_tokens(tokenizer) if end.endswith(t)), key=len, default=None)
+    token = max((t for t in tokens.special_tokens(tokenizer) if end.endswith(t)), key=len, default=None)
     if token is None or end == after:
         return None
     space = tokenizer(after[len(end):], add_special_tokens=False)["input_ids"]  # after a special token: alone
@@ -435,7 +401,7 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
     """
     if problems := settings_problems("preference", max_length, truncation, max_prompt_length, tokenizer=tokenizer):
         raise DataError("; ".join(problems))
-    special = None if allow_special_tokens else special_tokens_finder(tokenizer)
+    special = None if allow_special_tokens else tokens.special_tokens_finder(tokenizer)
     end = turn_end(tokenizer)
 
     def convert(rec, where):
@@ -460,7 +426,7 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
     tokens; "error" makes longer ones bad rows. Special-token strings: as in load_preference_rows."""
     if problems := settings_problems("sft", max_length, truncation, loss_on=loss_on, tokenizer=tokenizer):
         raise DataError("; ".join(problems))
-    special = None if allow_special_tokens else special_tokens_finder(tokenizer)
+    special = None if allow_special_tokens else tokens.special_tokens_finder(tokenizer)
     end = turn_end(tokenizer)
 
     def convert(rec, where):
@@ -491,7 +457,7 @@ def convert_all(path, convert, kind, skip_invalid, report, hint):
     parts = [(mine, errors, row_hints)] * world
     if world > 1:
         dist.all_gather_object(parts, parts[rank])
-    rows = mine if world == 1 else tokens.join_rows([p for p, _, _ in parts])
+    rows = mine if world == 1 else tokens.build_rows(kind, (row for p, _, _ in parts for row in p))  # in rank order
     errors, hints = [e for p in parts for e in p[1]], list(dict.fromkeys(h for p in parts for h in p[2]))
     rows.skipped = report_bad_rows(path, errors, hints, len(rows), skip_invalid, report, hint)
     return rows
@@ -530,40 +496,3 @@ def report_bad_rows(path, errors, row_hints, n_good, skip_invalid, report, hint)
     if not n_good:
         raise DataError(f"{path}: no rows" + (" left after skipping the bad ones" if errors else ""))
     return message
-
-
-# -----------------------------------------------------------------------------
-# the token cache: a data file tokenized once, for every later run
-
-
-def load_cached(load, path, tokenizer, folder, report=print, **settings):
-    """load(path, tokenizer, **settings) (load_preference_rows or load_sft_examples) through the token cache in
-    `folder` ("": beside the data; tokens.cached): a repeated or resumed run skips the tokenizer. The file is named
-    by a hash of all the rows depend on: the data files' content and path (which names the rows), the tokenizer
-    (its full serialization and chat template), the settings, the code that makes and holds the rows, and the
-    tokenizer libraries' versions."""
-    import tokenizers
-    import transformers
-
-    t0, h = time.time(), hashlib.sha256()
-    bound = inspect.signature(load).bind(path, tokenizer, **settings)
-    bound.apply_defaults()  # the settings as load sees them, given or not
-    settings_used = {k: v for k, v in bound.arguments.items() if k not in ("path", "tokenizer", "report", "hint")}
-    for part in [load.__name__, json.dumps(settings_used), str(path), tokens.tokenizer_digest(tokenizer),
-                 transformers.__version__, tokenizers.__version__, Path(__file__), Path(tokens.__file__),
-                 *data_files(path)]:
-        if isinstance(part, Path):  # a file's name and content
-            h.update(part.name.encode() + b":")
-            with open(part, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    h.update(chunk)
-        else:
-            h.update(f"{part}|".encode())
-    file = tokens.cache_folder(folder, path) / f"{Path(path).name}.tokens-{h.hexdigest()[:20]}.safetensors"
-    rows, how = tokens.cached_rows(file, h.hexdigest(), lambda: load(path, tokenizer, report=report, **settings),
-                                   report)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    tokenized = f"tokenized on {world} rank{'s' if world > 1 else ''}"
-    how = {"cached": f"cached: {file}", "written": f"{tokenized}; cached in {file}", "computed": tokenized}[how]
-    report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s ({how})")
-    return rows

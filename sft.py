@@ -27,7 +27,7 @@ from fsdp_utils import cleanup, load_model, print0
 from lifecycle import Preempted, cli, start_run, stop_requested, stop_signals, write_run_config
 from logps import IGNORE, model_sequence_logps
 from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_norm, every, get_lr, global_sum, \
-    nonfinite_step, parse_config, set_lr, throughput, total_steps_for
+    load_cached, nonfinite_step, parse_config, set_lr, throughput, total_steps_for
 
 
 @dataclass
@@ -84,7 +84,7 @@ def load_examples(path, cfg, run):
     sequences of up to max_length tokens (packing) or one each; ([], []) without a path."""
     if not path:
         return [], []
-    examples = data.load_cached(data.load_sft_examples, path, run.tokenizer, cfg.data_cache_dir, report=print0,
+    examples = load_cached(data.load_sft_examples, path, run.tokenizer, cfg.data_cache_dir, report=print0,
                                 max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation,
                                 skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
     if cfg.packing:

@@ -4,6 +4,8 @@ its own loop and every decision in it; nothing here calls back into a script.
 """
 
 import dataclasses
+import hashlib
+import inspect
 import json
 import math
 import sys
@@ -16,6 +18,7 @@ import torch.distributed as dist
 
 import attention
 import data
+import tokens
 from checkpoint import newest_checkpoint, write_atomic
 from fsdp_utils import DTYPES, is_master, print0
 from logps import IMPLS
@@ -380,3 +383,38 @@ def throughput(tokens, t0, run, model, computed=None):
     return out
 
 
+# -----------------------------------------------------------------------------
+# the token cache: a data file tokenized once, for every later run (tokens.cached)
+
+
+def load_cached(load, path, tokenizer, folder, report=print, **settings):
+    """load(path, tokenizer, **settings) (data.load_preference_rows or data.load_sft_examples) through the token cache
+    in `folder` ("": beside the data): a repeated or resumed run skips the tokenizer. The file is named by a hash of
+    all the rows depend on: the data files' content and path (which names the rows), the tokenizer (its full
+    serialization and chat template), the settings, the code that makes and holds the rows (data.py, tokens.py),
+    and the tokenizer libraries' versions."""
+    import tokenizers
+    import transformers
+
+    t0, h = time.time(), hashlib.sha256()
+    bound = inspect.signature(load).bind(path, tokenizer, **settings)
+    bound.apply_defaults()  # the settings as load sees them, given or not
+    settings_used = {k: v for k, v in bound.arguments.items() if k not in ("path", "tokenizer", "report", "hint")}
+    for part in [load.__name__, json.dumps(settings_used), str(path), tokens.tokenizer_digest(tokenizer),
+                 transformers.__version__, tokenizers.__version__, Path(data.__file__), Path(tokens.__file__),
+                 *data.data_files(path)]:
+        if isinstance(part, Path):  # a file's name and content
+            h.update(part.name.encode() + b":")
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+        else:
+            h.update(f"{part}|".encode())
+    file = tokens.cache_folder(folder, path) / f"{Path(path).name}.tokens-{h.hexdigest()[:20]}.safetensors"
+    rows, how = tokens.cached_rows(file, h.hexdigest(), lambda: load(path, tokenizer, report=report, **settings),
+                                   report)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    tokenized = f"tokenized on {world} rank{'s' if world > 1 else ''}"
+    how = {"cached": f"cached: {file}", "written": f"{tokenized}; cached in {file}", "computed": tokenized}[how]
+    report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s ({how})")
+    return rows

@@ -27,8 +27,8 @@ from checkpoint import restore, resume_state, save_checkpoint, save_final
 from fsdp_utils import cleanup, is_master, load_model, print0
 from lifecycle import Preempted, cli, resolve_model, start_run, stop_requested, stop_signals, write_run_config
 from logps import model_sequence_logps
-from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_norm, every, get_lr, nonfinite_step, \
-    parse_config, set_lr, throughput, total_steps_for
+from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_norm, every, get_lr, load_cached, \
+    nonfinite_step, parse_config, set_lr, throughput, total_steps_for
 
 
 @dataclass
@@ -139,10 +139,8 @@ def get_alpha(step, total_steps, alpha, schedule):
 
 
 def row_logps(model, batch, average=False):
-    """Log-probs of each row's (source chosen, target chosen, rejected) responses: [B, 3].
-
-    Summed over response tokens, or with average=True (SimPO) divided by their count.
-    """
+    """Log-probs of each row's (source chosen, target chosen, rejected) responses [B, 3], summed over response tokens,
+    or with average=True (SimPO) divided by their count."""
     logps, counts = model_sequence_logps(model, batch)
     if average:
         logps = logps / counts.clamp(min=1)
@@ -150,11 +148,9 @@ def row_logps(model, batch, average=False):
 
 
 def preference_forward(policy, batch, ref_logps, alpha, cfg):
-    """Policy log-probs (with grad) of every row's responses, then the loss (cfg: beta, loss_type, gamma)
-    against the reference's, ref_logps [B, 3]. Returns per-row losses, rewards and policy log-probs.
-
-    SimPO has no reference: its log-probs are length-averaged and ref_logps is ignored.
-    """
+    """Policy log-probs (with grad) of every row's responses, then the loss (cfg: beta, loss_type, gamma) against the
+    reference's, ref_logps [B, 3]: per-row losses, rewards and policy log-probs. SimPO has no reference: its log-probs
+    are length-averaged and ref_logps is ignored."""
     simpo = cfg.loss_type == "simpo"
     pol = row_logps(policy, batch, average=simpo)
     ref_logps = torch.zeros_like(pol) if simpo else ref_logps
@@ -235,21 +231,14 @@ def reference_cache(cfg, attn, ref_path, rows, data_path):
 
 @torch.no_grad()
 def compute_reference(ref, rows, cfg, run, desc):
-    """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks."""
-    idx, weights, logps = [], [], []
-    for batch_idx, weight in tqdm(no_grad_batches(rows, cfg, run), desc=desc,
-                                  disable=not is_master() or not sys.stderr.isatty()):
-        logps.append(row_logps(ref, collate([rows[i] for i in batch_idx], cfg, run)).float())
-        idx += batch_idx
-        weights.append(weight)
-    mine = [torch.tensor(idx, device=run.device), torch.cat(weights).to(run.device), torch.cat(logps)]
-    every_rank = [[torch.zeros_like(t) for _ in range(run.world)] for t in mine]
-    for parts, t in zip(every_rank, mine):  # each rank holds as many items (short ranks pad with weight 0)
-        dist.all_gather(parts, t)
-    idx, weights, logps = (torch.cat(parts).cpu() for parts in every_rank)
-    table = torch.zeros(len(rows), 3)
-    table[idx[weights > 0]] = logps[weights > 0]
-    return table
+    """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks. Each rank fills
+    its own rows (a short rank's padding has weight 0) and the sum over ranks fills them all."""
+    table, quiet = torch.zeros(len(rows), 3, device=run.device), not is_master() or not sys.stderr.isatty()
+    for idx, weight in tqdm(no_grad_batches(rows, cfg, run), desc=desc, disable=quiet):
+        keep = weight > 0
+        table[torch.tensor(idx)[keep]] = row_logps(ref, collate([rows[i] for i in idx], cfg, run)).float()[keep]
+    dist.all_reduce(table)
+    return table.cpu()
 
 
 def token_budget(cfg):
@@ -268,10 +257,8 @@ def no_grad_batches(rows, cfg, run):
 
 
 def reference_logps(reference, idx, batch):
-    """[B, 3] reference log-probs of a micro-batch (idx: its rows' indices, batch: the rows collated).
-
-    reference (load_reference): a precomputed [n_rows, 3] table, the live frozen model, or None (SimPO).
-    """
+    """[B, 3] reference log-probs of a micro-batch (idx: its rows' indices, batch: the rows collated). reference
+    (load_reference): a precomputed [n_rows, 3] table, the live frozen model, or None (SimPO)."""
     if reference is None:
         return None
     if torch.is_tensor(reference):
@@ -328,7 +315,7 @@ def load_rows(path, cfg, run):
     the run here."""
     if not path:
         return []
-    return data.load_cached(data.load_preference_rows, path, run.tokenizer, cfg.data_cache_dir, report=print0,
+    return load_cached(data.load_preference_rows, path, run.tokenizer, cfg.data_cache_dir, report=print0,
                             max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                             truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows,
                             allow_special_tokens=cfg.allow_special_tokens)

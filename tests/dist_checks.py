@@ -15,8 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import save_hf_checkpoint  # noqa: E402
-from fsdp_utils import _checkpoint_tensors, cleanup, init_distributed, load_model  # noqa: E402
+from fsdp_utils import _checkpoint_tensors, cleanup, init_distributed, load_model, write_hf_weights  # noqa: E402
 from training import TrainConfig  # noqa: E402
 
 
@@ -59,7 +58,7 @@ def main(out):
         opt.step()
         with torch.no_grad():
             trained = model(ids).logits
-        save_hf_checkpoint(model, out / f"saved_fp32_tied{tied}", dtype=torch.float32, max_shard_bytes=30_000)
+        write_hf_weights(model, out / f"saved_fp32_tied{tied}", dtype=torch.float32, max_shard_bytes=30_000)
         if rank == 0:
             reloaded = AutoModelForCausalLM.from_pretrained(out / f"saved_fp32_tied{tied}", dtype=torch.float32)
             with torch.no_grad():
@@ -76,7 +75,7 @@ def main(out):
     model = load_model(str(path), mesh, device, TrainConfig(dtype="bfloat16"))
     with torch.no_grad():
         bf16_logits = model(ids).logits
-    save_hf_checkpoint(model, out / "saved_bf16", dtype=torch.bfloat16)
+    write_hf_weights(model, out / "saved_bf16", dtype=torch.bfloat16)
     if rank == 0:
         reloaded = AutoModelForCausalLM.from_pretrained(out / "saved_bf16", dtype=torch.bfloat16)
         config = json.loads((out / "saved_bf16" / "config.json").read_text())

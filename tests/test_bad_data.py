@@ -16,10 +16,11 @@ import time
 import pytest
 
 import data
+import tokens
 from conftest import REPO
 from data import DataError, load_preference_rows, load_sft_examples
-from eval.common import convert_rows
 from eval import build
+from eval.common import convert_rows
 from eval.split import split
 from test_data import wrpo_row, write_jsonl
 
@@ -179,7 +180,7 @@ def test_special_token_check_is_one_fast_scan(tokenizer):
 
     tok = copy.deepcopy(tokenizer)
     tok.add_tokens([f"<|reserved_special_token_{i}|>" for i in range(250)], special_tokens=True)
-    finder = data.special_tokens_finder(tok)
+    finder = tokens.special_tokens_finder(tok)
     assert finder.search("<|reserved_special_token_249|>") and finder.search("<|start_header_id|>")
     rng = random.Random(0)
     words = "the of and to in a<b x < y {x|y} | <b> <|eot <|reserved_special_token_2 if(i<n)".split()

@@ -1,4 +1,4 @@
-"""Tokenized rows held flat (tokens.TokenRows), shared by ranks, and cached in a file each node maps (data.load_cached,
+"""Tokenized rows held flat (tokens.TokenRows), shared by ranks, and cached in a file each node maps (training.load_cached,
 through tokens.cached: the procedure the reference log-probs' cache shares)."""
 
 import json
@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 import batching
 import data
 import tokens
+import training
 from conftest import REPO
 from data import DataError, load_preference_rows, load_sft_examples
 from test_data import wrpo_row, write_jsonl
@@ -39,10 +40,10 @@ def as_lists(rows):
 
 
 def cached_rows(path, tokenizer, cache, report=None, sft=False, **settings):
-    """data.load_cached of load_sft_examples (sft) or load_preference_rows (with the tests' lengths by default)."""
+    """training.load_cached of load_sft_examples (sft) or load_preference_rows (with the tests' lengths by default)."""
     load = data.load_sft_examples if sft else data.load_preference_rows
     settings = settings or ({} if sft else dict(max_length=64, max_prompt_length=16))
-    return data.load_cached(load, path, tokenizer, cache, report=report or (lambda _: None), **settings)
+    return training.load_cached(load, path, tokenizer, cache, report=report or (lambda _: None), **settings)
 
 
 def row_length(row, shared_prompt=False):
@@ -204,14 +205,14 @@ import resource, signal, sys
 import torch
 sys.path.insert(0, {repo!r})
 import numpy as np
-import data, tokens
+import data, tokens, training
 from pathlib import Path
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained({model!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (2000, resource.RLIM_INFINITY))  # a disk that fills up mid-file
 said = []
-rows = data.load_cached(data.load_preference_rows, {path!r}, tok, {cache!r}, report=said.append, max_length=64,
+rows = training.load_cached(data.load_preference_rows, {path!r}, tok, {cache!r}, report=said.append, max_length=64,
                         max_prompt_length=16)
 print(len(rows), "|".join(said))
 table = {{"logps": np.zeros((1000, 3), np.float32)}}
@@ -297,13 +298,13 @@ DRIVER = """
 import json, sys
 import torch.distributed as dist
 sys.path.insert(0, {repo!r})
-import batching, data, tokens
+import batching, data, tokens, training
 from transformers import AutoTokenizer
 dist.init_process_group("gloo")
 tok = AutoTokenizer.from_pretrained({model!r})
 said = []
 try:
-    rows = data.load_cached(data.load_preference_rows, {path!r}, tok, {cache!r}, report=said.append, max_length=64,
+    rows = training.load_cached(data.load_preference_rows, {path!r}, tok, {cache!r}, report=said.append, max_length=64,
                             max_prompt_length=16, skip_invalid={skip})
     out = dict(fingerprint=tokens.fingerprint(rows), said=said, lengths=batching.row_lengths(rows, True))
 except data.DataError as e:
