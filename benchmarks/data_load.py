@@ -65,16 +65,23 @@ def driver(args):
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
     tokenizer = AutoTokenizer.from_pretrained(REPO / "demo" / "model")
-    kwargs = {"cache": args.cache} if "cache" in inspect.signature(data.load_preference_rows).parameters else {}
+    import training
+
+    settings = dict(max_length=2048, max_prompt_length=1800, report=lambda *a: None)
+    if hasattr(training, "load_cached"):  # this code: the token cache is a wrapper around the loader
+        load = lambda: training.load_cached(data.load_preference_rows, args.data, tokenizer, args.cache,  # noqa
+                                            **settings)
+    else:  # older code: the loader caches (cache=) or not
+        kwargs = {"cache": args.cache} if "cache" in inspect.signature(data.load_preference_rows).parameters else {}
+        load = lambda: data.load_preference_rows(args.data, tokenizer, **settings, **kwargs)  # noqa: E731
     if dist.is_initialized():
         dist.barrier()
     before, t0 = memory(), time.time()
-    rows = data.load_preference_rows(args.data, tokenizer, max_length=2048, max_prompt_length=1800,
-                                     report=lambda *a: None, **kwargs)
+    rows = load()
     seconds, after = time.time() - t0, memory()
-    tokens = sum(data.row_lengths(rows)) if hasattr(data, "row_lengths") else \
-        sum(len(r.prompt_ids) + sum(map(len, r.responses)) for r in rows)
-    held = len(rows.tokens) if hasattr(rows, "tokens") else tokens  # tokens stored (a prompt once per row)
+    offsets = getattr(rows, "offsets", None)  # tokens stored (a prompt once per row)
+    held = int(offsets[-1]) if offsets is not None else sum(len(r.prompt_ids) + sum(map(len, r.responses))
+                                                            for r in rows)
     mine = dict(seconds=seconds, rows=len(rows), tokens=held, rss=after[0] - before[0], pss=after[1] - before[1])
     every = [mine]
     if dist.is_initialized():

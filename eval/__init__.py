@@ -10,13 +10,62 @@
     python -m eval.plot ...             curves of a run's metrics.jsonl
 
 judge (but for its rm mode), plot and questions do not import torch: they run where only the standard library
-and numpy are installed.
+and numpy are installed. Every script opens its files through the helpers below: an input is read only when it is a
+regular file (a FIFO would block, a folder is none), an output is checked before any work and written whole or not
+at all, never over a folder.
 """
 
+import os
+import stat
 import sys
+from pathlib import Path
 
 
 def fail(message):
     """A user error: one line on stderr and exit status 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def read_input(path):
+    """The text of the input file `path`, or fail() saying why not: missing, not a regular file (never opened: a FIFO
+    would block), unreadable, or not UTF-8."""
+    path = Path(path)
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            fail(f"cannot read {path}: not a regular file")
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot read {path}: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        fail(f"{path}: not UTF-8 text (byte {e.start + 1})")
+
+
+def output_problem(path, overwrite=True, what="give the file to write"):
+    """Why `path` cannot be an output file, or None; checked before any work. A folder in its place is never removed;
+    a file there is replaced only with overwrite."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return f"{path} is a folder; {what}"
+        if path.exists() and not overwrite:
+            return f"{path} exists; pass --overwrite to replace it"
+    except OSError as e:  # a folder on the way that may not be looked into
+        return f"cannot write {path} ({e.strerror or e})"
+    return None
+
+
+def write_atomic(path, write):
+    """Write the file `path` whole or not at all: into a temporary file beside it (its folder made first), renamed
+    over it when complete. write: the text, or a function that writes the open file. Raises OSError."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f) if callable(write) else f.write(write)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

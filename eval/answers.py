@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from eval import fail
+from eval import fail, output_problem
 from eval.common import done_rows, generate, load_for_eval, merge, model_name, write_rows
 from eval.questions import read_questions
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
@@ -105,6 +105,8 @@ def main(argv):
     rank, world, device, _ = init_distributed()
     questions = read_questions(args.benchmark, args.questions)
     out, key = Path(args.out), KEYS[args.benchmark]
+    if problem := output_problem(out):
+        fail(problem)
     if args.benchmark == "alpaca" and out.suffix != ".json":
         fail("AlpacaEval reads a JSON list: give --out a .json name (e.g. model_outputs.json)")
     done = done_rows(out, key)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from data import DataError, RowError, prompt_messages, valid_text
-from eval import fail
+from eval import fail, output_problem
 from eval.common import convert_rows, prompt_id_of, write_jsonl
 
 HINT = "fix or remove them; nothing was written"
@@ -128,13 +128,8 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
     eval.split) restricts the output to those prompts.
     """
     out = Path(out)
-    try:
-        if out.is_dir():  # write_jsonl would delete it
-            raise DataError(f"{out} is a folder; --out is the .jsonl file to write")
-        if out.exists() and not overwrite:
-            raise DataError(f"{out} exists; pass --overwrite to replace it")
-    except OSError as e:  # a folder on the way we may not look into
-        raise DataError(f"cannot write {out} ({e.strerror or e})") from None
+    if problem := output_problem(out, overwrite, "--out is the .jsonl file to write"):
+        raise DataError(problem)
     source = {}
     for path in sources:
         for pid, (prompt, samples) in read_scored(path).items():

@@ -21,8 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from checkpoint import write_atomic
-from eval import fail
+from eval import fail, read_input, write_atomic
 from fsdp_utils import loading_problem, resolve_model_path
 
 
@@ -93,13 +92,13 @@ def done_rows(out, key="prompt_id"):
     rows = {}
     if out.suffix == ".json" and out.exists():
         try:
-            rows = {row[key]: row for row in json.loads(out.read_text(encoding="utf-8"))}
+            rows = {row[key]: row for row in json.loads(read_input(out))}
         except (json.JSONDecodeError, KeyError, TypeError):
             fail(f"{out} exists and is not a list of answers with '{key}': move it away, or pick another --out")
     for path in ([] if out.suffix == ".json" else [out]) + parts(out):
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # (a crash may tear the last)
             try:
                 row = json.loads(line)
                 rows[row[key]] = row
@@ -162,16 +161,8 @@ def merge(out, prompt_ids, key="prompt_id"):
 
 
 def write_jsonl(rows, path):
-    """All rows or nothing (checkpoint.write_atomic), one JSON object per line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    write_atomic(path, write)
+    """All rows or nothing (eval.write_atomic), one JSON object per line."""
+    write_atomic(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def prompt_id_of(row):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import data
-from eval import fail
+from eval import fail, output_problem
 from eval.common import convert_rows, done_rows, generate, load_for_eval, merge, model_name, prompt_id_of, write_rows
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
@@ -69,6 +69,8 @@ def main(argv):
     args = parse_args(argv)
     rank, world, device, _ = init_distributed()
     out = Path(args.out)
+    if problem := output_problem(out):
+        fail(problem)
     try:
         prompts = read_prompts(args.prompts)
     except data.DataError as e:

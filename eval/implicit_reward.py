@@ -16,8 +16,7 @@ import sys
 
 import data
 import wrpo
-from checkpoint import write_atomic
-from eval import fail
+from eval import fail, output_problem, write_atomic
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, load_model, loading_problem, \
     print0, resolve_model_path
 from lifecycle import Run, resolve_attention
@@ -49,6 +48,8 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
+    if args.out and (problem := output_problem(args.out)):
+        fail(problem)
     rank, world, device, mesh = init_distributed()
     from transformers import AutoTokenizer
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import fail
+from eval import fail, output_problem, read_input, write_atomic
 from eval.questions import read_questions as read_question_file
 
 
@@ -267,13 +267,10 @@ def call_all(client, requests, workers):
 
 def read_answers(path, questions):
     """{id: (questions' turns, answer turns)} from an AlpacaEval list or an answer JSONL."""
-    path = Path(path)
+    path, text = Path(path), read_input(path)
     try:
-        text = path.read_text(encoding="utf-8")
         rows = json.loads(text) if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
-    except OSError as e:
-        fail(f"cannot read {path}: {e.strerror or e}")
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:
         fail(f"{path}: not an answer file ({str(e).splitlines()[0]})")
     out = {}
     for i, r in enumerate(rows if isinstance(rows, list) else [None]):
@@ -462,13 +459,13 @@ def reward_model(args):
     pairs, scored = out.with_name(out.name + ".pairs.jsonl"), out.with_name(out.name + ".scored.jsonl")
     rows = [{"prompt_id": str(k), "prompt": [{"role": "user", "content": ours[i][0][0]}],
              "responses": [ours[i][1][0], base[i][1][0]]} for k, i in enumerate(ids)]
-    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_atomic(pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     score.main([f"--reward_model={args.reward_model}", f"--data={pairs}", f"--out={scored}",
                 f"--dtype={args.dtype}", f"--batch_size={args.batch_size}"]
                + (["--trust_remote_code"] if args.trust_remote_code else []))
     if os.environ.get("RANK", "0") != "0":
         sys.exit(0)
-    got = {r["prompt_id"]: r["scores"] for r in map(json.loads, scored.read_text().splitlines())}
+    got = {r["prompt_id"]: r["scores"] for r in map(json.loads, read_input(scored).splitlines())}
     margins = [got[str(k)][0] - got[str(k)][1] for k in range(len(ids))]
     s = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
     lengths = [len(ours[i][1][0]) - len(base[i][1][0]) for i in ids]
@@ -519,6 +516,8 @@ def parse_args(argv):
 def main(argv):
     args = parse_args(argv)
     out = Path(args.out)
+    if problem := output_problem(out):
+        fail(problem)
     if args.mode == "rm":
         result = reward_model(args)
     else:
@@ -532,9 +531,8 @@ def main(argv):
         result = (pairwise if args.mode == "pairwise" else single)(args, client)
         result["judge"] = {"model": args.judge_model, "base_url": args.base_url, "calls": client.calls,
                            "cached": client.hits}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"mode": args.mode, "answers": args.answers, "baseline": args.baseline, **result},
-                              indent=1, ensure_ascii=False) + "\n")
+    write_atomic(out, json.dumps({"mode": args.mode, "answers": args.answers, "baseline": args.baseline, **result},
+                                 indent=1, ensure_ascii=False) + "\n")
     summary = {k: v for k, v in result.items() if k not in ("per_question",)}
     print(json.dumps(summary, indent=1))
 

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from eval import fail
+from eval import fail, read_input
 
 FIGURES = {
     "loss": ["loss"],
@@ -27,12 +27,8 @@ FIGURES = {
 
 
 def read_metrics(path):
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        fail(f"cannot read {path}: {e.strerror or e}")
     rows = []
-    for i, line in enumerate(lines, 1):
+    for i, line in enumerate(read_input(path).splitlines(), 1):
         try:
             if line.strip():
                 row = json.loads(line)
@@ -87,6 +83,8 @@ def main(argv):
     ap.add_argument("--out_dir", default="", help="default: plots/ beside the metrics file")
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.metrics).parent / "plots"
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"{out_dir} is a file; --out_dir is the folder to write the figures in")
     written = plot(read_metrics(args.metrics), out_dir)
     print(f"{len(written)} figures -> {out_dir}: {', '.join(p.name for p in written)}")
 

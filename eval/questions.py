@@ -6,24 +6,22 @@ eval/answers.py answers them; eval/judge.py reads them for the questions' catego
 import json
 from pathlib import Path
 
-from eval import fail
+from eval import fail, read_input
 
 
 def read_questions(benchmark, path):
     """[{"id", "turns": [str, ...], "category" or "dataset"}] from a question file, every question checked."""
-    path = Path(path)
+    path, text = Path(path), read_input(path)
     try:
         if benchmark == "alpaca":
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(text)
             if not isinstance(rows, list):
                 raise ValueError("expected a JSON list of {instruction, dataset} rows")
             numbered = [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
         else:
-            lines = path.read_text(encoding="utf-8").splitlines()
-            numbered = [(f"{path}:{i}", json.loads(line)) for i, line in enumerate(lines, 1) if line.strip()]
-    except OSError as e:
-        fail(f"cannot read the question file {path}: {e.strerror or e}")
-    except (ValueError, UnicodeDecodeError) as e:
+            lines = enumerate(text.splitlines(), 1)
+            numbered = [(f"{path}:{i}", json.loads(line)) for i, line in lines if line.strip()]
+    except ValueError as e:
         fail(f"{path}: not a {benchmark} question file ({str(e).splitlines()[0]})")
     questions, errors = [], []
     for where, q in numbered:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import data
-from eval import fail
+from eval import fail, output_problem
 from eval.common import convert_rows, done_rows, load_for_eval, merge, prompt_id_of, write_rows
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
@@ -82,6 +82,8 @@ def main(argv):
     args = parse_args(argv)
     rank, world, device, _ = init_distributed()
     out = Path(args.out)
+    if problem := output_problem(out):
+        fail(problem)
     try:
         rows = read_samples(args.data)
     except data.DataError as e:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from data import DataError, RowError, prompt_id_text, prompt_messages, validate_chat, validate_row
-from eval import fail
+from eval import fail, output_problem
 from eval.common import convert_rows, prompt_id_of, write_jsonl
 
 
@@ -60,11 +60,9 @@ def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
     for rec in records:
         rec = {"prompt_id": prompt_id_of(rec), **{k: v for k, v in rec.items() if k != "prompt_id"}}
         parts["sft" if in_sft_part(rec["prompt_id"], sft_fraction, seed) else "wrpo"].append(rec)
+    if problems := [p for t in targets.values() if (p := output_problem(t, overwrite, "pick another --out_dir"))]:
+        raise DataError("; ".join(problems))
     try:
-        if any(t.is_dir() for t in targets.values()):  # write_jsonl would delete a folder in the way
-            raise DataError(f"{out_dir} holds a folder named sft.jsonl or wrpo.jsonl; pick another --out_dir")
-        if not overwrite and any(t.exists() for t in targets.values()):
-            raise DataError(f"{out_dir} already holds a split; pass --overwrite to replace it")
         for name, target in targets.items():
             write_jsonl(parts[name], target)  # never a half-written file under the final name
     except OSError as e:  # e.g. out_dir under a file, or read-only

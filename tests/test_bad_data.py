@@ -186,7 +186,7 @@ def test_special_token_check_is_one_fast_scan(tokenizer):
     words = "the of and to in a<b x < y {x|y} | <b> <|eot <|reserved_special_token_2 if(i<n)".split()
     texts = [" ".join(rng.choice(words) for _ in range(400)) for _ in range(100)]  # ~2 KB each, no token
     rows = [[texts[rng.randrange(100)] for _ in range(4)] for _ in range(4000)]
-    row = {"prompt": "x", "chosen": ["a", "b"], "rejected": ["c"]}  # the fields: prompt, chosen[0], chosen[1], rejected[0]
+    row = {"prompt": "x", "chosen": ["a", "b"], "rejected": ["c"]}  # fields: prompt, chosen[0], chosen[1], rejected[0]
     t0 = time.perf_counter()
     for r in rows:
         data.check_special_tokens(finder, row, r)
@@ -225,7 +225,7 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path):
     with pytest.raises(DataError, match=r"keep is a folder; --out is the \.jsonl file to write"):
         build.build([scored], tmp_path / "keep", overwrite=True)
     (tmp_path / "s" / "sft.jsonl").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"holds a folder named sft\.jsonl or wrpo\.jsonl"):
+    with pytest.raises(DataError, match=r"s/sft\.jsonl is a folder; pick another --out_dir"):
         split(rows, tmp_path / "s", overwrite=True)
     assert (tmp_path / "keep" / "precious").exists() and (tmp_path / "s" / "sft.jsonl").is_dir()
 

@@ -315,7 +315,41 @@ def test_plot_writes_pngs(tmp_path, monkeypatch, capsys):
 
 
 # -----------------------------------------------------------------------------
-# the package: python -m eval.NAME, and no torch where no model is needed
+# the package: one way to open inputs and outputs, python -m eval.NAME, and no torch where no model is needed
+
+
+def test_eval_scripts_open_files_through_one_helper(tmp_path, capsys):
+    """An input that is no regular file (a FIFO would block forever) or not UTF-8 is one line and exit 2; an output
+    with a folder in its place is refused before any work, and the folder stays; a write is whole or not at all."""
+    import os
+
+    from eval import output_problem, plot, questions, read_input, write_atomic
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"step": 1, "loss": "\xe9"}\n')
+    for call, said in [(lambda: read_input(tmp_path / "fifo"), "not a regular file"),
+                       (lambda: read_input(tmp_path / "none"), "No such file"),
+                       (lambda: plot.main([str(tmp_path / "latin1.jsonl")]), "not UTF-8 text (byte 22)"),
+                       (lambda: questions.read_questions("mtbench", tmp_path), "not a regular file")]:
+        with pytest.raises(SystemExit) as e:
+            call()
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    (tmp_path / "out" / "keep").mkdir(parents=True)
+    assert output_problem(tmp_path / "out") == f"{tmp_path / 'out'} is a folder; give the file to write"
+    assert output_problem(tmp_path / "latin1.jsonl", overwrite=False).endswith("exists; pass --overwrite to replace it")
+    assert output_problem(tmp_path / "new.json") is None and output_problem(tmp_path / "latin1.jsonl") is None
+    with pytest.raises(SystemExit) as e:  # judge: refused before it asks for an API key or reads the answers
+        judge.main(["pairwise", "--answers=none.json", "--baseline=none.json", f"--out={tmp_path / 'out'}"])
+    assert e.value.code == 2 and "is a folder" in capsys.readouterr().err and (tmp_path / "out" / "keep").exists()
+    write_atomic(tmp_path / "w" / "a.txt", "first\n")
+
+    def broken(f):
+        f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "w" / "a.txt", broken)
+    assert (tmp_path / "w" / "a.txt").read_text() == "first\n" and os.listdir(tmp_path / "w") == ["a.txt"]
 
 
 def test_judge_and_plot_never_import_torch(tmp_path):

@@ -46,7 +46,8 @@ def poisoned(tmp_path, step):
     weights["model.embed_tokens.weight"][token] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     rows = [json.loads(x) for x in DEMO_ROWS[:24]]
-    order = [i for _, _, step_rows in batching.train_steps(len(rows), 1, 42, 4, 0, 1, len(rows) // 4) for i in step_rows]
+    steps = batching.train_steps(len(rows), 1, 42, 4, 0, 1, len(rows) // 4)
+    order = [i for _, _, step_rows in steps for i in step_rows]
     bad = order[(step - 1) * 4 + 1]
     rows[bad]["chosen"][0]["content"] += " §"  # y_ws: both WRPO and SFT (which trains on it) read it
     path = tmp_path / "rows.jsonl"

@@ -156,7 +156,7 @@ def test_split_is_deterministic_disjoint_complete_and_order_free(tmp_path):
     other_sft = {json.loads(x)["prompt_id"] for x in (tmp_path / "c" / "sft.jsonl").read_text().splitlines()}
     assert other_sft != ids_sft and other_seed["sft"] + other_seed["wrpo"] == 300
 
-    with pytest.raises(DataError, match="already holds a split"):
+    with pytest.raises(DataError, match=r"sft\.jsonl exists; pass --overwrite to replace it"):
         split(tmp_path / "all.jsonl", tmp_path / "a")
     write_jsonl(tmp_path / "bad.jsonl", rows[:2] + ['{"prompt": "x", "chosen": ["a"]}', '{"prompt": ""}'])
     with pytest.raises(DataError, match=r"bad\.jsonl:3: missing field 'rejected'(.|\n)*bad\.jsonl:4: prompt is empty"):

@@ -377,7 +377,8 @@ def test_a_full_disk_inside_torch_save_is_named(tmp_path, monkeypatch):
     _, _, _, mesh = fsdp_utils.init_distributed()
     model = fully_shard(torch.nn.Linear(64, 64), mesh=mesh)  # tensors only: every byte goes through torch.save
     real_init = checkpoint._ErrorKeepingWriter.__init__
-    monkeypatch.setattr(checkpoint._ErrorKeepingWriter, "__init__", lambda self, f, fs: real_init(self, FullDisk(f), fs))
+    monkeypatch.setattr(checkpoint._ErrorKeepingWriter, "__init__",
+                        lambda self, f, fs: real_init(self, FullDisk(f), fs))
     fs = checkpoint._ErrorKeepingFileSystem()
     with open(tmp_path / "t.pt", "wb") as f, pytest.raises(RuntimeError, match="unexpected pos"):
         torch.save(torch.zeros(1000), checkpoint._ErrorKeepingWriter(f, fs))  # the OSError inside is swallowed...
