@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from batching import check_continuation, sequences, varlen_layout
+from fsdp_utils import print0
 
 try:
     from torch.nn.attention.varlen import varlen_attn as _varlen_kernel  # tests substitute an emulation
@@ -33,17 +34,13 @@ _last = (lambda: None, None)  # (weak reference to a position_ids tensor, its se
 _use_varlen = {}  # device -> use_varlen's answer, decided once per process
 
 
-# -----------------------------------------------------------------------------
-# varlen: one flash-attention call over all the micro-batch's sequences
+# --- varlen: one flash-attention call over all the micro-batch's sequences
 
-
-def _flash_accepts(query):
-    """Whether the flash kernel takes these inputs: CUDA, half precision, head dims a multiple of 8 up to 256."""
+def _varlen_accepts(query):
+    """Whether the flash kernel takes these inputs: CUDA, half precision, head dims a multiple of 8 up to 256. (Tests
+    substitute one that takes CPU fp32 for their emulated kernel.)"""
     D = query.shape[-1]
     return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
-
-
-_varlen_accepts = _flash_accepts  # tests substitute one that takes CPU fp32 for their emulated kernel
 
 
 def _varlen_sdpa(query, key, value, scaling, layout):
@@ -61,9 +58,7 @@ def _varlen_sdpa(query, key, value, scaling, layout):
     return out.view(B, T, H, D)
 
 
-# -----------------------------------------------------------------------------
-# per sequence: causal sdpa on each, in a Python loop
-
+# --- per sequence: causal sdpa on each, in a Python loop
 
 def _sequences_per_row(position_ids):
     """sequences() of each row, cached: every layer gets the same position_ids tensor (one host sync per forward)."""
@@ -81,8 +76,7 @@ def _per_sequence_sdpa(query, key, value, position_ids, scaling, drop):
     if key.shape[1] != H:  # grouped-query attention (enable_gqa would fall back to the math kernel on CPU)
         key, value = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (key, value))
     out = []
-    for b, (q_row, k_row, v_row) in enumerate(zip(query, key, value)):  # [H, T, D] each
-        seqs = rows[b]
+    for seqs, q_row, k_row, v_row in zip(rows, query, key, value):  # q_row, k_row, v_row: [H, T, D]
         # split, not slicing: its backward is one concatenation, not a full-size zero tensor per piece
         pieces = [x.split([e - s for s, e, _ in seqs], dim=1) for x in (q_row, k_row, v_row)]
         parts, first = [], None
@@ -118,9 +112,7 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
     return _per_sequence_sdpa(query, key, value, position_ids, scaling, drop), None
 
 
-# -----------------------------------------------------------------------------
-# choosing the path: a self-check of the kernel, once per process
-
+# --- choosing the path: a self-check of the kernel, once per process
 
 def varlen_self_check(device):
     """(ok, message): whether the varlen kernel gives the per-sequence path's outputs and gradients on `device`, on a
@@ -172,8 +164,6 @@ def use_varlen(device):
     if device.type != "cuda":
         return False
     if str(device) not in _use_varlen:
-        from fsdp_utils import print0
-
         ok, message = varlen_self_check(device)
         print0(f"attention: flash varlen ({message})" if ok else
                f"attention: varlen unavailable ({message}); using {NAME}'s per-sequence sdpa")
@@ -214,6 +204,5 @@ def choose(name, config, max_length):
                f"its sliding window of {window} tokens is shorter than max_length {max_length}"
                if window and window < max_length else
                f"{model_class.__name__} takes no sdpa-style attention" if model_class and not sdpa else None)
-    if problem is None:
-        return NAME, ""
-    return ("sdpa" if sdpa else "eager"), f"attention: {'sdpa' if sdpa else 'eager'}, not {NAME}, because {problem}"
+    fallback = "sdpa" if sdpa else "eager"
+    return (NAME, "") if problem is None else (fallback, f"attention: {fallback}, not {NAME}, because {problem}")

@@ -23,9 +23,8 @@ import torch.distributed as dist
 
 from tokens import IGNORE, Sequence
 
-# -----------------------------------------------------------------------------
-# rows over optimizer steps, ranks and micro-batches
 
+# --- rows over optimizer steps, ranks and micro-batches
 
 def train_steps(n_rows, epochs, seed, global_batch, rank, world, total_steps, start=0):
     """Yield (step, epoch, the indices of this rank's rows) for the optimizer steps start .. total_steps - 1: each
@@ -83,7 +82,7 @@ def eval_batches(n_items, micro_batch, rank, world):
 
 def eval_batches_by_tokens(lengths, budget, rank, world, device):
     """eval_batches of a token budget (lengths: tokens of each item), packed as a step's rows are: the no-grad passes
-    (reference log-probs, held-out metrics) run the training's micro-batches, not a GPU-starving row each. Collective."""
+    (reference log-probs, held-out metrics) run the training's micro-batches, not one row at a time. Collective."""
     idx, weights = rank_share(len(lengths), rank, world)
     share = micro_batches_by_tokens(list(range(len(idx))), [lengths[i] for i in idx], budget, device)  # positions
     return [([idx[j] for j in b], torch.tensor([weights[j] for j in b])) for b in share]
@@ -105,9 +104,7 @@ def pack(sizes, capacity):
     return bins
 
 
-# -----------------------------------------------------------------------------
-# collation: sequences -> input_ids, labels, position_ids (packed) or attention_mask (padded)
-
+# --- collation: sequences -> input_ids, labels, position_ids (packed) or attention_mask (padded)
 
 def row_sequences(row, shared_prompt=False):
     """A preference row as its sequences: prompt + each response, scored on the response. shared_prompt: one copy of
@@ -115,11 +112,8 @@ def row_sequences(row, shared_prompt=False):
     position len(prompt) - 1, attending to the prompt before them (attention.packed_sdpa), and their repeated last
     prompt token predicts their first response token."""
     p = row.prompt_ids
-    if not shared_prompt:
-        return [Sequence(p + r, [IGNORE] * len(p) + r, row.where) for r in row.responses]
-    first, *rest = row.responses
-    return [Sequence(p + first, [IGNORE] * len(p) + first, row.where)] + [
-        Sequence(p[-1:] + r, [IGNORE] + r, row.where, start=len(p) - 1) for r in rest]
+    return [Sequence(p[-1:] + r, [IGNORE] + r, row.where, start=len(p) - 1) if shared_prompt and j else
+            Sequence(p + r, [IGNORE] * len(p) + r, row.where) for j, r in enumerate(row.responses)]
 
 
 def row_lengths(rows, shared_prompt=False):
@@ -142,22 +136,18 @@ def collate_preference(rows, pad_id, packed=False, shared_prompt=False, varlen=F
     rows ws == wt)."""
     if shared_prompt and not packed:
         raise ValueError("shared_prompt needs packed=True")
-    ws, wt, rej, n = [], [], [], 0
+    # units: what must stay whole in a packed row, a row's (number, sequence) pairs when they share a prompt, else each
+    ws, wt, rej, units, n = [], [], [], [], 0
     for row in rows:
         ws.append(n)
         wt.append(n + row.n_chosen - 1)
         rej.append(n + row.n_chosen)
-        n += len(row.responses)
-    if not packed:
-        seqs = [s for row in rows for s in row_sequences(row)]
-        return {**collate_padded(seqs, pad_id), "ws": torch.tensor(ws), "wt": torch.tensor(wt),
-                "rej": torch.tensor(rej)}
-    # units that must stay whole in a packed row: a row's sequences when they share a prompt, else each sequence
-    units, k = [], 0
-    for row in rows:
-        seqs = list(zip(range(k, k + len(row.responses)), row_sequences(row, shared_prompt)))
+        seqs = list(enumerate(row_sequences(row, shared_prompt), n))
         units += [seqs] if shared_prompt else [[x] for x in seqs]
-        k += len(seqs)
+        n += len(seqs)
+    if not packed:
+        return {**collate_padded([s for u in units for _, s in u], pad_id), "ws": torch.tensor(ws),
+                "wt": torch.tensor(wt), "rej": torch.tensor(rej)}
     size = [sum(len(s.ids) for _, s in u) for u in units]
     packed_rows = [[x for u in b for x in units[u]] for b in pack(size, max(size))]
     segment = {k: i for i, (k, _) in enumerate(x for row in packed_rows for x in row)}  # collate_packed's numbering
@@ -173,10 +163,8 @@ def collate_packed(rows, pad_id, segments=False, varlen=False):
     segments=True: `segments` [R, T] numbers the sequences across all rows (-1 on padding) and `n_seqs` counts them,
     for log-probs summed per sequence. varlen=True: also varlen_layout's entries, computed here on the host."""
     T = max(sum(len(s.ids) for s in row) for row in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
-    seg_ids = torch.full((len(rows), T), -1, dtype=torch.long)
+    input_ids, labels, position_ids, seg_ids = (torch.full((len(rows), T), fill, dtype=torch.long)
+                                                for fill in (pad_id, IGNORE, 0, -1))
     seq = 0
     for r, row in enumerate(rows):
         at = 0
@@ -195,25 +183,16 @@ def collate_packed(rows, pad_id, segments=False, varlen=False):
 
 
 def collate_padded(seqs, pad_id):
-    """One right-padded row per sequence: input_ids, attention_mask, labels [N, T]."""
-    T = max(len(s.ids) for s in seqs)
-    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        labels[i, : len(s.ids)] = torch.tensor(s.labels)
-        attention_mask[i, : len(s.ids)] = 1
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    """One right-padded row per sequence: input_ids, attention_mask, labels [N, T] (collate_packed's rows of one)."""
+    batch = collate_packed([[s] for s in seqs], pad_id, segments=True)
+    return dict(input_ids=batch["input_ids"], attention_mask=(batch["segments"] >= 0).long(), labels=batch["labels"])
 
 
 def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# -----------------------------------------------------------------------------
-# the varlen layout of a packed batch (attention.py reads it)
-
+# --- the varlen layout of a packed batch (attention.py reads it)
 
 def sequences(position_ids):
     """(start, end, first position) of each sequence in a row of position ids (a 1-D list): a sequence starts wherever

@@ -47,9 +47,7 @@ class SaveError(RuntimeError):
     and older checkpoints are untouched. Raised on every rank."""
 
 
-# -----------------------------------------------------------------------------
-# save and resume
-
+# --- save and resume
 
 def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
     """out_dir/step_NNNNNN: HF weights (hf=True) and the resumable state, written atomically. Collective. meta: the
@@ -77,11 +75,7 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
 
         collectively(lambda: is_master() and completion_marker())
 
-    try:  # an incomplete folder under this name (a damaged copy) is replaced
-        write_atomic(folder, write, collective=True)
-    except SaveError as e:
-        raise SaveError(f"cannot save {folder}: {e}; removed the partial folder. {_newest_note(run.out_dir)}") \
-            from None
+    _save(folder, write, "save")  # an incomplete folder under this name (a damaged copy) is replaced
     if is_master():
         prune(run.out_dir, step, cfg.keep_last)
         print0(f"saved {folder}" + ("" if hf else " (resumable state only)"))
@@ -92,10 +86,7 @@ def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
 def save_final(run, cfg, model, step, skipped=0):
     """out_dir/final: the trained weights as a Hugging Face folder (cfg.save_dtype), with the settings. Collective."""
     path, settings = run.out_dir / "final", export_settings(run, cfg, step)
-    try:
-        write_atomic(path, lambda tmp: collectively(lambda: write_hf_weights(model, tmp, **settings)), collective=True)
-    except SaveError as e:
-        raise SaveError(f"cannot write {path}: {e}; removed the partial folder. {_newest_note(run.out_dir)}") from None
+    _save(path, lambda tmp: collectively(lambda: write_hf_weights(model, tmp, **settings)), "write")
     print0(f"saved {path}" + (f" ({skipped} non-finite steps skipped)" if skipped else ""))
 
 
@@ -122,8 +113,7 @@ def find_resume(resume, out_dir):
     candidates = [[folder for _, folder in step_checkpoints(out_dir)]]
     dist.broadcast_object_list(candidates, src=0)  # every rank walks the same list (usable is collective)
     for folder in reversed(candidates[0]):
-        problems = usable(folder)
-        if not problems:
+        if not (problems := usable(folder)):
             return folder
         print0(f"resume: skipping {folder}: {'; '.join(problems)}")
         if is_master():  # never taken for a checkpoint again, and never counted by prune; kept for a look
@@ -172,9 +162,7 @@ def restore(run, policy, optimizer, state):
     return state["step"]
 
 
-# -----------------------------------------------------------------------------
-# what a checkpoint holds: Hugging Face weights, sharded state (torch.distributed.checkpoint), random generators
-
+# --- what a checkpoint holds: Hugging Face weights, sharded state (torch.distributed.checkpoint), random generators
 
 def export_settings(run, cfg, step):
     """What every Hugging Face folder of a run carries: the tokenizer, the save dtype and the settings at `step`."""
@@ -248,9 +236,7 @@ def set_rng_state(s, check=False):
         torch.Generator("cuda").set_state(saved("cuda")) if check else torch.cuda.set_rng_state(saved("cuda"))
 
 
-# -----------------------------------------------------------------------------
-# verification: a checkpoint is complete when its state file is sound and every file matches its size and CRC-32
-
+# --- verification: a checkpoint is complete when its state file is sound and every file matches its size and CRC-32
 
 STATE_FIELDS = {"step": int, "world_size": int, "config": dict, "rng": list, "files": dict, "crc32": dict,
                 "fingerprint": str, "eval_before": dict, "skipped_steps": int}  # (the scripts' meta included)
@@ -270,11 +256,11 @@ def read_state(folder):
         raise ValueError(f"step must be >= 1, got {state['step']}")
     if state["world_size"] < 1 or len(state["rng"]) != state["world_size"]:
         raise ValueError(f"needs one rng entry per rank ({state['world_size']})")
-    for rng in state["rng"]:
-        try:
+    try:
+        for rng in state["rng"]:
             set_rng_state(rng, check=True)
-        except Exception:
-            raise ValueError("a damaged rng entry") from None
+    except Exception:
+        raise ValueError("a damaged rng entry") from None
     for name, size in state["files"].items():
         if type(size) is not int or ".." in Path(name).parts or Path(name).is_absolute():
             raise ValueError(f"a damaged files entry ({name!r:.40})")
@@ -288,15 +274,10 @@ def checkpoint_problem(folder):
         return f"no {STATE_FILE} (the save did not finish)"
     try:
         state = read_state(folder)
-    except (OSError, UnicodeDecodeError) as e:
-        return f"unreadable {STATE_FILE} ({e.strerror if isinstance(e, OSError) else e})"
-    except ValueError as e:  # malformed JSON included
-        return f"unreadable {STATE_FILE} ({str(e).splitlines()[0]})"
-    for name, size in state["files"].items():
-        f = Path(folder) / name
-        if not f.is_file() or f.stat().st_size != size:
-            return f"{name} is missing or truncated"
-    return None
+    except (OSError, ValueError) as e:  # malformed JSON, or not UTF-8, included
+        return f"unreadable {STATE_FILE} ({e.strerror if isinstance(e, OSError) else str(e).splitlines()[0]})"
+    return next((f"{name} is missing or truncated" for name, size in state["files"].items()
+                 if not (Path(folder) / name).is_file() or (Path(folder) / name).stat().st_size != size), None)
 
 
 def usable(folder):
@@ -339,9 +320,7 @@ def crc32(chunks):
     return f"{crc:08x}"
 
 
-# -----------------------------------------------------------------------------
-# the checkpoints of out_dir: listing, setting aside, pruning
-
+# --- the checkpoints of out_dir: listing, setting aside, pruning
 
 def step_checkpoints(out_dir):
     """[(step, folder)] of the step_NNNNNN folders in out_dir, oldest first (complete or not)."""
@@ -355,20 +334,20 @@ def newest_checkpoint(out_dir):
     return complete[-1] if complete else None
 
 
-def _newest_note(out_dir):
-    newest = newest_checkpoint(out_dir)
-    return (f"Older checkpoints are untouched (newest: {newest}); once the cause is fixed (a full disk: free space), "
-            "rerun with --resume=auto" if newest else "There is no older checkpoint to resume from")
-
-
-def partial_saves(out_dir):
-    """Folders of saves that a crash interrupted (step_N.tmp, final.tmp): never complete, safe to remove while
-    out_dir is locked."""
-    return sorted(Path(out_dir).glob("step_*.tmp")) + sorted(Path(out_dir).glob("final.tmp"))
+def _save(folder, write, verb):
+    """write_atomic of a folder of out_dir that every rank writes; on failure, a SaveError that says what is left."""
+    try:
+        write_atomic(folder, write, collective=True)
+    except SaveError as e:
+        newest = newest_checkpoint(folder.parent)
+        note = (f"Older checkpoints are untouched (newest: {newest}); once the cause is fixed (a full disk: free "
+                "space), rerun with --resume=auto" if newest else "There is no older checkpoint to resume from")
+        raise SaveError(f"cannot {verb} {folder}: {e}; removed the partial folder. {note}") from None
 
 
 def remove_partial_saves(out_dir):
-    for folder in partial_saves(out_dir):
+    """Remove the folders of saves a crash interrupted (step_N.tmp, final.tmp): never complete; out_dir is locked."""
+    for folder in sorted(Path(out_dir).glob("step_*.tmp")) + sorted(Path(out_dir).glob("final.tmp")):
         shutil.rmtree(folder, ignore_errors=True)
         print0(f"removed {folder}, left by a save that was interrupted")
 
@@ -401,9 +380,7 @@ def prune(out_dir, newest, keep_last):
         shutil.rmtree(folder)
 
 
-# -----------------------------------------------------------------------------
-# writes that all ranks agree on, whole or not at all
-
+# --- writes that all ranks agree on, whole or not at all
 
 def reason(e):
     """One line for an exception met while writing: the OSError inside (no space left on device, ...), if any."""
@@ -440,27 +417,20 @@ def write_atomic(path, write, collective=False, private=False):
     path = Path(path)
     tmp = path.with_name(path.name + (f".{socket.gethostname()}-{os.getpid()}" if private else "") + ".tmp")
     owner = is_master() or not collective
-    if owner and tmp.is_dir():  # left by a crash
-        shutil.rmtree(tmp)
-    elif owner:
-        tmp.unlink(missing_ok=True)
-    if collective:
-        dist.barrier()
+    sync = dist.barrier if collective else lambda: None
+    if owner:  # left by a crash
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+    sync()
     try:
-        if callable(write):
-            write(tmp)
-        else:
-            tmp.write_text(write, encoding="utf-8")
-    except BaseException:  # a failed write leaves nothing behind (collective: every rank gets here, see all_ok)
+        write(tmp) if callable(write) else tmp.write_text(write, encoding="utf-8")
+    except BaseException:  # a failed write leaves nothing behind (collective: every rank gets here, see collectively)
         if owner:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
-    if collective:
-        dist.barrier()
+    sync()
     if owner:
         if tmp.is_dir() and path.is_dir():  # a folder cannot be renamed over another: the old one goes first
             shutil.rmtree(path)
         os.replace(tmp, path)
-    if collective:
-        dist.barrier()
+    sync()
     return path

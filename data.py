@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 import torch.distributed as dist
+from jinja2 import TemplateError  # what transformers renders chat templates with
 
 import tokens
 from tokens import IGNORE, PreferenceRow, Sequence
@@ -44,9 +45,7 @@ SYSTEM_HINT = ("this chat template takes no system turn (Gemma-2's and Mistral v
                "the start of the first user turn")
 
 
-# -----------------------------------------------------------------------------
-# reading files: (file:line, record) pairs
-
+# --- reading files: (file:line, record) pairs
 
 def data_files(path):
     """The data files of `path`: the file itself, or a folder's .jsonl, .json and .parquet files, sorted.
@@ -74,19 +73,18 @@ def data_files(path):
 def read_records(path, share=(0, 1)):
     """[(where, record or RowError)] of a .jsonl/.json/.parquet file or a folder of them; share=(k, n): only the k-th
     of n contiguous shares of the records (a rank's), whose .jsonl lines outside it are counted, never parsed."""
-    files = data_files(path)
+    files, (k, n) = data_files(path), share
     try:
-        if share[1] == 1 or any(f.suffix != ".jsonl" for f in files):  # whole files (.json, .parquet), then cut
+        if n == 1 or any(f.suffix != ".jsonl" for f in files):  # whole files (.json, .parquet), then cut
             records = [rec for f in files for rec in _read_file(f)]
-            return records[len(records) * share[0] // share[1] : len(records) * (share[0] + 1) // share[1]]
+            return records[len(records) * k // n : len(records) * (k + 1) // n]
         counts = [sum(1 for _ in _lines(f)) for f in files]
-        lo = sum(counts) * share[0] // share[1]  # this share: records lo .. hi - 1 of all the files'
-        hi = sum(counts) * (share[0] + 1) // share[1]
+        lo, hi = sum(counts) * k // n, sum(counts) * (k + 1) // n  # this share: records lo .. hi - 1 of all the files'
         out, first = [], 0  # first: the number of the file's first record
-        for f, n in zip(files, counts):
-            if first < hi and first + n > lo:
+        for f, count in zip(files, counts):
+            if first < hi and first + count > lo:
                 out += _read_file(f, range(lo - first, hi - first))
-            first += n
+            first += count
         return out
     except OSError as e:
         raise DataError(f"{e.filename or path}: cannot read ({e.strerror or e})") from None
@@ -152,9 +150,7 @@ def _parse_json(raw, what):
         raise RowError("malformed JSON (nested too deeply)") from None
 
 
-# -----------------------------------------------------------------------------
-# validation: one record -> (prompt messages, responses, n_chosen, prompt_id)
-
+# --- validation: one record -> (prompt messages, responses, n_chosen, prompt_id)
 
 def _content(msg, field, i, want_role):
     """Text of a message given as a plain string or a {"role", "content"} dict."""
@@ -247,27 +243,19 @@ def validate_chat(row):
 
 def sft_messages(row):
     """SFT conversation of a row: a chat row's messages, or a WRPO row's prompt + chosen[0] (y_ws)."""
-    if not isinstance(row, dict):
-        raise RowError(f"row must be a JSON object, got {type(row).__name__}")
-    if "messages" in row:
+    if isinstance(row, dict) and "messages" in row:
         return validate_chat(row)
     messages, texts, _, _ = validate_row(row)
     return messages + [{"role": "assistant", "content": texts[0]}]
 
 
-# -----------------------------------------------------------------------------
-# the chat template: messages -> tokens
-
+# --- the chat template: messages -> tokens
 
 def check_special_tokens(finder, row, texts, chat=False):
     """A RowError naming the first text of a validated row (a chat row's messages; else its prompt's, then its
     responses', in order) that holds a special-token string, and the field it is in."""
-    if chat:
-        fields = [f"messages[{i}]" for i in range(len(row["messages"]))]
-    else:
-        prompt = row["prompt"]
-        fields = ["prompt"] if isinstance(prompt, str) else [f"prompt[{i}]" for i in range(len(prompt))]
-        fields += [f"chosen[{i}]" for i in range(len(row["chosen"]))] + ["rejected[0]"]
+    names = lambda f: [f] if isinstance(row[f], str) else [f"{f}[{i}]" for i in range(len(row[f]))]  # noqa: E731
+    fields = names("messages") if chat else names("prompt") + names("chosen") + names("rejected")
     for field, text in zip(fields, texts):
         if found := finder.search(text):
             raise RowError(f"{field} holds the special token {found.group()!r}", hint=SPECIAL_TOKENS_HINT)
@@ -275,8 +263,6 @@ def check_special_tokens(finder, row, texts, chat=False):
 
 def render(tokenizer, messages, **kwargs):
     """The chat template's text of messages; a template that refuses them (raise_exception) is a RowError."""
-    from jinja2 import TemplateError  # what transformers renders chat templates with
-
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
     except TemplateError as e:
@@ -286,8 +272,6 @@ def render(tokenizer, messages, **kwargs):
 
 def takes_it_without_system(tokenizer, messages, kwargs):
     """Whether the template refused these messages only for their system turns."""
-    from jinja2 import TemplateError
-
     rest = [m for m in messages if m["role"] != "system"]
     if len(rest) == len(messages) or not rest:
         return bool(messages) and not rest  # no system turn; or nothing but system turns, refused
@@ -329,13 +313,11 @@ def encode(tokenizer, messages, responses, end):
     """(prompt tokens, each response's tokens) from the chat template: the prompt is template(messages,
     add_generation_prompt=True); a response, the rest of template(messages + [it]) up to its end-of-turn token."""
     texts = [render(tokenizer, messages, add_generation_prompt=True)]
-    for r in responses:
-        texts.append(render(tokenizer, messages + [{"role": "assistant", "content": r}]))
+    texts += [render(tokenizer, messages + [{"role": "assistant", "content": r}]) for r in responses]
     # the template adds BOS itself; verbose=False: no warning about rows over the model's length, truncate cuts them
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    prompt = ids[0]
+    prompt, *fulls = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     out = []
-    for full in ids[1:]:
+    for full in fulls:
         if full[: len(prompt)] != prompt:
             raise RowError("the chat template does not render the prompt as a prefix of prompt + response")
         if len(full) == len(prompt):
@@ -374,9 +356,7 @@ def truncate(prompt, responses, max_length, max_prompt_length):
     return prompt, responses
 
 
-# -----------------------------------------------------------------------------
-# every row of a file, as TokenRows
-
+# --- every row of a file, as TokenRows
 
 def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on="assistant", tokenizer=None):
     """What is wrong with the settings of load_preference_rows (kind "preference") or load_sft_examples ("sft"), and
@@ -394,11 +374,9 @@ def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on
 
 def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
                          skip_invalid=False, allow_special_tokens=False, report=print, hint=SKIP_HINT):
-    """Every row of `path` read, validated and tokenized, as TokenRows of PreferenceRows (convert_all).
-
-    truncation: "keep_end" applies the paper's rule (`truncate`); "error" makes rows longer than max_length bad
-    rows. Text holding a special-token string is a bad row, unless allow_special_tokens: then it is that token.
-    """
+    """Every row of `path` read, validated and tokenized, as TokenRows of PreferenceRows (convert_all). truncation:
+    "keep_end" applies the paper's rule (`truncate`); "error" makes rows longer than max_length bad rows. Text holding
+    a special-token string is a bad row, unless allow_special_tokens: then it is that token."""
     if problems := settings_problems("preference", max_length, truncation, max_prompt_length, tokenizer=tokenizer):
         raise DataError("; ".join(problems))
     special = None if allow_special_tokens else tokens.special_tokens_finder(tokenizer)

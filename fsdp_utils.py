@@ -1,8 +1,6 @@
 """Distributed setup, and a model's way in and out: FSDP2 sharding, sharded loading of Hugging Face safetensors
-checkpoints, and the gathered full weights written back as one.
-
-The same functions run on CUDA (nccl) and on CPU (gloo), under torchrun or as a plain
-single process, so the CPU tests exercise the exact code used on an 8-GPU node.
+checkpoints, and the gathered full weights written back as one. The same functions run on CUDA (nccl) and on CPU
+(gloo), under torchrun or as a plain single process, so the CPU tests exercise the code an 8-GPU node runs.
 """
 
 import atexit
@@ -27,28 +25,23 @@ from logps import attach_label_logps, resolve_impl
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
-# -----------------------------------------------------------------------------
-# process group and device
 
+# --- process group and device
 
 def init_distributed():
     """(rank, world size, device, mesh) from torchrun's environment: cuda + nccl where GPUs are, else cpu + gloo. A
     plain `python wrpo.py` is a world of one, so that the training code has a single path."""
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device("cuda", local_rank)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
-    return rank, world, device, mesh
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    world = dist.get_world_size()
+    return dist.get_rank(), world, device, init_device_mesh(device.type, (world,))
 
 
 def is_master():
@@ -95,9 +88,7 @@ def exit_process(code=0):
     os._exit(code)
 
 
-# -----------------------------------------------------------------------------
-# the way in: built on the meta device, sharded, then every rank reads only its own slices of the weights
-
+# --- the way in: built on the meta device, sharded, then every rank reads only its own slices of the weights
 
 def load_model(path, mesh, device, cfg, *, attn="sdpa", trainable=True):
     """A causal LM from a local folder of safetensors weights, sharded over `mesh`, with a `label_logps` method
@@ -128,14 +119,10 @@ def load_model(path, mesh, device, cfg, *, attn="sdpa", trainable=True):
     if cfg.compile and trainable:
         for layer in decoder_layers(model):
             layer.compile()
-    # 4) shard: fully_shard each decoder layer, then the root
-    apply_fsdp(model, mesh, param_dtype)
-    # 5) this rank's shards allocated on the device, uninitialised
-    model.to_empty(device=device)
-    # 6) the buffers no checkpoint holds, recomputed (rotary frequencies, Gemma's embedding scale)
-    _init_nonpersistent_buffers(model)
-    # 7) this rank's rows of each tensor, read from the memory-mapped safetensors files
-    load_sharded_weights(model, path)
+    apply_fsdp(model, mesh, param_dtype)  # 4) shard: fully_shard each decoder layer, then the root
+    model.to_empty(device=device)  # 5) this rank's shards allocated on the device, uninitialised
+    _init_nonpersistent_buffers(model)  # 6) the buffers no checkpoint holds, recomputed (rotary, Gemma's scale)
+    load_sharded_weights(model, path)  # 7) this rank's rows of each tensor, from memory-mapped safetensors files
     if trainable:
         model.train()
         print0(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, compute {cfg.dtype}, "
@@ -155,7 +142,6 @@ def apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True):
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    return model
 
 
 def decoder_layers(model):
@@ -171,26 +157,19 @@ def load_sharded_weights(model, path):
     of each tensor (memory-mapped slices), so host memory stays near one copy of the model per node."""
     files = _checkpoint_tensors(path)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    handles = {}
-    try:
-        for name, param in model.state_dict().items():
-            if name not in files:
-                if tied and name.endswith("lm_head.weight"):
-                    continue  # shares storage with the embedding, filled through it
-                raise KeyError(f"{path}: checkpoint has no tensor '{name}'")
-            fname = files[name]
-            if fname not in handles:
-                handles[fname] = safe_open(fname, framework="pt", device="cpu")
-            src = handles[fname].get_slice(name)
-            if isinstance(param, DTensor):
-                start, end = _shard_rows(param)
-                local = param.to_local()
-                if end > start:
-                    local.copy_(src[start:end])
-            else:
-                param.copy_(src[:])
-    finally:
-        handles.clear()
+    handles = {fname: safe_open(fname, framework="pt", device="cpu") for fname in set(files.values())}
+    for name, param in model.state_dict().items():
+        if name not in files:
+            if tied and name.endswith("lm_head.weight"):
+                continue  # shares storage with the embedding, filled through it
+            raise KeyError(f"{path}: checkpoint has no tensor '{name}'")
+        src = handles[files[name]].get_slice(name)
+        if isinstance(param, DTensor):
+            start, end = _shard_rows(param)
+            if end > start:
+                param.to_local().copy_(src[start:end])
+        else:
+            param.copy_(src[:])
 
 
 def _checkpoint_tensors(path):
@@ -211,28 +190,25 @@ def _checkpoint_tensors(path):
 def _shard_rows(dtensor):
     """Row range [start, end) of dim 0 held by this rank (FSDP2 shards dim 0 like torch.chunk)."""
     assert all(isinstance(p, Shard) and p.dim == 0 for p in dtensor.placements), dtensor.placements
-    mesh = dtensor.device_mesh
-    rows, world, rank = dtensor.shape[0], mesh.size(), mesh.get_local_rank()
-    chunk = math.ceil(rows / world)
-    start = min(rank * chunk, rows)
+    mesh, rows = dtensor.device_mesh, dtensor.shape[0]
+    chunk = math.ceil(rows / mesh.size())
+    start = min(mesh.get_local_rank() * chunk, rows)
     return start, min(start + chunk, rows)
 
 
+@torch.no_grad()
 def _init_nonpersistent_buffers(model):
     """Recompute the buffers no checkpoint holds, which `to_empty` left uninitialised: rotary inverse frequencies, and
     the scale of Gemma's scaled word embeddings (sqrt(hidden size))."""
     for module in model.modules():
         names = getattr(module, "_non_persistent_buffers_set", set())
-        if not names:
-            continue
-        with torch.no_grad():
-            if "RotaryEmbedding" in type(module).__name__:
-                model._init_weights(module)
-            elif names == {"embed_scale"} and hasattr(module, "scalar_embed_scale"):  # Gemma's embeddings
-                module.embed_scale.fill_(module.scalar_embed_scale)
-            else:
-                raise NotImplementedError(f"{type(module).__name__} has non-persistent buffers {sorted(names)} "
-                                          "that sharded loading does not know how to rebuild")
+        if names and "RotaryEmbedding" in type(module).__name__:
+            model._init_weights(module)
+        elif names == {"embed_scale"} and hasattr(module, "scalar_embed_scale"):  # Gemma's embeddings
+            module.embed_scale.fill_(module.scalar_embed_scale)
+        elif names:
+            raise NotImplementedError(f"{type(module).__name__} has non-persistent buffers {sorted(names)} "
+                                      "that sharded loading does not know how to rebuild")
 
 
 def count_parameters(path):
@@ -286,9 +262,7 @@ def resolve_model_path(path):
         raise FileNotFoundError(f"model '{path}' is neither a local folder nor a reachable hub id: {e}") from e
 
 
-# -----------------------------------------------------------------------------
-# the way out: the full weights gathered on rank 0, written as a Hugging Face folder
-
+# --- the way out: the full weights gathered on rank 0, written as a Hugging Face folder
 
 def write_hf_weights(model, folder, *, tokenizer=None, train_config=None, dtype=torch.bfloat16,
                      max_shard_bytes=5 * 2**30):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import attention
 import data
-from checkpoint import ResumeError, RunFinished, SaveError, find_resume, partial_saves, remove_partial_saves, \
+from checkpoint import ResumeError, RunFinished, SaveError, find_resume, remove_partial_saves, \
     step_checkpoints, write_atomic
 from fsdp_utils import DTYPES, count_parameters, exit_process, init_distributed, loading_problem, print0, \
     resolve_model_path
@@ -49,6 +49,7 @@ class Run:
     shared_prompt: bool = False  # whether a preference row's responses share one copy of its prompt
     varlen: bool = False  # whether packed batches carry the flash varlen layout (attention.use_varlen)
     settings: dict = None  # cfg as the run resolved it: what config.json and each train_config.json record
+    models: dict = None  # the local folder of each model the run loads (cfg.model's, and other_models')
 
 
 def start_run(cfg, problems=(), other_models=()):
@@ -72,14 +73,17 @@ def start_run(cfg, problems=(), other_models=()):
     if (out_dir / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"out_dir {out_dir} already holds a run; pass --resume=auto to continue it, another "
                           "--out_dir, or --overwrite=true to replace it")
-    model_path = resolve_model(cfg.model)
-    for path in [model_path] + [resolve_model(m) for m in other_models if m]:
-        if problem := loading_problem(path, cfg.trust_remote_code):
-            raise ConfigError(f"model error: {problem}")
+    try:  # each model a local folder (a hub id's snapshot, downloaded once per node) that loads by the rules
+        models = {m: resolve_model_path(m) for m in [cfg.model, *other_models] if m}
+    except OSError as e:
+        raise ConfigError(f"model error: {e}") from None
+    if problem := next(filter(None, (loading_problem(p, cfg.trust_remote_code) for p in models.values())), None):
+        raise ConfigError(f"model error: {problem}")
+    model_path = models[cfg.model]
     attn, shared_prompt = resolve_attention(cfg, model_path)
     varlen = attn == attention.NAME and cfg.dtype != "float32" and attention.use_varlen(device)  # (its self-check)
+    on_rank0(lambda: remove_partial_saves(out_dir))  # never complete: their space is free for this run
     on_rank0(lambda: check_free_space(out_dir, model_path, cfg))  # rank 0 decides for all: one answer
-    on_rank0(lambda: remove_partial_saves(out_dir))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
@@ -88,14 +92,7 @@ def start_run(cfg, problems=(), other_models=()):
     settings = {**dataclasses.asdict(cfg), "attn_implementation": attn} | (
         {"shared_prompt": shared_prompt} if hasattr(cfg, "shared_prompt") else {})
     return Run(rank, world, device, mesh, out_dir, model_path, tokenizer, pad_id, resume_from, attn, shared_prompt,
-               varlen, settings)
-
-
-def resolve_model(path):
-    try:
-        return resolve_model_path(path)
-    except OSError as e:
-        raise ConfigError(f"model error: {e}") from None
+               varlen, settings, models)
 
 
 def resolve_attention(cfg, model_path):
@@ -132,9 +129,6 @@ def write_run_config(run, cfg):
     on_rank0(write)  # (broadcast: every rank has checked out_dir before rank 0 writes into it)
 
 
-LOCK_FILE = "run.lock"
-
-
 _locks = {}  # out_dir -> the open lock file of a run in this process (tests run several in one process)
 
 
@@ -142,7 +136,7 @@ def lock_out_dir(out_dir):
     """Collective: rank 0 holds out_dir/run.lock until this process exits; a second run into out_dir stops here,
     naming the holder. The lock is the kernel's (flock): it dies with its process however that ends, leaving a
     stale file the next run takes over. (On NFS with local locks, or Lustre without -o flock, it guards one node.)"""
-    path = (out_dir / LOCK_FILE).resolve()
+    path = (out_dir / "run.lock").resolve()
     on_rank0(lambda: str(path) in _locks or _lock(path))  # (held already: a run before this one, in-process)
 
 
@@ -172,8 +166,7 @@ def _lock(path):
         f.seek(0)
         if stale := f.read().strip():
             print0(f"out_dir {path.parent}: taking over the lock of a run that ended without releasing it ({stale})")
-        f.seek(0)
-        f.truncate()
+        f.truncate(0)
         f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                 f"{' '.join(sys.argv)[:300]}\n")
         f.flush()
@@ -204,20 +197,14 @@ def exit_with_launcher():
         return
     _launcher = os.getppid()
     if sys.platform.startswith("linux"):  # (the kernel watches the thread that started us: torchrun's main one)
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP)  # 1: PR_SET_PDEATHSIG
         if os.getppid() != _launcher:  # it died before the call above
             os.kill(os.getpid(), signal.SIGHUP)
 
 
-def launcher_gone():
-    return _launcher is not None and os.getppid() != _launcher
-
-
 def check_free_space(out_dir, model_path, cfg):
     """Refuse to start when out_dir cannot hold one checkpoint and the final weights; warn when it cannot hold
-    keep_last + 1 checkpoints (the newest are written before the oldest go). Interrupted saves count as free: the
-    run removes them next (remove_partial_saves)."""
+    keep_last + 1 checkpoints (the newest are written before the oldest go)."""
     try:
         params = count_parameters(model_path)
     except Exception as e:  # no safetensors files, or a damaged header: say so before any data is read
@@ -226,22 +213,18 @@ def check_free_space(out_dir, model_path, cfg):
     # resumable state: fp32 master weights and AdamW's two fp32 moments; plus the HF weights
     checkpoint = params * (12 + save_bytes)
     need = checkpoint + params * save_bytes  # one checkpoint (at least on SIGTERM) and final/
-    leftovers = partial_saves(out_dir)
-    reclaimable = sum(f.stat().st_size for folder in leftovers for f in folder.rglob("*") if f.is_file())
-    free = shutil.disk_usage(out_dir).free + reclaimable
-    note = f" (counting {human_bytes(reclaimable)} of interrupted saves, to be removed)" if leftovers else ""
+    free = shutil.disk_usage(out_dir).free
     if free < need:
-        raise ConfigError(f"out_dir {out_dir} has {human_bytes(free)} free{note}; this model ({params / 1e6:.1f}M "
+        raise ConfigError(f"out_dir {out_dir} has {human_bytes(free)} free; this model ({params / 1e6:.1f}M "
                           f"parameters) needs about {human_bytes(need)}: one resumable checkpoint "
                           f"({human_bytes(checkpoint)}: fp32 weights and AdamW state, and {cfg.save_dtype} weights) "
                           "and the final weights")
     if cfg.save_every and cfg.keep_last and free < (cfg.keep_last + 1) * checkpoint + params * save_bytes:
-        print0(f"warning: out_dir {out_dir} has {human_bytes(free)} free{note}; keep_last={cfg.keep_last} "
+        print0(f"warning: out_dir {out_dir} has {human_bytes(free)} free; keep_last={cfg.keep_last} "
                f"checkpoints of {human_bytes(checkpoint)} each may not fit")
 
 
 def human_bytes(n):
-    """1.5 GiB, 12.0 MiB, 800 B: a unit that fits."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -285,7 +268,8 @@ def stop_signals(rank):
 def stop_requested(received, device):
     """The signal number if any rank received SIGTERM, SIGINT or SIGHUP (its launcher died), else 0. Collective: all
     ranks stop together."""
-    if not received and launcher_gone():  # the kernel's SIGHUP covers Linux; this, everywhere else
+    # the launcher is gone: on Linux the kernel's SIGHUP says so; this check, everywhere else
+    if not received and _launcher is not None and os.getppid() != _launcher:
         if os.environ.get("LOCAL_RANK") == "0":
             print(f"the launcher (pid {_launcher}) is gone; saving after this step", file=sys.stderr, flush=True)
         received.append(signal.SIGHUP)

@@ -31,9 +31,7 @@ def new_output(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-# -----------------------------------------------------------------------------
-# the three implementations: hidden [N, H], weight [V, H], labels [N] -> log p(labels) [N] fp32
-
+# --- the three implementations: hidden [N, H], weight [V, H], labels [N] -> log p(labels) [N] fp32
 
 def _acc(t):
     """float32, or float64 for float64 inputs (gradient checks): the dtype softmax math runs in."""
@@ -78,13 +76,7 @@ PLAIN = Head()
 
 
 def naive_logps(hidden, weight, labels, chunk=None, head=PLAIN):  # chunk: unused, the paths share one signature
-    logits = head.logits(hidden, weight)
-    return torch.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-
-
-def vocab_chunk(n_tokens, vocab, chunk=None):
-    """Vocabulary columns per chunk: `chunk`, or as many as keep one chunk's fp32 logits in CHUNK_BYTES."""
-    return min(vocab, chunk or max(128, CHUNK_BYTES // (4 * max(1, n_tokens))))
+    return torch.log_softmax(head.logits(hidden, weight), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
 
 
 class ChunkedLogps(torch.autograd.Function):
@@ -100,7 +92,8 @@ class ChunkedLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk=None, lse_target=None, head=PLAIN, bias=None):
         # bias: head.bias again, as an input of its own so that autograd gives it a gradient
-        cols = vocab_chunk(hidden.shape[0], weight.shape[0], chunk)
+        # vocabulary columns per chunk: `chunk`, or as many as keep one chunk's fp32 logits in CHUNK_BYTES
+        cols = min(weight.shape[0], chunk or max(128, CHUNK_BYTES // (4 * max(1, hidden.shape[0]))))
         kept = None
         if lse_target is None:  # the triton path computes these itself
             lse = torch.full((hidden.shape[0],), float("-inf"), dtype=_acc(hidden), device=hidden.device)
@@ -163,16 +156,14 @@ def triton_logps(hidden, weight, labels, chunk=None, head=PLAIN):
 def resolve_impl(impl, device):
     if impl not in IMPLS:
         raise ValueError(f"logps_impl must be one of {', '.join(IMPLS)}, got '{impl}'")
-    if impl != "auto":
-        return impl
-    if device.type == "cuda":
+    if impl == "auto" and device.type == "cuda":
         try:
             import triton  # noqa: F401
 
             return "triton"
         except ImportError:
             pass
-    return "chunked"
+    return "chunked" if impl == "auto" else impl
 
 
 def token_logps(hidden, weight, labels, impl="auto", chunk=None, head=PLAIN):
@@ -182,15 +173,12 @@ def token_logps(hidden, weight, labels, impl="auto", chunk=None, head=PLAIN):
     mask = labels != IGNORE
     out = torch.zeros(labels.shape, dtype=_acc(hidden), device=hidden.device)
     if mask.any():
-        h, y = hidden[mask], labels[mask]
         fn = {"naive": naive_logps, "chunked": chunked_logps, "triton": triton_logps}[impl]
-        out = out.masked_scatter(mask, fn(h, weight, y, chunk, head))
+        out = out.masked_scatter(mask, fn(hidden[mask], weight, labels[mask], chunk, head))
     return out
 
 
-# -----------------------------------------------------------------------------
-# causal LMs: label log-probs straight from the decoder's hidden states
-
+# --- causal LMs: label log-probs straight from the decoder's hidden states
 
 def model_head(model):
     """The model's head as a Head (its bias, Cohere's logit_scale, Granite's logits_scaling, Gemma-2's
@@ -249,5 +237,4 @@ def model_sequence_logps(model, batch):
     seg = batch["segments"][:, 1:].clamp(min=0).flatten()  # padding scores 0, so any bin will do
     sums = logps.new_zeros(batch["n_seqs"]).index_add(0, seg, logps.flatten())
     counts = torch.zeros(batch["n_seqs"], dtype=torch.long, device=seg.device)
-    counts.index_add_(0, seg, scored.flatten().long())
-    return sums, counts
+    return sums, counts.index_add_(0, seg, scored.flatten().long())

@@ -1,7 +1,5 @@
-"""Supervised fine-tuning of the target on the best source responses: the first stage of WRPO.
-
-The paper fine-tunes the target on y_ws for one third of the prompts (`python -m eval.split`),
-then runs WRPO on the other two thirds starting from, and referenced to, this SFT model.
+"""Supervised fine-tuning of the target on the best source responses, the first stage: the paper fine-tunes on y_ws
+for one third of the prompts (`python -m eval.split`), then runs WRPO on the rest from, and referenced to, this model.
 
 Demo (2 CPU processes):
     python -m eval.split --data=demo/data/train.jsonl --out_dir=out/demo-split
@@ -44,31 +42,20 @@ class Config(TrainConfig):
     truncation: str = "keep_start"  # keep_start: cut long examples to max_length; error: reject them
 
 
-def token_nll(policy, batch):
-    """Summed negative log-likelihood of the label tokens of each sequence [N], and their counts [N]."""
-    logps, counts = model_sequence_logps(policy, batch)
-    return -logps, counts
-
-
 @torch.no_grad()
-def evaluate(policy, examples, seqs, cfg, run):
-    """Mean per-token loss on held-out examples (seqs: their grouping into sequences), over all ranks."""
+def held_out(policy, examples, seqs, cfg, run, step, before=None):
+    """Mean per-token loss on held-out examples (seqs: their grouping into sequences) over all ranks, printed, and
+    compared with the metrics `before` training when given; {} without examples."""
+    if not examples:
+        return {}
     policy.eval()
     sums = MetricSum()
     for idx, weight in batching.eval_batches(len(seqs), cfg.micro_batch_size, run.rank, run.world):
-        groups = [[examples[e] for e in seqs[i]] for i in idx]
-        batch = batching.collate_packed(groups, run.pad_id, varlen=run.varlen)
-        nll, counts = token_nll(policy, batching.to_device(batch, run.device))
-        sums.add({"loss": nll / counts.clamp(min=1)}, counts * weight.to(run.device))
+        batch = batching.collate_packed([[examples[e] for e in seqs[i]] for i in idx], run.pad_id, varlen=run.varlen)
+        logps, counts = model_sequence_logps(policy, batching.to_device(batch, run.device))  # summed per packed row
+        sums.add({"loss": -logps / counts.clamp(min=1)}, counts * weight.to(run.device))
     policy.train()
-    return {f"eval/{k}": v for k, v in sums.mean().items()}
-
-
-def held_out(policy, examples, seqs, cfg, run, step, before=None):
-    """evaluate(), printed, and compared with the metrics `before` training when given; {} without examples."""
-    if not examples:
-        return {}
-    m = evaluate(policy, examples, seqs, cfg, run)
+    m = {f"eval/{k}": v for k, v in sums.mean().items()}
     print0(f"step {step}: held-out loss {m['eval/loss']:.4f}")
     if before:
         print0(f"held-out loss: {before['eval/loss']:.4f} before -> {m['eval/loss']:.4f} after")
@@ -85,19 +72,17 @@ def load_examples(path, cfg, run):
     if not path:
         return [], []
     examples = load_cached(data.load_sft_examples, path, run.tokenizer, cfg.data_cache_dir, report=print0,
-                                max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation,
-                                skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
-    if cfg.packing:
-        return examples, batching.pack(batching.row_lengths(examples), cfg.max_length)
-    return examples, [[i] for i in range(len(examples))]
+                           max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation,
+                           skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
+    return examples, (batching.pack(batching.row_lengths(examples), cfg.max_length) if cfg.packing else
+                      [[i] for i in range(len(examples))])
 
 
 def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before the model is loaded or a file written
     cfg = parse_config(Config, argv)
     run = start_run(cfg, data.settings_problems("sft", cfg.max_length, cfg.truncation, loss_on=cfg.loss_on))
-    examples, seqs = load_examples(cfg.data, cfg, run)
-    eval_examples, eval_seqs = load_examples(cfg.eval_data, cfg, run)
+    (examples, seqs), (eval_examples, eval_seqs) = (load_examples(p, cfg, run) for p in (cfg.data, cfg.eval_data))
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
     fingerprint = tokens.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed
     state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE)
@@ -124,13 +109,11 @@ def main(argv):
             n_loss = global_sum(sum(int((b["labels"] != IGNORE).sum()) for b in batches), run.device)
             sums, seen = MetricSum(), []
             for group, batch in zip(groups, batches):
-                nll, counts = token_nll(policy, batching.to_device(batch, run.device))
-                # FSDP averages gradients over ranks, hence the factor world
-                (nll.sum() * run.world / n_loss).backward()
-                sums.add({"loss": nll.detach() / counts.clamp(min=1)}, counts)
-                seen.append(([", ".join(ex.where for ex in seq) for seq in group], nll.detach()))
-            metrics = sums.mean()
-            grad_norm = clip_grad_norm(policy, cfg.grad_clip)
+                logps, counts = model_sequence_logps(policy, batching.to_device(batch, run.device))  # per packed row
+                (-logps.sum() * run.world / n_loss).backward()  # FSDP averages gradients over ranks: hence world
+                sums.add({"loss": -logps.detach() / counts.clamp(min=1)}, counts)
+                seen.append(([", ".join(ex.where for ex in seq) for seq in group], -logps.detach()))
+            metrics, grad_norm = sums.mean(), clip_grad_norm(policy, cfg.grad_clip)
             if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
                 optimizer.step()
             else:  # stops, naming the rows at fault (nonfinite=stop), or leaves the weights as they are (skip)

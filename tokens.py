@@ -1,10 +1,6 @@
-"""The token table and the cache procedure.
-
-TokenRows holds every tokenized row of a data file in a few flat arrays (about 4 bytes per token, where Python lists
-of ints take 25-45); data.py builds it, and the batches read rows out of it. `cached` is the one procedure of both
-caches, the tokenized rows (training.load_cached) and the reference log-probs (wrpo.load_reference): read the file if it
-verifies, else compute it on all ranks and write one copy per node. A cache file is a safetensors file whose
-metadata holds the key it was computed for and the CRC-32 of each array.
+"""The token table (TokenRows: a data file's tokenized rows in flat arrays, about 4 bytes per token where Python lists
+of ints take 25-45) and `cached`, the one procedure of both caches: the tokenized rows (training.load_cached) and the
+reference log-probs (wrpo.load_reference).
 """
 
 import glob
@@ -20,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from checkpoint import crc32, write_atomic
 from fsdp_utils import is_local_master, on_every_rank
@@ -47,9 +44,7 @@ class Sequence:
     start: int = 0  # position id of the first token (> 0: continues a shared prompt, see attention.py)
 
 
-# -----------------------------------------------------------------------------
-# the token table
-
+# --- the token table
 
 class TokenRows:
     """Tokenized rows as flat arrays; rows[i] builds the i-th PreferenceRow (or SFT Sequence) when a batch needs it.
@@ -132,9 +127,7 @@ def _pieces(a, n=1 << 24):
     return (np.ascontiguousarray(a[i : min(i + n, size)]) for i in range(0, size, n))
 
 
-# -----------------------------------------------------------------------------
-# the cache procedure
-
+# --- the cache procedure
 
 def cached(file, key, compute, what, report):
     """(arrays, metadata, how): `file`'s, or compute()'s where no copy of it verifies. Collective.
@@ -163,8 +156,6 @@ def cached(file, key, compute, what, report):
 def _write(file, key, arrays, metadata, what, report):
     """The arrays as a safetensors file, with the key and their CRC-32s in its metadata, under a temporary name of
     this process's own (nodes sharing a folder may write it at once)."""
-    from safetensors.numpy import save_file
-
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
     metadata = {**metadata, "key": key, "crc32": json.dumps({k: crc32([a]) for k, a in arrays.items()})}
     try:

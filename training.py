@@ -31,15 +31,13 @@ class TrainConfig:
     model: str = "demo/model"  # the model to train: local folder or hub id
     data: str = "demo/data/train.jsonl"  # training rows: .jsonl, .json, .parquet or a folder of them
     eval_data: str = ""  # held-out rows, evaluated before and after training; empty = no evaluation
-    data_cache_dir: str = ""  # where tokenized rows are cached, one file per data file and settings; empty = next
-    # to the data. Each node's first process writes its own copy, which all its ranks memory-map
+    data_cache_dir: str = ""  # where tokenized rows are cached, one file per data file and settings; empty: by the data
     out_dir: str = "out/run"  # metrics.jsonl, config.json and checkpoints go here
     overwrite: bool = False  # replace the run already in out_dir (its metrics and step checkpoints)
     resume: str = ""  # auto: continue from the newest complete checkpoint in out_dir (if any); or a checkpoint folder
     trust_remote_code: bool = False  # only for models whose code you trust
     skip_invalid_rows: bool = False  # leave bad data rows out (counted) instead of stopping before training
-    allow_special_tokens: bool = False  # text holding the tokenizer's special tokens (<|eot_id|>, ...) keeps them
-    # as control tokens; by default such a row is a bad row, as it would forge chat turns
+    allow_special_tokens: bool = False  # text's special tokens (<|eot_id|>, ...) stay control tokens; else a bad row
     # optimisation
     lr: float = 1e-6  # peak learning rate (AdamW)
     warmup_ratio: float = 0.1  # fraction of optimizer steps of linear warmup, then cosine to 0
@@ -56,8 +54,7 @@ class TrainConfig:
     # systems
     dtype: str = "bfloat16"  # compute dtype under FSDP mixed precision; master weights stay fp32
     activation_checkpointing: str = "auto"  # auto: on with CUDA (as in the paper), off on CPU
-    attn_implementation: str = "auto"  # auto: packed_sdpa (attention.py) where the model takes it, else sdpa or
-    # eager, said at start; or any name transformers knows
+    attn_implementation: str = "auto"  # auto: packed_sdpa where the model takes it, else sdpa or eager; or any HF name
     logps_impl: str = "auto"  # label log-probs path: auto (triton on CUDA, else chunked), chunked, triton, naive
     compile: bool = False  # torch.compile each decoder layer: faster GPU steps after a compile of minutes
     # logging and checkpoints
@@ -106,7 +103,7 @@ def parse_config(cls, argv):
             raise ConfigError(f"{source}: {key} must be a finite number, got {raw!r}")
         return raw
 
-    for arg in argv:
+    for arg in sorted(argv, key=lambda a: not a.startswith("--config=")):  # config files first, then overrides
         if arg.startswith("--config="):
             path = arg.split("=", 1)[1]
             if Path(path).exists() and not Path(path).is_file():  # a folder, or a FIFO that would never end
@@ -119,8 +116,6 @@ def parse_config(cls, argv):
                 raise ConfigError(f"--config={path}: must hold one JSON object of settings, "
                                   f"got {type(loaded).__name__}")
             values.update({k: convert(k, v, path) for k, v in loaded.items()})
-    for arg in argv:
-        if arg.startswith("--config="):
             continue
         if arg[2:] in fields and fields[arg[2:]].type is bool:
             arg += "=true"  # a bare --flag switches a true/false setting on
@@ -150,13 +145,10 @@ def config_problems(cfg, world):
     for key in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, key) < 1:
             problems.append(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
-    for key in ("dtype", "save_dtype"):
-        if getattr(cfg, key) not in DTYPES:
-            problems.append(f"{key} must be one of {', '.join(DTYPES)}, got '{getattr(cfg, key)}'")
-    if cfg.logps_impl not in IMPLS:
-        problems.append(f"logps_impl must be one of {', '.join(IMPLS)}, got '{cfg.logps_impl}'")
-    if cfg.activation_checkpointing not in ("auto", "true", "false"):
-        problems.append(f"activation_checkpointing must be auto, true or false, got '{cfg.activation_checkpointing}'")
+    for key, valid in (("dtype", DTYPES), ("save_dtype", DTYPES), ("logps_impl", IMPLS),
+                       ("activation_checkpointing", ("auto", "true", "false"))):
+        if getattr(cfg, key) not in valid:
+            problems.append(f"{key} must be one of {', '.join(valid)}, got '{getattr(cfg, key)}'")
     if cfg.nonfinite not in ("stop", "skip"):
         problems.append(f"nonfinite must be 'stop' or 'skip', got '{cfg.nonfinite}'")
     if cfg.resume and cfg.overwrite:
@@ -180,13 +172,12 @@ def get_lr(step, total_steps, lr, warmup_ratio):
 def on_rank0(fn):
     """Collective: fn() on rank 0 alone; a ConfigError or OSError it raises is raised on every rank as a ConfigError,
     so that no rank waits in a collective for one that failed."""
-    error = None
+    box = [None]  # rank 0's error, if any
     if is_master():
         try:
             fn()
         except (ConfigError, OSError) as e:
-            error = str(e)
-    box = [error]
+            box = [str(e)]
     dist.broadcast_object_list(box, src=0)
     if box[0]:
         raise ConfigError(box[0])
@@ -200,9 +191,7 @@ def total_steps_for(n_examples, cfg, what):
     return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
 
 
-# -----------------------------------------------------------------------------
-# the pieces of an optimizer step
-
+# --- the pieces of an optimizer step
 
 def every(n, step, total_steps):
     """Whether a periodic evaluation or save is due after `step`: every n steps (n = 0: never), but not after the last
@@ -247,9 +236,7 @@ def nonfinite_step(step, loss, grad_norm, seen, run, cfg, skipped):
                         "rows, or pass --nonfinite=skip to skip such steps")
 
 
-# -----------------------------------------------------------------------------
-# metrics, logging and throughput
-
+# --- metrics, logging and throughput
 
 def global_sum(x, device):
     t = torch.tensor(float(x), device=device)
@@ -337,7 +324,6 @@ class MetricsLog:
             self.bar.write(f"step {m['step']}/{self.total} | " + " | ".join(parts))
 
     def close(self, final_eval=None):
-        """Write the final evaluation's row (if any) and the run's time."""
         if final_eval:
             self.log({"step": self.total, **final_eval})
         if self.file is not None:
@@ -349,13 +335,6 @@ class MetricsLog:
 
 # dense bf16 peak FLOP/s by device name, for MFU
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def peak_memory_gib(device):
@@ -375,17 +354,15 @@ def throughput(tokens, t0, run, model, computed=None):
     total = global_sum(tokens, run.device)
     dt = time.time() - t0
     out = {"tokens_per_s": total / dt, "step_time_s": dt, "peak_memory_gib": peak_memory_gib(run.device)}
-    peak = peak_flops(run.device)
-    if peak:
+    name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else ""
+    if peak := next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None):
         ran = total if computed is None else global_sum(computed, run.device)
         n_params = sum(p.numel() for p in model.parameters())
         out["mfu"] = 6 * n_params * ran / dt / (peak * run.world)
     return out
 
 
-# -----------------------------------------------------------------------------
-# the token cache: a data file tokenized once, for every later run (tokens.cached)
-
+# --- the token cache: a data file tokenized once, for every later run (tokens.cached)
 
 def load_cached(load, path, tokenizer, folder, report=print, **settings):
     """load(path, tokenizer, **settings) (data.load_preference_rows or data.load_sft_examples) through the token cache

@@ -1,11 +1,8 @@
 """Triton forward of the fused log-prob path: per-token log-sum-exp and target logit, tile by tile.
 
-Each program owns BLOCK_N tokens and walks the vocabulary in BLOCK_V tiles; a tile's logits are
-computed from BLOCK_D slices of the hidden size (accumulated in fp32), folded into a running
-max and sum of exponentials, and dropped. Logits are never written to memory. The backward is
-the chunked one in logps.py (cuBLAS matmuls over vocabulary chunks).
-
-Tested on CPU under TRITON_INTERPRET=1 in fp32 (the interpreter mishandles bf16).
+Each program owns BLOCK_N tokens and walks the vocabulary in BLOCK_V tiles; a tile's logits are computed from BLOCK_D
+slices of the hidden size (accumulated in fp32), folded into a running max and sum of exponentials, and dropped:
+logits never reach memory. The backward is logps.py's chunked one. Tested on CPU under TRITON_INTERPRET=1 in fp32.
 """
 
 import torch
@@ -48,8 +45,6 @@ def lse_and_target(hidden, weight, labels, lse, target, block_n=64, block_v=128,
     n, d = hidden.shape
     # fp32 inputs: exact fp32 products (tl.dot would otherwise use tf32 on GPU); bf16: the default
     precision = "ieee" if hidden.dtype == torch.float32 else None
-    grid = (triton.cdiv(n, block_n),)
-    _lse_target_kernel[grid](hidden, weight, labels, lse, target, n, weight.shape[0], d, hidden.stride(0),
-                             weight.stride(0), BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_D=block_d,
-                             PRECISION=precision)
-    return lse, target
+    _lse_target_kernel[(triton.cdiv(n, block_n),)](hidden, weight, labels, lse, target, n, weight.shape[0], d,
+                                                   hidden.stride(0), weight.stride(0), BLOCK_N=block_n,
+                                                   BLOCK_V=block_v, BLOCK_D=block_d, PRECISION=precision)

@@ -25,7 +25,7 @@ import data
 import tokens
 from checkpoint import restore, resume_state, save_checkpoint, save_final
 from fsdp_utils import cleanup, is_master, load_model, print0
-from lifecycle import Preempted, cli, resolve_model, start_run, stop_requested, stop_signals, write_run_config
+from lifecycle import Preempted, cli, start_run, stop_requested, stop_signals, write_run_config
 from logps import model_sequence_logps
 from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_norm, every, get_lr, load_cached, \
     nonfinite_step, parse_config, set_lr, throughput, total_steps_for
@@ -60,35 +60,30 @@ LOSS_TYPES = ("sigmoid", "ipo", "simpo")
 
 
 def wrpo_problems(cfg):
-    problems = []
-    if cfg.beta <= 0:
-        problems.append(f"beta must be > 0, got {cfg.beta}")
-    if not 0 <= cfg.alpha <= 1:
-        problems.append(f"alpha must be in [0, 1], got {cfg.alpha}")
-    if cfg.alpha_schedule not in ("linear", "constant"):
-        problems.append(f"alpha_schedule must be 'linear' or 'constant', got '{cfg.alpha_schedule}'")
-    if cfg.loss_type not in LOSS_TYPES:
-        problems.append(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{cfg.loss_type}'")
-    if cfg.gamma < 0:
-        problems.append(f"gamma must be >= 0, got {cfg.gamma}")
-    if cfg.ref_logps not in ("precompute", "live"):
-        problems.append(f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'")
-    if cfg.max_tokens_per_micro_batch < 0:
-        problems.append(f"max_tokens_per_micro_batch must be >= 0 (0: 3 x max_length), "
-                        f"got {cfg.max_tokens_per_micro_batch}")
-    return problems + data.settings_problems("preference", cfg.max_length, cfg.truncation, cfg.max_prompt_length)
+    checks = [(cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
+              (0 <= cfg.alpha <= 1, f"alpha must be in [0, 1], got {cfg.alpha}"),
+              (cfg.alpha_schedule in ("linear", "constant"),
+               f"alpha_schedule must be 'linear' or 'constant', got '{cfg.alpha_schedule}'"),
+              (cfg.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{cfg.loss_type}'"),
+              (cfg.gamma >= 0, f"gamma must be >= 0, got {cfg.gamma}"),
+              (cfg.ref_logps in ("precompute", "live"),
+               f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'"),
+              (cfg.max_tokens_per_micro_batch >= 0,
+               f"max_tokens_per_micro_batch must be >= 0 (0: 3 x max_length), got {cfg.max_tokens_per_micro_batch}")]
+    return [problem for ok, problem in checks if not ok] + \
+        data.settings_problems("preference", cfg.max_length, cfg.truncation, cfg.max_prompt_length)
 
 
-# -----------------------------------------------------------------------------
-# the WRPO objective and its schedules
-
+# --- the WRPO objective and its schedules
 
 def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, beta, loss_type="sigmoid", gamma=0.0):
-    """Per-example WRPO losses and implicit rewards.
+    """Per-example WRPO losses and implicit rewards (Yang et al., arXiv 2412.03187, the WRPO objective).
 
     Inputs are [B] tensors of log pi(y|x) SUMMED over response tokens, for the policy and the
     frozen reference, on y_ws (best source response), y_wt (best target response) and y_l
-    (worst target response). With d(y) = log pi_theta(y|x) - log pi_ref(y|x):
+    (worst target response). With the implicit reward r(y) = beta * d(y), d(y) = log pi_theta(y|x) -
+    log pi_ref(y|x), the paper's weighted reward of the preferred side r(x, y_w) = alpha * r(y_ws) +
+    (1 - alpha) * r(y_wt) goes into the Bradley-Terry likelihood of preferring it to y_l:
 
         L = -log sigmoid( beta * ( alpha * d(y_ws) + (1 - alpha) * d(y_wt) - d(y_l) ) )
 
@@ -128,15 +123,14 @@ def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, b
 
 
 def get_alpha(step, total_steps, alpha, schedule):
-    """Weight of the source response: linear from 0 at step 0 to `alpha` at the last step."""
+    """The fusion coefficient of the paper's progressive adaptation: the source response's weight, linear from 0 at
+    optimizer step 0 to `alpha` (alpha_max) at the last step; `constant` is the paper's fixed-alpha ablation."""
     if schedule == "constant":
         return alpha
     return alpha * min(1.0, step / max(1, total_steps - 1))
 
 
-# -----------------------------------------------------------------------------
-# one micro-batch: log-probs, the loss, metrics
-
+# --- one micro-batch: log-probs, the loss, metrics
 
 def row_logps(model, batch, average=False):
     """Log-probs of each row's (source chosen, target chosen, rejected) responses [B, 3], summed over response tokens,
@@ -156,8 +150,7 @@ def preference_forward(policy, batch, ref_logps, alpha, cfg):
     ref_logps = torch.zeros_like(pol) if simpo else ref_logps
     losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=cfg.beta,
                                 loss_type=cfg.loss_type, gamma=cfg.gamma)
-    logps = dict(zip(("source_chosen", "target_chosen", "rejected"), pol.detach().unbind(-1)))
-    return losses, rewards, logps
+    return losses, rewards, dict(zip(("source_chosen", "target_chosen", "rejected"), pol.detach().unbind(-1)))
 
 
 def collate(rows, cfg, run):
@@ -167,26 +160,18 @@ def collate(rows, cfg, run):
     return batching.to_device(batch, run.device)
 
 
-def _won(a, b):
-    """1 where a > b, 1/2 on ties: an untrained policy (identical to its reference) scores 0.5."""
-    return (a > b).float() + 0.5 * (a == b).float()
-
-
 def row_metrics(losses, rewards, logps):
-    """Per-row [B] metrics; summed over rows and ranks, then divided by the row count."""
-    m = {"loss": losses.detach()}
-    m.update({f"rewards/{k}": v for k, v in rewards.items()})
-    m["rewards/margins"] = rewards["chosen"] - rewards["rejected"]
-    m["rewards/accuracies"] = _won(rewards["chosen"], rewards["rejected"])
-    m["rewards/source_accuracies"] = _won(rewards["source_chosen"], rewards["rejected"])
-    m["rewards/target_accuracies"] = _won(rewards["target_chosen"], rewards["rejected"])
-    m.update({f"logps/{k}": v for k, v in logps.items()})
-    return m
+    """Per-row [B] metrics; summed over rows and ranks, then divided by the row count. An accuracy is 1 where a chosen
+    reward beats the rejected one, 1/2 on ties: an untrained policy (identical to its reference) scores 0.5."""
+    won = {k: (rewards[k] > rewards["rejected"]).float() + 0.5 * (rewards[k] == rewards["rejected"]).float()
+           for k in ("chosen", "source_chosen", "target_chosen")}
+    return {"loss": losses.detach(), **{f"rewards/{k}": v for k, v in rewards.items()},
+            "rewards/margins": rewards["chosen"] - rewards["rejected"], "rewards/accuracies": won["chosen"],
+            "rewards/source_accuracies": won["source_chosen"], "rewards/target_accuracies": won["target_chosen"],
+            **{f"logps/{k}": v for k, v in logps.items()}}
 
 
-# -----------------------------------------------------------------------------
-# the reference: its log-probs precomputed in one pass (and cached), or the live frozen model
-
+# --- the reference: its log-probs precomputed in one pass (and cached), or the live frozen model
 
 def load_reference(cfg, run, train_rows, eval_rows):
     """The references of the training and the held-out rows: [n_rows, 3] tables of log-probs (precompute: read from
@@ -194,7 +179,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
     (live), or None (SimPO has no reference)."""
     if cfg.loss_type == "simpo":
         return None, None
-    ref_path = resolve_model(cfg.ref_model) if cfg.ref_model else run.model_path
+    ref_path = run.models[cfg.ref_model or cfg.model]
     if cfg.ref_logps == "live":
         ref = load_model(ref_path, run.mesh, run.device, cfg, attn=run.attn, trainable=False)
         return ref, ref
@@ -267,9 +252,7 @@ def reference_logps(reference, idx, batch):
         return row_logps(reference, batch)
 
 
-# -----------------------------------------------------------------------------
-# held-out evaluation
-
+# --- held-out evaluation
 
 @torch.no_grad()
 def evaluate(policy, reference, rows, alpha, cfg, run):
@@ -300,8 +283,7 @@ def held_out(policy, reference, rows, cfg, run, step, total_steps, before=None):
     return m
 
 
-# -----------------------------------------------------------------------------
-# training
+# --- training
 
 LOG_FIELDS = [("loss", "loss", ".4f"), ("rewards/accuracies", "acc", ".3f"), ("rewards/margins", "margin", ".4g"),
               ("alpha", "alpha", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad norm", ".3g"),
@@ -316,9 +298,8 @@ def load_rows(path, cfg, run):
     if not path:
         return []
     return load_cached(data.load_preference_rows, path, run.tokenizer, cfg.data_cache_dir, report=print0,
-                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                            truncation=cfg.truncation, skip_invalid=cfg.skip_invalid_rows,
-                            allow_special_tokens=cfg.allow_special_tokens)
+                       max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
+                       skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
 
 
 def main(argv):

@@ -323,17 +323,20 @@ def test_workers_stop_and_save_when_their_launcher_is_killed(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# 5. a full disk: leftovers count as free, a failed save leaves nothing partial and one clear line
+# 5. a full disk: leftovers are removed before the space is counted, a failed save leaves nothing partial and one
+# clear line
 
 
-def test_interrupted_saves_count_as_free_space_and_are_removed(tmp_path, monkeypatch, capsys):
+def test_interrupted_saves_are_removed_before_the_free_space_is_counted(tmp_path, monkeypatch, capsys):
     from collections import namedtuple
 
     out = tmp_path / "out"
-    (out / "step_000009.tmp" / "state").mkdir(parents=True)
-    (out / "step_000009.tmp" / "state" / "__0_0.distcp").write_bytes(bytes(8 << 20))
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    leftover = out / "step_000009.tmp"
+    (leftover / "state").mkdir(parents=True)
+    (leftover / "state" / "__0_0.distcp").write_bytes(bytes(8 << 20))
+    usage = namedtuple("usage", "total used free")  # a disk with 1000 bytes free, and the leftover's 8 MiB once gone
+    free = lambda: 1000 + (0 if leftover.exists() else 8 << 20)  # noqa: E731
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, free()))
     monkeypatch.chdir(REPO)
     train(out, tmp_path, "--max_steps=1", "--resume=auto")
     printed = capsys.readouterr().out
