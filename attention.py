@@ -7,13 +7,12 @@ disables the kernels' causal block skipping. `packed_sdpa` attends within each s
 at p > 0 continues its group, attending to the group's first p tokens too. That is shared-prompt packing
 (batching.row_sequences): [prompt, y1, prompt[-1], y2, prompt[-1], y3], y2 and y3 restarting at len(prompt) - 1.
 
-  varlen        (CUDA, fp16/bf16) one flash-attention call per layer for the whole micro-batch
-                (torch.nn.attention.varlen), its layout built by the collate step on the host
-                (batching.varlen_layout) and passed as `varlen_*` keyword arguments: no host sync.
-                `use_varlen` says whether to build it, after a self-check against the other path.
+  varlen        (CUDA, fp16/bf16) one flash-attention call per layer for the whole micro-batch (torch.nn.attention.
+                varlen), its layout built on the host by collate (batching.varlen_layout) and passed as `varlen_*`
+                keyword arguments; `use_varlen` says whether, after a self-check against the other path.
   per sequence  otherwise (CPU, fp32, batches without a layout): causal sdpa on each sequence.
 
-No attention mask is used: rows carry their padding at the end, as all of this project's batches do.
+No attention mask is used: rows carry their padding at the end, as this project's batches do.
 """
 
 import weakref
@@ -188,11 +187,9 @@ def known(name):
 
 
 def choose(name, config, max_length):
-    """(the attn_implementation to load, a line saying why, or "" when it is the one asked for). "auto": packed_sdpa
-    where the model takes it, else the best transformers accepts for it, sdpa or eager; packing stays exact under
-    either (transformers masks packed sequences apart by their position ids), shared prompts need packed_sdpa.
-    packed_sdpa does not implement soft-capped attention logits (Gemma-2) nor sliding windows shorter than
-    max_length (a longer window is full attention), and the model class must take sdpa-style attention."""
+    """(the attn_implementation to load, a line saying why, or "" when it is the one asked). "auto": packed_sdpa where
+    the model takes it (no soft-capped attention logits as Gemma-2's, no sliding window under max_length, sdpa-style
+    attention), else sdpa or eager, under which packing stays exact too (masked by position ids)."""
     from transformers import AutoModelForCausalLM
 
     if name != "auto":

@@ -27,9 +27,8 @@ from tokens import IGNORE, Sequence
 # --- rows over optimizer steps, ranks and micro-batches
 
 def train_steps(n_rows, epochs, seed, global_batch, rank, world, total_steps, start=0):
-    """Yield (step, epoch, the indices of this rank's rows) for the optimizer steps start .. total_steps - 1: each
-    epoch a seeded permutation, each step its next `global_batch` rows, rank r the r-th contiguous slice of them. A
-    last partial batch of an epoch is dropped."""
+    """(step, epoch, this rank's rows) for optimizer steps start .. total_steps - 1: each epoch a seeded permutation,
+    each step its next `global_batch` rows, rank r their r-th slice; a last partial batch of an epoch is dropped."""
     per_rank = global_batch // world
     step = 0
     for epoch in range(epochs):
@@ -89,9 +88,8 @@ def eval_batches_by_tokens(lengths, budget, rank, world, device):
 
 
 def pack(sizes, capacity):
-    """Item indices grouped into bins of at most `capacity` in total: best-fit decreasing (largest item first, each
-    into the fullest bin it fits; one over capacity gets a bin of its own). Packs SFT examples into sequences, a
-    micro-batch's sequences into rows, and a step's rows into micro-batches of a token budget."""
+    """Item indices in bins of at most `capacity` in total, best-fit decreasing (largest first, each into the fullest
+    bin it fits, one over capacity alone): SFT examples into sequences, sequences into rows, rows into micro-batches."""
     bins, open_bins = [], []  # open_bins: sorted (room left, bin index) of the bins with room
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         k = bisect.bisect_left(open_bins, (sizes[i], -1))  # the fullest bin with room for item i
@@ -107,19 +105,17 @@ def pack(sizes, capacity):
 # --- collation: sequences -> input_ids, labels, position_ids (packed) or attention_mask (padded)
 
 def row_sequences(row, shared_prompt=False):
-    """A preference row as its sequences: prompt + each response, scored on the response. shared_prompt: one copy of
-    the prompt, [prompt + y1], [prompt[-1] + y2], [prompt[-1] + y3], packed back to back; the later ones start at
-    position len(prompt) - 1, attending to the prompt before them (attention.packed_sdpa), and their repeated last
-    prompt token predicts their first response token."""
+    """A preference row's sequences, prompt + each response, scored on the response. shared_prompt: [prompt + y1],
+    [prompt[-1] + y2], [prompt[-1] + y3], packed back to back: the later ones start at position len(prompt) - 1,
+    attending to the prompt before them (attention.packed_sdpa); the repeated token predicts their first one."""
     p = row.prompt_ids
     return [Sequence(p[-1:] + r, [IGNORE] + r, row.where, start=len(p) - 1) if shared_prompt and j else
             Sequence(p + r, [IGNORE] * len(p) + r, row.where) for j, r in enumerate(row.responses)]
 
 
 def row_lengths(rows, shared_prompt=False):
-    """Tokens of each of TokenRows' rows as row_sequences lays it out, read off its offsets: an SFT example's length;
-    a preference row's prompt once per response, or once in all with shared_prompt (its later responses repeat the
-    prompt's last token)."""
+    """Tokens of each row of TokenRows as row_sequences lays it out, read off the offsets: a preference row's prompt
+    once per response, or once in all with shared_prompt (its later responses repeat the prompt's last token)."""
     n = np.diff(rows.offsets)
     if rows.kind == "sft" or not len(rows):
         return n.tolist()
@@ -129,11 +125,9 @@ def row_lengths(rows, shared_prompt=False):
 
 
 def collate_preference(rows, pad_id, packed=False, shared_prompt=False, varlen=False):
-    """The sequences of a micro-batch of preference rows, and where each row's three are. packed: back to back in rows
-    as wide as the longest of them (`pack`, collate_packed); shared_prompt (packed only): each row's sequences
-    together, sharing one copy of the prompt. Otherwise one right-padded row per sequence with an attention_mask.
-    The index tensors ws, wt, rej [B] select each row's source-chosen, target-chosen and rejected sequence (for DPO
-    rows ws == wt)."""
+    """A micro-batch of preference rows: packed, their sequences back to back in rows as wide as the longest (`pack`,
+    collate_packed), a row's together with shared_prompt; else one right-padded row per sequence. ws, wt, rej [B]
+    index each row's source-chosen, target-chosen and rejected sequence (ws == wt for a DPO pair)."""
     if shared_prompt and not packed:
         raise ValueError("shared_prompt needs packed=True")
     # units: what must stay whole in a packed row, a row's (number, sequence) pairs when they share a prompt, else each
@@ -157,11 +151,10 @@ def collate_preference(rows, pad_id, packed=False, shared_prompt=False, varlen=F
 
 
 def collate_packed(rows, pad_id, segments=False, varlen=False):
-    """Rows of several sequences each -> input_ids, position_ids, labels [R, T]. Position ids restart at 0 (or a
-    sequence's start) for every sequence and no attention mask is passed: transformers then builds a block-causal
-    mask (with use_cache=False: with a cache the sequences attend to each other). Padding ends a row, labels IGNORE.
-    segments=True: `segments` [R, T] numbers the sequences across all rows (-1 on padding) and `n_seqs` counts them,
-    for log-probs summed per sequence. varlen=True: also varlen_layout's entries, computed here on the host."""
+    """Rows of sequences -> input_ids, position_ids, labels [R, T]. Position ids restart (at 0, or a sequence's start)
+    per sequence and no mask is passed: transformers builds a block-causal one (use_cache=False; with a cache they
+    attend to each other). segments: `segments` [R, T] numbers the sequences (-1 on a row's end padding) and `n_seqs`
+    counts them, for sums per sequence. varlen: also varlen_layout's entries, computed here on the host."""
     T = max(sum(len(s.ids) for s in row) for row in rows)
     input_ids, labels, position_ids, seg_ids = (torch.full((len(rows), T), fill, dtype=torch.long)
                                                 for fill in (pad_id, IGNORE, 0, -1))
@@ -214,14 +207,11 @@ def check_continuation(p, first):
 
 
 def varlen_layout(position_ids):
-    """The varlen attention path's batch entries, from the batch's position ids [R, T]: the rows flattened into one
-    stream of R * T tokens, cut into its sequences (a row's padding is one more). Query range i is sequence i; key
-    range i the same tokens, after the group's first p tokens for a sequence continuing one at position p.
-      varlen_cu_seq_q, varlen_cu_seq_k  int32 [N + 1]: where each sequence's queries and keys start
-      varlen_max_q, varlen_max_k        ints: the longest query and key range
-      varlen_k_index                    int64 [sum of key lengths]: the tokens of the key stream, present only when
-                                        some sequence continues a group
-    """
+    """The varlen attention path's entries, from a batch's position ids [R, T] flattened into one stream of sequences
+    (a row's padding one more). Query range i is sequence i; key range i the same, after its group's first p tokens
+    for a sequence continuing one at position p. varlen_cu_seq_q, varlen_cu_seq_k int32 [N + 1]: where each
+    sequence's queries and keys start; varlen_max_q, varlen_max_k: the longest; varlen_k_index int64: the key
+    stream's tokens, only when some sequence continues a group."""
     R, T = position_ids.shape
     q_lens, k_lens, k_runs = [], [], []  # k_runs: (first token, count) runs of the flattened stream
     for r, row in enumerate(position_ids.tolist()):

@@ -50,9 +50,8 @@ class SaveError(RuntimeError):
 # --- save and resume
 
 def save_checkpoint(run, cfg, policy, optimizer, step, meta, hf=True):
-    """out_dir/step_NNNNNN: HF weights (hf=True) and the resumable state, written atomically. Collective. meta: the
-    script's own fields for trainer_state.json. Older checkpoints beyond cfg.keep_last go only once this one is
-    complete. A write that fails (a full disk) raises SaveError on every rank and leaves no partial folder."""
+    """out_dir/step_NNNNNN: HF weights (hf=True) and the resumable state, written atomically; meta: the script's own
+    fields for trainer_state.json. Collective: a failed write raises SaveError on every rank, leaving no folder."""
     folder = run.out_dir / f"step_{step:06d}"
     if run.resume_from and folder.resolve() == run.resume_from.resolve():  # saved already: resumed here, stopped
         return folder
@@ -91,9 +90,8 @@ def save_final(run, cfg, model, step, skipped=0):
 
 
 def find_resume(resume, out_dir):
-    """The checkpoint folder to continue from (resume: "", "auto" or a folder); None to start at step 0. Collective:
-    the candidates are checked against their CRCs, the ranks sharing the reading; auto takes the newest that
-    verifies, naming each one skipped and why, and sets it aside."""
+    """The checkpoint folder to continue from (resume: "", "auto" or a folder), or None. Collective: auto takes the
+    newest that verifies (usable), naming each one skipped and why, and sets it aside."""
     if not resume:
         return None
     if resume != "auto":
@@ -125,9 +123,8 @@ def find_resume(resume, out_dir):
 
 
 def resume_state(folder, config, fingerprint, free):
-    """The trainer state of checkpoint `folder` (None: a fresh run), once this run may continue it: refused, naming
-    each field, when a setting that decides the run's math (any key of `config` not in `free`) or the data's
-    fingerprint changed. Only reads JSON: call it before loading any model."""
+    """The trainer state of checkpoint `folder` (None: a fresh run), unless a setting that decides the run's math (any
+    key of `config` not in `free`) or the data's fingerprint changed: then refused, naming each. Only reads JSON."""
     if folder is None:
         return None
     state = read_state(folder)
@@ -364,10 +361,8 @@ def set_aside(folder, suffix):
 
 
 def prune(out_dir, newest, keep_last):
-    """After checkpoint `newest` completed: drop complete ones beyond the newest keep_last (0: keep all) and
-    incomplete ones older than it. Any newer than it were left by a run this one resumed before their step
-    (another timeline): renamed step_N.abandoned, never resumed from. (A crashed save's step_N.tmp is removed when
-    the next run starts: remove_partial_saves.)"""
+    """After checkpoint `newest` completed: drop complete ones beyond the newest keep_last (0: keep all), incomplete
+    ones older than it, and set aside newer ones (step_N.abandoned): a run this one resumed before them left them."""
     complete = []
     for step, folder in step_checkpoints(out_dir):
         if step > newest:
@@ -410,10 +405,9 @@ def collectively(fn):
 
 
 def write_atomic(path, write, collective=False, private=False):
-    """Write `path`, a file or a folder, whole or not at all: under path.tmp, then renamed over `path`. write: the
-    text, or a function that writes the temporary path. collective=True: every rank calls this and write(tmp) (a
-    sharded save), rank 0 alone clears and renames. private=True: the temporary name is this process's own
-    (path.HOST-PID.tmp), for a cache the nodes may write at once into a folder they share (tokens._write)."""
+    """Write `path`, a file or folder, whole or not at all: under path.tmp (write: the text, or a function writing it),
+    renamed over `path`. collective: every rank writes, rank 0 clears and renames. private: a name of this process's
+    own (path.HOST-PID.tmp), for a cache that the nodes may write at once into a folder they share (tokens._write)."""
     path = Path(path)
     tmp = path.with_name(path.name + (f".{socket.gethostname()}-{os.getpid()}" if private else "") + ".tmp")
     owner = is_master() or not collective

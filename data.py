@@ -282,9 +282,8 @@ def takes_it_without_system(tokenizer, messages, kwargs):
 
 
 def turn_end(tokenizer):
-    """(the id of the special token that ends an assistant turn, the tokens of the whitespace the template writes
-    after it), or None without such whitespace. ChatML ends a turn with "<|im_end|>\n", Gemma "<end_of_turn>\n": the
-    whitespace leads into the next turn, a model stops before it, so it is not scored (scored_length)."""
+    """(the special token ending an assistant turn, the tokens of the whitespace after it), or None without any: the
+    "\n" of ChatML's "<|im_end|>\n" leads into the next turn, a model stops before it, so it is not scored."""
     probe = "wrpo-probe-reply"
     try:
         text = render(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": probe}])
@@ -374,9 +373,8 @@ def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on
 
 def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
                          skip_invalid=False, allow_special_tokens=False, report=print, hint=SKIP_HINT):
-    """Every row of `path` read, validated and tokenized, as TokenRows of PreferenceRows (convert_all). truncation:
-    "keep_end" applies the paper's rule (`truncate`); "error" makes rows longer than max_length bad rows. Text holding
-    a special-token string is a bad row, unless allow_special_tokens: then it is that token."""
+    """Every row of `path` read, validated and tokenized as TokenRows of PreferenceRows (convert_all); truncation
+    "keep_end": the paper's rule (`truncate`), "error": a bad row. So is text holding a special-token string."""
     if problems := settings_problems("preference", max_length, truncation, max_prompt_length, tokenizer=tokenizer):
         raise DataError("; ".join(problems))
     special = None if allow_special_tokens else tokens.special_tokens_finder(tokenizer)
@@ -398,10 +396,9 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
 
 def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start",
                       skip_invalid=False, allow_special_tokens=False, report=print, hint=SKIP_HINT):
-    """SFT rows (chat rows, or WRPO rows trained on prompt + y_ws) read, validated and tokenized, as TokenRows of
-    Sequences (convert_all). loss_on: "assistant" scores every assistant turn and its end-of-turn token; "all"
-    every token after the first (the paper). truncation: "keep_start" cuts an example to its first max_length
-    tokens; "error" makes longer ones bad rows. Special-token strings: as in load_preference_rows."""
+    """SFT rows (chat rows, or WRPO rows as prompt + y_ws) read, validated and tokenized as TokenRows of Sequences.
+    loss_on "assistant": every assistant turn and its end-of-turn token scored, "all": every token (the paper);
+    truncation "keep_start": an example cut to its first max_length tokens, "error": a bad row."""
     if problems := settings_problems("sft", max_length, truncation, loss_on=loss_on, tokenizer=tokenizer):
         raise DataError("; ".join(problems))
     special = None if allow_special_tokens else tokens.special_tokens_finder(tokenizer)
@@ -426,9 +423,8 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
 
 
 def convert_all(path, convert, kind, skip_invalid, report, hint):
-    """TokenRows of every record of `path` converted by convert(record, where), the bad rows reported
-    (report_bad_rows). Under torch.distributed each rank converts a contiguous share of the records and all gather
-    the shares in order: the rows and the report are one process's. Collective."""
+    """TokenRows of every record of `path` converted by convert(record, where), bad rows reported. Collective: each
+    rank converts a contiguous share, and all gather the shares in order, so rows and report are one process's."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     errors, row_hints = [], []
     mine = tokens.build_rows(kind, convert_records(read_records(path, (rank, world)), convert, errors, row_hints))
@@ -457,9 +453,8 @@ def convert_records(records, convert, errors, row_hints):
 
 
 def report_bad_rows(path, errors, row_hints, n_good, skip_invalid, report, hint):
-    """Bad rows stop the run: a DataError listing them, then `hint` (what the caller's user can do; "" for nothing)
-    and the rows' own hints. With skip_invalid they are left out and `report` gets one line with their count and
-    the first few, which is returned ("" without bad rows)."""
+    """Bad rows stop the run: a DataError listing them, then `hint` (the caller's advice) and the rows' own. With
+    skip_invalid they are left out, and the line that `report` gets (their count and the first few) is returned."""
     message = ""
     if errors and skip_invalid:
         shown = "\n  ".join(errors[:5]) + ("\n  ..." if len(errors) > 5 else "")

@@ -74,10 +74,9 @@ def cleanup():
 
 
 def exit_process(code=0):
-    """End a script whose work is written: the atexit handlers, the streams flushed, then os._exit(code), without the
-    interpreter's teardown. destroy_process_group does not stop gloo's worker threads (torch's caches keep the mesh
-    alive), and a teardown under them now and then aborts a finished run with SIGABRT. (An error still exits
-    through the teardown: the other ranks then reach their own message and exit code before torchrun stops them.)"""
+    """End a finished script: atexit handlers, streams flushed, then os._exit(code), without the teardown that now and
+    then aborts a finished run (SIGABRT) under gloo's threads, which destroy_process_group does not stop. (An error
+    still exits through it: the other ranks then reach their own message and exit code before torchrun stops them.)"""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -91,12 +90,8 @@ def exit_process(code=0):
 # --- the way in: built on the meta device, sharded, then every rank reads only its own slices of the weights
 
 def load_model(path, mesh, device, cfg, *, attn="sdpa", trainable=True):
-    """A causal LM from a local folder of safetensors weights, sharded over `mesh`, with a `label_logps` method
-    (logps.attach_label_logps): the policy (trainable: fp32 master weights) or a frozen model.
-
-    cfg: TrainConfig's dtype, activation_checkpointing, compile, trust_remote_code and logps_impl. attn: the
-    attn_implementation, registered with transformers first if it is not its own (attention.register).
-    """
+    """A causal LM from a local folder of safetensors weights, sharded over `mesh`, with a `label_logps` method: the
+    policy (trainable: fp32 master weights) or a frozen model. cfg: TrainConfig's; attn: an attn_implementation."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     param_dtype = DTYPES[cfg.dtype]
@@ -266,9 +261,8 @@ def resolve_model_path(path):
 
 def write_hf_weights(model, folder, *, tokenizer=None, train_config=None, dtype=torch.bfloat16,
                      max_shard_bytes=5 * 2**30):
-    """The full weights gathered on rank 0 (CPU-offloaded) and written there as a Hugging Face folder: safetensors
-    files of at most max_shard_bytes (with an index when there are several), the config and generation config, the
-    tokenizer and train_config.json. Collective; a write that fails raises on rank 0 alone (checkpoint.collectively)."""
+    """The full weights gathered on rank 0 (CPU-offloaded), written there as a Hugging Face folder (safetensors shards
+    with an index, configs, tokenizer). Collective; a failed write raises on rank 0 alone (checkpoint.collectively)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_master():
         return

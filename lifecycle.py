@@ -53,9 +53,8 @@ class Run:
 
 
 def start_run(cfg, problems=(), other_models=()):
-    """Process group, settings, the output folder (locked for this run), the checkpoint to resume, the model, its
-    attention and tokenizer; other_models (a reference) are checked like cfg.model. Before any data is read, so a user
-    error surfaces in seconds; nothing is written but out_dir and its lock (and interrupted saves are removed)."""
+    """Process group, settings, out_dir (locked), the checkpoint to resume, the models (cfg.model, other_models), the
+    attention, the tokenizer: every user error surfaces here in seconds, before any data is read or file written."""
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
     problems = list(problems) + config_problems(cfg, world)
@@ -96,9 +95,8 @@ def start_run(cfg, problems=(), other_models=()):
 
 
 def resolve_attention(cfg, model_path):
-    """(the attn_implementation to load, whether a row's responses share its prompt): cfg's, with "auto" made this
-    model's (attention.choose), and shared prompts, where cfg has them, off unless packing and packed_sdpa are both
-    on. Says why in one line where either is not what was asked."""
+    """(the attn_implementation to load, whether responses share their prompt): "auto" made this model's; shared
+    prompts need packing and packed_sdpa. Says why in one line where either is not what was asked."""
     from transformers import AutoConfig
 
     attention.register()
@@ -133,9 +131,8 @@ _locks = {}  # out_dir -> the open lock file of a run in this process (tests run
 
 
 def lock_out_dir(out_dir):
-    """Collective: rank 0 holds out_dir/run.lock until this process exits; a second run into out_dir stops here,
-    naming the holder. The lock is the kernel's (flock): it dies with its process however that ends, leaving a
-    stale file the next run takes over. (On NFS with local locks, or Lustre without -o flock, it guards one node.)"""
+    """Collective: rank 0 holds out_dir/run.lock (flock: it dies with its process) until exit; a second run into out_dir
+    stops here, naming the holder. (On NFS with local locks, or Lustre without -o flock, it guards one node.)"""
     path = (out_dir / "run.lock").resolve()
     on_rank0(lambda: str(path) in _locks or _lock(path))  # (held already: a run before this one, in-process)
 
@@ -189,9 +186,8 @@ _launcher = None  # torchrun's pid, the parent of this worker
 
 
 def exit_with_launcher():
-    """Under torchrun: end this worker when its launcher dies (a scheduler's SIGKILL, say), not train on beside a
-    requeued run. On Linux the kernel sends SIGHUP (the loop saves and exits as on preemption); elsewhere
-    stop_requested notices the new parent pid at the next step."""
+    """Under torchrun: end this worker when its launcher dies, not train on beside a requeued run: on Linux the kernel
+    sends SIGHUP (saved and stopped as on preemption); elsewhere stop_requested sees the new parent pid."""
     global _launcher
     if "TORCHELASTIC_RUN_ID" not in os.environ or _launcher is not None:
         return

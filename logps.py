@@ -1,8 +1,6 @@
-"""Log-probabilities of label tokens, without materialising the full logits.
-
-WRPO and SFT need, per scored token, log p(y_t) = logit(y_t) - logsumexp(logits): one number. For Llama-3 the
-logits of one 2048-token sequence are 2048 x 128256 floats (1 GB in fp32), and the readable path keeps several such
-tensors alive for backward. `token_logps` computes the same numbers three ways:
+"""Log-probabilities of label tokens, without materialising the full logits: WRPO and SFT need one number per scored
+token, log p(y_t) = logit(y_t) - logsumexp(logits), where Llama-3's logits of one 2048-token sequence are 1 GB in
+fp32 and the readable path keeps several such tensors for backward. `token_logps` computes them three ways:
 
   naive    lm_head matmul -> float32 log_softmax -> gather. The reference.
   chunked  an autograd.Function over chunks of the vocabulary: the forward keeps only each token's log-sum-exp and
@@ -80,14 +78,11 @@ def naive_logps(hidden, weight, labels, chunk=None, head=PLAIN):  # chunk: unuse
 
 
 class ChunkedLogps(torch.autograd.Function):
-    """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, not stored.
-
-    Forward: an online log-sum-exp over the chunks, and the target logit from the chunk that holds it. Backward: with
-    z = h W^T, p = softmax(z) and upstream grad g, dz = g (onehot(y) - p); each chunk of columns gives its rows of
-    grad_W = dz^T h in one matmul (written once) and adds dz W to grad_h. When one chunk spans the vocabulary (few
-    tokens), its logits are kept for backward instead. A Head's bias, scale and soft-cap apply to each chunk's
-    logits, and their derivatives to its dz.
-    """
+    """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, not stored. Forward: an
+    online log-sum-exp over the chunks, and the target logit from the chunk that holds it. Backward: with z = h W^T,
+    p = softmax(z) and upstream grad g, dz = g (onehot(y) - p); each chunk of columns gives its rows of grad_W = dz^T
+    h in one matmul and adds dz W to grad_h. One chunk spanning the vocabulary (few tokens) keeps its logits. A
+    Head's bias, scale and soft-cap apply to each chunk's logits, and their derivatives to its dz."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk=None, lse_target=None, head=PLAIN, bias=None):
@@ -181,9 +176,8 @@ def token_logps(hidden, weight, labels, impl="auto", chunk=None, head=PLAIN):
 # --- causal LMs: label log-probs straight from the decoder's hidden states
 
 def model_head(model):
-    """The model's head as a Head (its bias, Cohere's logit_scale, Granite's logits_scaling, Gemma-2's
-    final_logit_softcapping: as their forwards apply them), or None when the fused paths cannot express it
-    (no Linear lm_head after a `model.model` decoder)."""
+    """The model's head as a Head (bias, logit_scale, logits_scaling, final_logit_softcapping, as their forwards
+    apply them), or None when the fused paths cannot express it (no Linear lm_head after a `model.model`)."""
     head, cfg = getattr(model, "lm_head", None), model.config
     if not isinstance(head, torch.nn.Linear) or not hasattr(model, "model"):
         return None
@@ -192,10 +186,9 @@ def model_head(model):
 
 
 def attach_label_logps(model, impl="auto"):
-    """Give `model` a `label_logps(input_ids, labels, attention_mask, position_ids)` method: the decoder's hidden
-    states scored with `token_logps`, the full logits never built. Registered as an FSDP forward method, so the root
-    unit's parameters (embedding, final norm, lm_head) are gathered for it and their gradients reduce-scattered, as
-    for `forward`. A head the fused paths cannot express (model_head) falls back to the model's own logits."""
+    """Give `model` a `label_logps(input_ids, labels, attention_mask, position_ids)` method: the decoder's hidden states
+    scored by `token_logps`, or by the model's own logits for a head model_head cannot express. An FSDP forward
+    method: the root unit's parameters (embedding, norm, lm_head) are gathered for it, as for `forward`."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     def label_logps(self, input_ids, labels, attention_mask=None, position_ids=None, **attention_kwargs):
@@ -224,9 +217,8 @@ def logits_token_logps(logits, labels):
 
 
 def model_sequence_logps(model, batch):
-    """Summed label log-probs per sequence [N] and the scored-token counts [N] (the model: attach_label_logps's).
-    A padded batch carries an attention_mask; a packed one position ids that restart per sequence
-    (batching.collate_packed), and `segments` when the sums are per sequence rather than per row."""
+    """Summed label log-probs per sequence [N] and scored-token counts [N]: per row of a padded batch, or per segment of
+    a packed one (batching.collate_packed). The model needs attach_label_logps."""
     layout = {k: v for k, v in batch.items() if k.startswith("varlen_")}  # attention.varlen_layout's, if any
     logps = model.label_logps(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                               batch.get("position_ids"), **layout)

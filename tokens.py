@@ -48,16 +48,13 @@ class Sequence:
 
 class TokenRows:
     """Tokenized rows as flat arrays; rows[i] builds the i-th PreferenceRow (or SFT Sequence) when a batch needs it.
-
         tokens   int32 [n_tokens]       the tokens of every piece, back to back
-        offsets  int64 [n_pieces + 1]   where each piece starts: a preference row's pieces are its prompt
-                                        then its responses; an SFT example is one piece
+        offsets  int64 [n_pieces + 1]   where each piece starts: a preference row's prompt, then each response; an
+                                        SFT example is one piece
         firsts   int64 [n_rows + 1]     the first piece of each row
         scored   uint8 [n_tokens]       SFT only: 1 where the label is the token, 0 where it is IGNORE
-
     tokens and scored may be slices of a cache file, read a row at a time: a node's page cache holds the file once
-    for all its ranks. where: each row's file:line; skipped: the report of the bad rows left out ("" if none).
-    """
+    for all its ranks. where: each row's file:line; skipped: the report of the bad rows left out ("" if none)."""
 
     def __init__(self, kind, arrays, where, prompt_ids, skipped=""):
         self.kind, self.arrays, self.where, self.prompt_ids, self.skipped = kind, arrays, where, prompt_ids, skipped
@@ -220,9 +217,8 @@ def special_tokens(tokenizer):
 
 
 def special_tokens_finder(tokenizer):
-    """A regex matching any of the tokenizer's special-token strings (or None): text holding one, such as
-    `<|eot_id|><|start_header_id|>user`, would be tokenized as control tokens and inject turns. The regex is the
-    tokens' trie: a scan tries one branch per character, not all 256 of Llama-3's tokens at every "<|" (70x faster)."""
+    """A regex matching the tokenizer's special-token strings (or None), which text must not hold: they would forge
+    turns. It is their trie: a scan tries a branch per character, not Llama-3's 256 tokens at each "<|" (70x faster)."""
     trie = {}
     for token in special_tokens(tokenizer):
         node = trie

@@ -216,9 +216,8 @@ class TrainingError(RuntimeError):
 
 
 def nonfinite_step(step, loss, grad_norm, seen, run, cfg, skipped):
-    """A step whose (global) loss or gradient norm is not finite. Names the rows at fault (seen: this rank's (row
-    names, per-row losses) per micro-batch; those with a non-finite loss, else all the step's). nonfinite=stop raises
-    TrainingError before the weights change; skip prints them and returns the new count of skipped steps."""
+    """A step whose loss or gradient norm is not finite: names its rows at fault (seen: per micro-batch, this rank's row
+    names and losses); stop raises TrainingError before the weights change, skip returns the new count of skips."""
     bad = [name for names, losses in seen
            for name, x in zip(names, losses.float().reshape(len(names), -1)) if not torch.isfinite(x).all()]
     gathered = [None] * run.world
@@ -348,9 +347,8 @@ def peak_memory_gib(device):
 
 
 def throughput(tokens, t0, run, model, computed=None):
-    """Tokens per second over all ranks since t0, the step time, peak memory, and on GPU the MFU: 6 x parameters x
-    tokens the model ran (`computed`, fewer with shared prompts) per second over the devices' peak bf16 rate, the
-    trained model's forward and backward only (not recomputation, nor the reference's forward)."""
+    """Tokens/s over all ranks since t0, step time, peak memory, and on GPU the MFU: 6 x parameters x tokens the model
+    ran (`computed`: fewer with shared prompts) per second over the peak bf16 rate, recomputation not counted."""
     total = global_sum(tokens, run.device)
     dt = time.time() - t0
     out = {"tokens_per_s": total / dt, "step_time_s": dt, "peak_memory_gib": peak_memory_gib(run.device)}
@@ -365,11 +363,10 @@ def throughput(tokens, t0, run, model, computed=None):
 # --- the token cache: a data file tokenized once, for every later run (tokens.cached)
 
 def load_cached(load, path, tokenizer, folder, report=print, **settings):
-    """load(path, tokenizer, **settings) (data.load_preference_rows or data.load_sft_examples) through the token cache
-    in `folder` ("": beside the data): a repeated or resumed run skips the tokenizer. The file is named by a hash of
-    all the rows depend on: the data files' content and path (which names the rows), the tokenizer (its full
-    serialization and chat template), the settings, the code that makes and holds the rows (data.py, tokens.py),
-    and the tokenizer libraries' versions."""
+    """load(path, tokenizer, **settings) (data.load_preference_rows or load_sft_examples) through the token cache in
+    `folder` ("": beside the data), named by a hash of all the rows depend on: the data files' content and path, the
+    tokenizer (its full serialization and chat template), the settings, the code of data.py and tokens.py, and the
+    tokenizer libraries' versions. A repeated or resumed run skips the tokenizer."""
     import tokenizers
     import transformers
 

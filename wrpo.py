@@ -142,9 +142,8 @@ def row_logps(model, batch, average=False):
 
 
 def preference_forward(policy, batch, ref_logps, alpha, cfg):
-    """Policy log-probs (with grad) of every row's responses, then the loss (cfg: beta, loss_type, gamma) against the
-    reference's, ref_logps [B, 3]: per-row losses, rewards and policy log-probs. SimPO has no reference: its log-probs
-    are length-averaged and ref_logps is ignored."""
+    """Policy log-probs (with grad) of every row's responses, then the loss against the reference's ref_logps [B, 3]:
+    per-row losses, rewards and policy log-probs. SimPO's log-probs are length-averaged, with no reference."""
     simpo = cfg.loss_type == "simpo"
     pol = row_logps(policy, batch, average=simpo)
     ref_logps = torch.zeros_like(pol) if simpo else ref_logps
@@ -174,9 +173,8 @@ def row_metrics(losses, rewards, logps):
 # --- the reference: its log-probs precomputed in one pass (and cached), or the live frozen model
 
 def load_reference(cfg, run, train_rows, eval_rows):
-    """The references of the training and the held-out rows: [n_rows, 3] tables of log-probs (precompute: read from
-    the cache, or one pass of the reference model, loaded only then and freed on return), the live frozen model
-    (live), or None (SimPO has no reference)."""
+    """The references of the training and held-out rows: [n_rows, 3] tables of log-probs (precompute: cached, or one
+    pass of the reference model, loaded only then), the live frozen model (live), or None (SimPO has none)."""
     if cfg.loss_type == "simpo":
         return None, None
     ref_path = run.models[cfg.ref_model or cfg.model]
@@ -204,9 +202,8 @@ def load_reference(cfg, run, train_rows, eval_rows):
 
 
 def reference_cache(cfg, attn, ref_path, rows, data_path):
-    """(file, key) of the cache of `rows`' reference log-probs. The key covers all they depend on: the reference
-    checkpoint (its files' names, sizes and times), the tokenized rows (so the data, tokenizer, chat template and
-    truncation) and the compute settings. Any change gives a new file, so a stale cache is never read."""
+    """(file, key) of the cache of `rows`' reference log-probs; the key covers all they depend on: the reference's files
+    (names, sizes, times), the tokenized rows and the compute settings, so a stale cache is never read."""
     h = hashlib.sha256(f"{tokens.fingerprint(rows)}|{cfg.dtype}|{attn}|".encode())
     for f in sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.json")):
         h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};".encode())
@@ -232,9 +229,8 @@ def token_budget(cfg):
 
 
 def no_grad_batches(rows, cfg, run):
-    """This rank's share of `rows` for a no-grad pass (reference log-probs, held-out metrics) as (indices,
-    weights [B]) micro-batches, as many on every rank: the training's token budget with packing, else
-    micro_batch_size rows. Collective."""
+    """This rank's share of `rows` for a no-grad pass as (indices, weights [B]) micro-batches, as many on every rank:
+    the training's token budget with packing, else micro_batch_size rows. Collective."""
     if cfg.packing:
         lengths = batching.row_lengths(rows, run.shared_prompt)
         return batching.eval_batches_by_tokens(lengths, token_budget(cfg), run.rank, run.world, run.device)
