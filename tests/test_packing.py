@@ -102,7 +102,7 @@ def test_micro_batches_by_rows_or_token_budget(monkeypatch):
     assert sorted(i for b in batches for i in b) == sorted(rows)
     assert [9] in batches  # longer than the budget: alone
     assert all(sum(lengths[i] for i in b) <= 100 for b in batches if len(b) > 1)
-    assert batches == [[9], [0, 3], [7, 1, 8], [4]]  # data.pack's best fit, of the rows' lengths
+    assert batches == [[9], [0, 3], [7, 1, 8], [4]]  # batching.pack's best fit, of the rows' lengths
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
