@@ -79,8 +79,7 @@ def start_run(cfg, problems=(), other_models=()):
     if problem := next(filter(None, (loading_problem(p, cfg.trust_remote_code) for p in models.values())), None):
         raise ConfigError(f"model error: {problem}")
     model_path = models[cfg.model]
-    attn, shared_prompt = resolve_attention(cfg, model_path)
-    varlen = attn == attention.NAME and cfg.dtype != "float32" and attention.use_varlen(device)  # (its self-check)
+    attn, shared_prompt, varlen = resolve_attention(cfg, model_path, device)
     on_rank0(lambda: remove_partial_saves(out_dir))  # never complete: their space is free for this run
     on_rank0(lambda: check_free_space(out_dir, model_path, cfg))  # rank 0 decides for all: one answer
     from transformers import AutoTokenizer
@@ -94,9 +93,10 @@ def start_run(cfg, problems=(), other_models=()):
                varlen, settings, models)
 
 
-def resolve_attention(cfg, model_path):
-    """(the attn_implementation to load, whether responses share their prompt): "auto" made this model's; shared
-    prompts need packing and packed_sdpa. Says why in one line where either is not what was asked."""
+def resolve_attention(cfg, model_path, device):
+    """(the attn_implementation to load, whether responses share their prompt, whether packed batches take the flash
+    varlen path): "auto" made this model's; shared prompts need packing and packed_sdpa; varlen needs packed_sdpa in
+    half precision and a kernel that passes its self-check. Says why in one line where what was asked is not run."""
     from transformers import AutoConfig
 
     attention.register()
@@ -109,7 +109,7 @@ def resolve_attention(cfg, model_path):
         note += "shared prompts are off (they need packing and packed_sdpa)"
     if note:
         print0(note)
-    return attn, shared
+    return attn, shared, attn == attention.NAME and cfg.dtype != "float32" and attention.use_varlen(device)
 
 
 def write_run_config(run, cfg):

@@ -68,9 +68,10 @@ def main(argv):
     cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
                       max_prompt_length=args.max_prompt_length)
-    attn, shared_prompt = resolve_attention(cfg, paths[0])  # this model's; shared prompts only where it honours them
+    attn, shared_prompt, varlen = resolve_attention(cfg, paths[0], device)  # this model's, as training resolves it
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = Run(rank, world, device, mesh, None, paths[0], tokenizer, pad_id, attn=attn, shared_prompt=shared_prompt)
+    run = Run(rank, world, device, mesh, None, paths[0], tokenizer, pad_id, attn=attn, shared_prompt=shared_prompt,
+              varlen=varlen)
     policy, reference = (load_model(p, mesh, device, cfg, attn=attn, trainable=False) for p in paths)
     m = wrpo.evaluate(policy, reference, rows, args.alpha, cfg, run)  # the live reference model
     m = {k.removeprefix("eval/"): v for k, v in m.items()}
