@@ -297,14 +297,17 @@ def usable(folder):
 def file_crcs(folder, names):
     """{name: CRC-32, or "unreadable (why)"} of the files `names` of `folder`, the ranks sharing the reading.
     Collective: every rank gets them all. The one CRC path: a save reads back what it wrote, a resume checks it."""
-    mine = {}
-    for name in sorted(names)[dist.get_rank()::dist.get_world_size()]:
+    mine, rank, world = {}, dist.get_rank(), dist.get_world_size()
+    for i, name in enumerate(sorted(names)):
+        writer = re.match(r"state/__(\d+)_", name)  # a rank's state shard: read where it was written (a page cache)
+        if (int(writer.group(1)) if writer else i) % world != rank:
+            continue
         try:
             with open(Path(folder) / name, "rb") as f:
                 mine[name] = crc32(iter(lambda: f.read(1 << 24), b""))
         except OSError as e:
             mine[name] = f"unreadable ({e.strerror or e})"
-    parts = [None] * dist.get_world_size()
+    parts = [None] * world
     dist.all_gather_object(parts, mine)
     return {name: crc for part in parts for name, crc in part.items()}
 
