@@ -10,9 +10,9 @@
     python -m eval.plot ...             curves of a run's metrics.jsonl
 
 judge (but for its rm mode), plot and questions do not import torch: they run where only the standard library
-and numpy are installed. Every script opens its files through the helpers below: an input is read only when it is a
-regular file (a FIFO would block, a folder is none), an output is checked before any work and written whole or not
-at all, never over a folder.
+and numpy are installed. Every script opens the inputs and outputs a user names through the helpers below: an input
+is read only when it is a regular file (a FIFO would block, a folder is none), an output is checked before any work
+and written whole or not at all, never over a folder.
 """
 
 import os
@@ -55,7 +55,7 @@ def output_problem(path, overwrite=True, what="give the file to write"):
     return None
 
 
-def write_atomic(path, write):
+def write_output(path, write):
     """Write the file `path` whole or not at all: into a temporary file beside it (its folder made first), renamed
     over it when complete. write: the text, or a function that writes the open file. Raises OSError."""
     path = Path(path)

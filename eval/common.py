@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from eval import fail, read_input, write_atomic
+from eval import fail, read_input, write_output
 from fsdp_utils import loading_problem, resolve_model_path
 
 
@@ -153,7 +153,7 @@ def merge(out, prompt_ids, key="prompt_id"):
     wanted = set(prompt_ids)
     ordered = [rows[pid] for pid in prompt_ids] + [r for pid, r in rows.items() if pid not in wanted]
     if out.suffix == ".json":
-        write_atomic(out, json.dumps(ordered, indent=2, ensure_ascii=False) + "\n")
+        write_output(out, json.dumps(ordered, indent=2, ensure_ascii=False) + "\n")
     else:
         write_jsonl(ordered, out)
     for path in parts(out):
@@ -161,8 +161,8 @@ def merge(out, prompt_ids, key="prompt_id"):
 
 
 def write_jsonl(rows, path):
-    """All rows or nothing (eval.write_atomic), one JSON object per line."""
-    write_atomic(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """All rows or nothing (eval.write_output), one JSON object per line."""
+    write_output(path, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def prompt_id_of(row):

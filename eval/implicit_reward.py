@@ -16,7 +16,7 @@ import sys
 
 import data
 import wrpo
-from eval import fail, output_problem, write_atomic
+from eval import fail, output_problem, write_output
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, load_model, loading_problem, \
     print0, resolve_model_path
 from lifecycle import Run, resolve_attention
@@ -81,7 +81,7 @@ def main(argv):
     if args.out and is_master():
         summary = {"model": args.model, "ref_model": args.ref_model, "data": args.data, "rows": len(rows),
                    "beta": args.beta, "alpha": args.alpha, **m}
-        write_atomic(args.out, json.dumps(summary, indent=1) + "\n")
+        write_output(args.out, json.dumps(summary, indent=1) + "\n")
     cleanup()
 
 

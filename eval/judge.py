@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import fail, output_problem, read_input, write_atomic
+from eval import fail, output_problem, read_input, write_output
 from eval.questions import read_questions as read_question_file
 
 
@@ -459,7 +459,7 @@ def reward_model(args):
     pairs, scored = out.with_name(out.name + ".pairs.jsonl"), out.with_name(out.name + ".scored.jsonl")
     rows = [{"prompt_id": str(k), "prompt": [{"role": "user", "content": ours[i][0][0]}],
              "responses": [ours[i][1][0], base[i][1][0]]} for k, i in enumerate(ids)]
-    write_atomic(pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_output(pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     score.main([f"--reward_model={args.reward_model}", f"--data={pairs}", f"--out={scored}",
                 f"--dtype={args.dtype}", f"--batch_size={args.batch_size}"]
                + (["--trust_remote_code"] if args.trust_remote_code else []))
@@ -531,7 +531,7 @@ def main(argv):
         result = (pairwise if args.mode == "pairwise" else single)(args, client)
         result["judge"] = {"model": args.judge_model, "base_url": args.base_url, "calls": client.calls,
                            "cached": client.hits}
-    write_atomic(out, json.dumps({"mode": args.mode, "answers": args.answers, "baseline": args.baseline, **result},
+    write_output(out, json.dumps({"mode": args.mode, "answers": args.answers, "baseline": args.baseline, **result},
                                  indent=1, ensure_ascii=False) + "\n")
     summary = {k: v for k, v in result.items() if k not in ("per_question",)}
     print(json.dumps(summary, indent=1))

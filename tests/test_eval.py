@@ -323,7 +323,7 @@ def test_eval_scripts_open_files_through_one_helper(tmp_path, capsys):
     with a folder in its place is refused before any work, and the folder stays; a write is whole or not at all."""
     import os
 
-    from eval import output_problem, plot, questions, read_input, write_atomic
+    from eval import output_problem, plot, questions, read_input, write_output
 
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "latin1.jsonl").write_bytes(b'{"step": 1, "loss": "\xe9"}\n')
@@ -341,14 +341,14 @@ def test_eval_scripts_open_files_through_one_helper(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # judge: refused before it asks for an API key or reads the answers
         judge.main(["pairwise", "--answers=none.json", "--baseline=none.json", f"--out={tmp_path / 'out'}"])
     assert e.value.code == 2 and "is a folder" in capsys.readouterr().err and (tmp_path / "out" / "keep").exists()
-    write_atomic(tmp_path / "w" / "a.txt", "first\n")
+    write_output(tmp_path / "w" / "a.txt", "first\n")
 
     def broken(f):
         f.write("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        write_atomic(tmp_path / "w" / "a.txt", broken)
+        write_output(tmp_path / "w" / "a.txt", broken)
     assert (tmp_path / "w" / "a.txt").read_text() == "first\n" and os.listdir(tmp_path / "w") == ["a.txt"]
 
 
