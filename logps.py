@@ -192,7 +192,7 @@ def attach_label_logps(model, impl="auto"):
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     def label_logps(self, input_ids, labels, attention_mask=None, position_ids=None, **attention_kwargs):
-        # attention_kwargs (attention.varlen_layout's entries) travel through the decoder to its attention function
+        # attention_kwargs (batching.varlen_layout's entries) travel through the decoder to its attention function
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                       **attention_kwargs)
         head = model_head(self)
@@ -219,7 +219,7 @@ def logits_token_logps(logits, labels):
 def model_sequence_logps(model, batch):
     """Summed label log-probs per sequence [N] and scored-token counts [N]: per row of a padded batch, or per segment of
     a packed one (batching.collate_packed). The model needs attach_label_logps."""
-    layout = {k: v for k, v in batch.items() if k.startswith("varlen_")}  # attention.varlen_layout's, if any
+    layout = {k: v for k, v in batch.items() if k.startswith("varlen_")}  # batching.varlen_layout's, if any
     logps = model.label_logps(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                               batch.get("position_ids"), **layout)
     scored = batch["labels"][:, 1:] != IGNORE

@@ -53,8 +53,8 @@ class TokenRows:
                                         SFT example is one piece
         firsts   int64 [n_rows + 1]     the first piece of each row
         scored   uint8 [n_tokens]       SFT only: 1 where the label is the token, 0 where it is IGNORE
-    tokens and scored may be slices of a cache file, read a row at a time: a node's page cache holds the file once
-    for all its ranks. where: each row's file:line; skipped: the report of the bad rows left out ("" if none)."""
+    tokens and scored may be slices of a cache file, read only as [start:end], a row at a time: a node's page cache
+    holds the file once for all its ranks. where: each row's file:line; skipped: the report of bad rows left out."""
 
     def __init__(self, kind, arrays, where, prompt_ids, skipped=""):
         self.kind, self.arrays, self.where, self.prompt_ids, self.skipped = kind, arrays, where, prompt_ids, skipped

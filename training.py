@@ -1,6 +1,6 @@
 """What sft.py and wrpo.py share to train: settings, the learning-rate schedule, the pieces of an optimizer step
-(clipping, the finiteness check) and metrics (sums over ranks, metrics.jsonl, throughput). Each script's main holds
-its own loop and every decision in it; nothing here calls back into a script.
+(clipping, the finiteness check), metrics (sums over ranks, metrics.jsonl, throughput) and rows through the token
+cache (load_cached). Each script's main holds its own loop and every decision in it; nothing here calls back.
 """
 
 import dataclasses

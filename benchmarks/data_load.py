@@ -1,16 +1,16 @@
 """Loading WRPO data at the paper's scale: time and resident memory of tokenizing 40k rows, and of a cached start.
 
     python benchmarks/data_load.py                       # 40k rows, the demo tokenizer
-    python benchmarks/data_load.py --rows=4000 --before=/tmp/before   # also time a checkout from before the cache
+    python benchmarks/data_load.py --rows=4000 --before=/tmp/before   # also time an older checkout (no load_cached)
 
-Rows are synthetic and UltraFeedback-like: a prompt of about 160 tokens and three responses of about
-370 each, about 1300 tokens per row (the words are common English ones; the demo's small tokenizer
-splits them into about 4 tokens each, so the texts have fewer words than real ones of these lengths).
-Each line of the table is a fresh process (or a 2-rank torchrun) that calls data.load_preference_rows
-as wrpo.py does (cache: a folder of its own for each first load, the same folder for the cached load) and
-reports the wall time of the call and its memory: RSS growth per rank, and PSS growth summed over ranks
-(PSS splits pages shared by processes, such as a memory-mapped cache, between them: their sum is what
-the node holds). Bytes per token divide by the tokens the rows hold.
+Rows are synthetic and UltraFeedback-like: a prompt of about 160 tokens and three responses of about 370 each,
+about 1300 tokens per row (the words are common English ones; the demo's small tokenizer splits them into
+about 4 tokens each, so the texts have fewer words than real ones of these lengths). Each line of the table is
+a fresh process (or a 2-rank torchrun) that calls training.load_cached(data.load_preference_rows, ...) as
+wrpo.py does (cache: a folder of its own for each first load, the same folder for the cached load) and reports
+the wall time of the call and its memory: RSS growth per rank, and PSS growth summed over ranks (PSS splits
+pages shared by processes, such as a memory-mapped cache, between them: their sum is what the node holds).
+Bytes per token divide by the tokens the rows hold.
 """
 
 import argparse

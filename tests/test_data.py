@@ -58,8 +58,8 @@ def test_dpo_rows_score_their_one_chosen_as_both(tmp_path, tokenizer):
 def test_plain_string_messages(tmp_path, tokenizer):
     row = {"prompt": "Hi there", "chosen": ["Hello!", "Hey."], "rejected": ["Go away."]}
     (ex,) = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
-    (ref,) = load_preference_rows(write_jsonl(tmp_path / "e.jsonl", [wrpo_row("Hi there", "Hello!", "Hey.", "Go away.")]),
-                          tokenizer)
+    ref_row = wrpo_row("Hi there", "Hello!", "Hey.", "Go away.")
+    (ref,) = load_preference_rows(write_jsonl(tmp_path / "e.jsonl", [ref_row]), tokenizer)
     assert ex.prompt_ids == ref.prompt_ids and ex.responses == ref.responses
 
 

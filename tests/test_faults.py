@@ -316,7 +316,8 @@ def test_fuzzed_jsonl_never_gives_a_traceback(tmp_path):
         path = write(tmp_path, f"fuzz{i}.jsonl", lines)
         for load in (data.load_preference_rows, data.load_sft_examples):
             try:
-                load(path, tok, max_length=512, **({"max_prompt_length": 256} if load is data.load_preference_rows else {}))
+                extra = {"max_prompt_length": 256} if load is data.load_preference_rows else {}
+                load(path, tok, max_length=512, **extra)
             except data.DataError as e:
                 reported += 1
                 assert f"{path}:" in str(e)

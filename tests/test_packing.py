@@ -179,7 +179,8 @@ def test_packed_rows_combine_sequences_and_index_them_right():
 def test_shared_prompt_rows_keep_each_rows_sequences_together():
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     rand = lambda n: torch.randint(10, 99, (n,), generator=g).tolist()  # noqa: E731
-    examples = [data.PreferenceRow(rand(p), [rand(a), rand(b), rand(c)][: 2 if i == 1 else 3], 2 if i != 1 else 1, f"x:{i}")
+    examples = [data.PreferenceRow(rand(p), [rand(a), rand(b), rand(c)][: 2 if i == 1 else 3], 2 if i != 1 else 1,
+                                   f"x:{i}")
                 for i, (p, a, b, c) in enumerate([(5, 40, 3, 2), (3, 4, 30, 6), (8, 2, 2, 20), (1, 7, 5, 9)])]
     batch = batching.collate_preference(examples, pad_id=0, packed=True, shared_prompt=True)
     assert batch["input_ids"].shape[1] == 5 + 40 + 4 + 3  # the widest row: one whole example

@@ -1,5 +1,5 @@
-"""Tokenized rows held flat (tokens.TokenRows), shared by ranks, and cached in a file each node maps (training.load_cached,
-through tokens.cached: the procedure the reference log-probs' cache shares)."""
+"""Tokenized rows held flat (tokens.TokenRows), shared by ranks, and cached in a file each node maps
+(training.load_cached, through tokens.cached: the procedure the reference log-probs' cache shares)."""
 
 import json
 import os
