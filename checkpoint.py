@@ -10,6 +10,7 @@ complete, so a crash at any point leaves the older ones as they were.
 
 import base64
 import dataclasses
+import glob
 import json
 import os
 import random
@@ -410,9 +411,11 @@ def collectively(fn):
 def write_atomic(path, write, collective=False, private=False):
     """Write `path`, a file or folder, whole or not at all: under path.tmp (write: the text, or a function writing it),
     renamed over `path`. collective: every rank writes, rank 0 clears and renames. private: a name of this process's
-    own (path.HOST-PID.tmp), for a cache that the nodes may write at once into a folder they share (tokens._write)."""
+    own (path.HOST-PID.tmp), for a cache that the nodes may write at once into a folder they share (tokens._write);
+    once written, the temporary files of this host's writers that died writing are removed."""
     path = Path(path)
-    tmp = path.with_name(path.name + (f".{socket.gethostname()}-{os.getpid()}" if private else "") + ".tmp")
+    host = f"{path.name}.{socket.gethostname()}-"
+    tmp = path.with_name(host + f"{os.getpid()}.tmp" if private else path.name + ".tmp")
     owner = is_master() or not collective
     sync = dist.barrier if collective else lambda: None
     if owner:  # left by a crash
@@ -430,4 +433,11 @@ def write_atomic(path, write, collective=False, private=False):
             shutil.rmtree(path)
         os.replace(tmp, path)
     sync()
+    for dead in path.parent.glob(glob.escape(host) + "*.tmp") if private else []:
+        try:
+            os.kill(int(dead.name[len(host) : -len(".tmp")]), 0)  # signal 0: only whether the process exists
+        except ProcessLookupError:
+            dead.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not a pid; another user's process
+            pass
     return path

@@ -98,8 +98,8 @@ def main(argv):
 
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
-        for step, epoch, idx in batching.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size, run.rank,
-                                                  run.world, total_steps, start):
+        for step, epoch, idx in batching.train_steps(len(seqs), cfg.epochs, cfg.seed, cfg.global_batch_size,
+                                                     run.rank, run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             micro_batches = batching.micro_batches_by_rows(idx, cfg.micro_batch_size)  # of sequences

@@ -3,12 +3,9 @@ of ints take 25-45) and `cached`, the one procedure of both caches: the tokenize
 reference log-probs (wrpo.load_reference).
 """
 
-import glob
 import hashlib
 import json
-import os
 import re
-import socket
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +149,7 @@ def cached(file, key, compute, what, report):
 
 def _write(file, key, arrays, metadata, what, report):
     """The arrays as a safetensors file, with the key and their CRC-32s in its metadata, under a temporary name of
-    this process's own (nodes sharing a folder may write it at once)."""
+    this process's own (nodes sharing a folder may write it at once; write_atomic's private)."""
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
     metadata = {**metadata, "key": key, "crc32": json.dumps({k: crc32([a]) for k, a in arrays.items()})}
     try:
@@ -160,15 +157,6 @@ def _write(file, key, arrays, metadata, what, report):
         write_atomic(file, lambda tmp: save_file(arrays, tmp, metadata=metadata), private=True)
     except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as a SafetensorError)
         report(f"{what}: not cached ({file.parent}: {getattr(e, 'strerror', None) or e})")
-        return
-    prefix = f"{file.name}.{socket.gethostname()}-"  # the temporary files of writers on this host that died writing
-    for tmp in file.parent.glob(glob.escape(prefix) + "*.tmp"):
-        try:
-            os.kill(int(tmp.name[len(prefix) : -len(".tmp")]), 0)  # signal 0: only whether the process exists
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError):  # not a pid; another user's process
-            pass
 
 
 def _read(file, key, what, report):

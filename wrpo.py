@@ -324,7 +324,7 @@ def main(argv):
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
     with stop_signals(run.rank) as signals:
         for step, epoch, idx in batching.train_steps(len(train_rows), cfg.epochs, cfg.seed, cfg.global_batch_size,
-                                                  run.rank, run.world, total_steps, start):
+                                                     run.rank, run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)

@@ -57,7 +57,8 @@ def output_problem(path, overwrite=True, what="give the file to write"):
 
 def write_output(path, write):
     """Write the file `path` whole or not at all: into a temporary file beside it (its folder made first), renamed
-    over it when complete. write: the text, or a function that writes the open file. Raises OSError."""
+    over it when complete. write: the text, or a function that writes the open file. Raises OSError. (The trainers'
+    checkpoint.write_atomic does the same, but imports torch, which judge and plot must run without.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
