@@ -55,6 +55,29 @@ def output_problem(path, overwrite=True, what="give the file to write"):
     return None
 
 
+def path_clash(outputs, inputs):
+    """Why writing `outputs` (files or folders) could destroy or feed on `inputs`, or None: an output that is an input
+    (by any path: links are followed), holds one in its folder, or lies inside an input folder. Checked before any
+    work, by every script and by the trainers; paths that do not exist yet compare by their resolved names."""
+    def same(a, b):
+        try:
+            return a.samefile(b)
+        except OSError:  # one does not exist
+            return a == b
+
+    for out in map(Path, filter(None, outputs)):
+        o = out.resolve()
+        for given in map(Path, filter(None, inputs)):
+            i = given.resolve()
+            if same(o, i):
+                return f"{out} is also an input ({given}); give the output another path"
+            if o in i.parents:
+                return f"{out} holds the input {given}; give the output a path outside it"
+            if i in o.parents:
+                return f"{out} lies inside the input folder {given}; give the output a path outside it"
+    return None
+
+
 def write_output(path, write):
     """Write the file `path` whole or not at all: into a temporary file beside it (its folder made first), renamed
     over it when complete. write: the text, or a function that writes the open file. Raises OSError. (The trainers'
