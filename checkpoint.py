@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from fsdp_utils import DTYPES, is_master, on_every_rank, print0, write_hf_weights
+from fsdp_utils import DTYPES, is_master, on_every_rank, print0, weight_files, write_hf_weights
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step_(\d{6,})")
@@ -123,9 +123,10 @@ def find_resume(resume, out_dir):
     return None
 
 
-def resume_state(folder, config, fingerprint, free):
+def resume_state(folder, config, fingerprint, free, weights):
     """The trainer state of checkpoint `folder` (None: a fresh run), unless a setting that decides the run's math (any
-    key of `config` not in `free`) or the data's fingerprint changed: then refused, naming each. Only reads JSON."""
+    key of `config` not in `free`), the data's fingerprint or a model's weights (weights: {setting: model_identity})
+    changed: then refused, naming each. Reads JSON only."""
     if folder is None:
         return None
     state = read_state(folder)
@@ -134,6 +135,12 @@ def resume_state(folder, config, fingerprint, free):
                if k not in free and saved.get(k) != v]
     if state["fingerprint"] != fingerprint:
         changed.append(f"data: {state['fingerprint']} in the checkpoint, {fingerprint} now")
+    for key, now in weights.items():  # by content: the same model by another path resumes, another model does not
+        then = state["models"].get(key, {})
+        if diff := [f"{n}: {then.get(n, 'absent')} then, {now.get(n, 'absent')} now" for n in sorted({*then, *now})
+                    if then.get(n) != now.get(n)]:
+            changed.append(f"{key}: the weights of {config[key] or config['model']} changed since the checkpoint "
+                           f"(size:CRC-32 of {'; '.join(diff[:2])})")
     if changed:
         raise ResumeError(f"cannot resume from {folder}: settings that decide the run changed:\n  " +
                           "\n  ".join(changed) + "\n(restore them, or start a new run in another --out_dir)")
@@ -237,7 +244,8 @@ def set_rng_state(s, check=False):
 # --- verification: a checkpoint is complete when its state file is sound and every file matches its size and CRC-32
 
 STATE_FIELDS = {"step": int, "world_size": int, "config": dict, "rng": list, "files": dict, "crc32": dict,
-                "fingerprint": str, "eval_before": dict, "skipped_steps": int}  # (the scripts' meta included)
+                "fingerprint": str, "eval_fingerprint": str, "eval_before": dict, "skipped_steps": int,
+                "models": dict}  # (the scripts' meta included)
 
 
 def read_state(folder):
@@ -311,6 +319,14 @@ def file_crcs(folder, names):
     parts = [None] * world
     dist.all_gather_object(parts, mine)
     return {name: crc for part in parts for name, crc in part.items()}
+
+
+def model_identity(path):
+    """What names the weights of model folder `path`, whatever its path: {weight file: "SIZE:CRC-32"}, so that a resume
+    (or eval.generate's) notices a model replaced under the same path. Collective: the ranks share the reading."""
+    names = weight_files(path)
+    crcs = file_crcs(path, names)
+    return {name: f"{(Path(path) / name).stat().st_size}:{crcs[name]}" for name in names}
 
 
 def crc32(chunks):

@@ -234,7 +234,44 @@ def loading_problem(path, trust_remote_code=False):
         found = f" (it has {', '.join(pickles[:3])}: pickled weights, never loaded here)" if pickles else ""
         return (f"{path} has no safetensors weights (model.safetensors or model.safetensors.index.json){found}; "
                 "convert them to safetensors where you trust the files")
-    return None
+    try:
+        return next(filter(None, (safetensors_problem(path / name) for name in weight_files(path))), None)
+    except ValueError as e:
+        return str(e)
+
+
+def weight_files(path):
+    """The names of the weight files of model folder `path`: model.safetensors, or the files its index maps tensors
+    to. ValueError when the index is unreadable or names anything but a safetensors file of the folder (a pickle)."""
+    index = Path(path) / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    try:
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{index} is unreadable ({type(e).__name__}: {e})") from None
+    if bad := [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors") or Path(n).name != n]:
+        raise ValueError(f"{index} maps tensors to {bad[0]!r}, not a safetensors file of {path}: weights are "
+                         "loaded from safetensors only, never from a pickle")
+    return sorted(names)
+
+
+def safetensors_problem(file):
+    """Why `file` is not a whole safetensors file, or None; from its header and size alone (8 bytes giving the JSON
+    header's length, then the header, whose last data offset is where the file must end)."""
+    try:
+        if not file.is_file():
+            return f"{file} is missing (or not a regular file)"
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"{file} is truncated or not a safetensors file ({size} bytes)"
+            header = json.loads(f.read(n))
+        end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return f"{file} is not a safetensors file ({getattr(e, 'strerror', None) or e})"
+    return None if end == size else f"{file} is truncated or damaged: its header describes {end} bytes, it has {size}"
 
 
 def resolve_model_path(path):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import attention
 import data
-from checkpoint import ResumeError, RunFinished, SaveError, find_resume, remove_partial_saves, \
+from checkpoint import ResumeError, RunFinished, SaveError, find_resume, model_identity, remove_partial_saves, \
     step_checkpoints, write_atomic
 from fsdp_utils import DTYPES, count_parameters, exit_process, init_distributed, loading_problem, print0, \
     resolve_model_path
@@ -49,12 +49,14 @@ class Run:
     shared_prompt: bool = False  # whether a preference row's responses share one copy of its prompt
     varlen: bool = False  # whether packed batches carry the flash varlen layout (attention.use_varlen)
     settings: dict = None  # cfg as the run resolved it: what config.json and each train_config.json record
-    models: dict = None  # the local folder of each model the run loads (cfg.model's, and other_models')
+    models: dict = None  # {"model": its local folder, and each of other_models'}
+    weights: dict = None  # {the same keys: checkpoint.model_identity}: a resume refuses models changed under a path
 
 
-def start_run(cfg, problems=(), other_models=()):
-    """Process group, settings, out_dir (locked), the checkpoint to resume, the models (cfg.model, other_models), the
-    attention, the tokenizer: every user error surfaces here in seconds, before any data is read or file written."""
+def start_run(cfg, problems=(), other_models=None):
+    """Process group, settings, out_dir (locked), the checkpoint to resume, the models (cfg.model, and other_models:
+    {setting: model}), the attention, the tokenizer: every user error surfaces here in seconds, before any data is read
+    or file written."""
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
     problems = list(problems) + config_problems(cfg, world)
@@ -73,12 +75,13 @@ def start_run(cfg, problems=(), other_models=()):
         raise ConfigError(f"out_dir {out_dir} already holds a run; pass --resume=auto to continue it, another "
                           "--out_dir, or --overwrite=true to replace it")
     try:  # each model a local folder (a hub id's snapshot, downloaded once per node) that loads by the rules
-        models = {m: resolve_model_path(m) for m in [cfg.model, *other_models] if m}
+        models = {k: resolve_model_path(m) for k, m in {"model": cfg.model, **(other_models or {})}.items()}
     except OSError as e:
         raise ConfigError(f"model error: {e}") from None
     if problem := next(filter(None, (loading_problem(p, cfg.trust_remote_code) for p in models.values())), None):
         raise ConfigError(f"model error: {problem}")
-    model_path = models[cfg.model]
+    identities = {p: model_identity(p) for p in sorted(set(models.values()))}  # (one read per folder)
+    model_path = models["model"]
     attn, shared_prompt, varlen = resolve_attention(cfg, model_path, device)
     on_rank0(lambda: remove_partial_saves(out_dir))  # never complete: their space is free for this run
     on_rank0(lambda: check_free_space(out_dir, model_path, cfg))  # rank 0 decides for all: one answer
@@ -90,7 +93,7 @@ def start_run(cfg, problems=(), other_models=()):
     settings = {**dataclasses.asdict(cfg), "attn_implementation": attn} | (
         {"shared_prompt": shared_prompt} if hasattr(cfg, "shared_prompt") else {})
     return Run(rank, world, device, mesh, out_dir, model_path, tokenizer, pad_id, resume_from, attn, shared_prompt,
-               varlen, settings, models)
+               varlen, settings, models, {k: identities[p] for k, p in models.items()})
 
 
 def resolve_attention(cfg, model_path, device):

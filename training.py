@@ -20,6 +20,7 @@ import attention
 import data
 import tokens
 from checkpoint import newest_checkpoint, write_atomic
+from eval import path_clash
 from fsdp_utils import DTYPES, is_master, print0
 from logps import IMPLS
 
@@ -67,8 +68,8 @@ class TrainConfig:
 
 
 # settings a resumed run may change: they decide speed, logging and output, not the math of the run (`data` is
-# compared by its tokenized rows instead of its path); each script adds its own
-RESUME_FREE = {"resume", "overwrite", "out_dir", "data", "eval_data", "data_cache_dir", "micro_batch_size",
+# compared by its tokenized rows instead of its path, the models by their weights); each script adds its own
+RESUME_FREE = {"resume", "overwrite", "out_dir", "model", "data", "eval_data", "data_cache_dir", "micro_batch_size",
                "activation_checkpointing", "attn_implementation", "logps_impl", "compile", "dtype", "log_every",
                "eval_every", "save_every", "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows",
                "allow_special_tokens", "trust_remote_code"}
@@ -131,9 +132,10 @@ def config_problems(cfg, world):
     problems = []
     if cfg.lr <= 0 or not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"need lr > 0 and 0 <= warmup_ratio < 1, got {cfg.lr}, {cfg.warmup_ratio}")
-    if cfg.micro_batch_size < 1 or cfg.global_batch_size % (cfg.micro_batch_size * world):
-        problems.append(f"global_batch_size {cfg.global_batch_size} must be a multiple of micro_batch_size "
-                        f"{cfg.micro_batch_size} x world size {world}")
+    if cfg.global_batch_size < 1 or cfg.global_batch_size % world:  # every rank takes as many rows a step
+        problems.append(f"global_batch_size {cfg.global_batch_size} must be a multiple of the world size {world}")
+    if cfg.micro_batch_size < 1:
+        problems.append(f"micro_batch_size must be >= 1, got {cfg.micro_batch_size}")
     for key in ("epochs", "max_length", "log_every"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
@@ -153,6 +155,9 @@ def config_problems(cfg, world):
         problems.append(f"nonfinite must be 'stop' or 'skip', got '{cfg.nonfinite}'")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite exclude each other: continue the run, or replace it")
+    models = [m for m in (cfg.model, getattr(cfg, "ref_model", "")) if m and Path(m).exists()]  # (not hub ids)
+    if clash := path_clash([cfg.out_dir], [*models, cfg.data, cfg.eval_data]):  # --overwrite would delete it
+        problems.append(f"out_dir {clash}")
     if not attention.known(cfg.attn_implementation):
         problems.append(f"attn_implementation '{cfg.attn_implementation}' is not one transformers knows "
                         f"({attention.NAME}, sdpa, eager, flex_attention, flash_attention_2, ...)")

@@ -177,7 +177,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
     pass of the reference model, loaded only then), the live frozen model (live), or None (SimPO has none)."""
     if cfg.loss_type == "simpo":
         return None, None
-    ref_path = run.models[cfg.ref_model or cfg.model]
+    ref_path = run.models["ref_model"]
     if cfg.ref_logps == "live":
         ref = load_model(ref_path, run.mesh, run.device, cfg, attn=run.attn, trainable=False)
         return ref, ref
@@ -285,7 +285,7 @@ LOG_FIELDS = [("loss", "loss", ".4f"), ("rewards/accuracies", "acc", ".3f"), ("r
               ("alpha", "alpha", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad norm", ".3g"),
               ("tokens_per_s", "tok/s", ".0f"), ("mfu", "MFU", ".1%")]
 # settings a resumed run may change (speed, logging, output); TrainConfig's, and the reference cache's
-RESUME_FREE_WRPO = RESUME_FREE | {"max_tokens_per_micro_batch", "ref_logps", "ref_cache_dir"}
+RESUME_FREE_WRPO = RESUME_FREE | {"max_tokens_per_micro_batch", "ref_logps", "ref_cache_dir", "ref_model"}
 
 
 def load_rows(path, cfg, run):
@@ -301,11 +301,11 @@ def load_rows(path, cfg, run):
 def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before a model is loaded or a file written
     cfg = parse_config(Config, argv)
-    run = start_run(cfg, wrpo_problems(cfg), other_models=[cfg.ref_model])
+    run = start_run(cfg, wrpo_problems(cfg), other_models={"ref_model": cfg.ref_model or cfg.model})
     train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
     fingerprint = tokens.fingerprint(train_rows)
-    state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO)
+    state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO, run.weights)
     lengths = batching.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
     packed_lengths = batching.row_lengths(train_rows, run.shared_prompt)  # the tokens a forward runs
     budget = token_budget(cfg)  # tokens per micro-batch, with packing
@@ -315,9 +315,10 @@ def main(argv):
     policy = load_model(run.model_path, run.mesh, run.device, cfg, attn=run.attn, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
+    eval_fingerprint = tokens.fingerprint(eval_rows) if eval_rows else ""  # "before": the checkpoint's if the same rows
+    eval_before = state["eval_before"] if state and state["eval_fingerprint"] == eval_fingerprint else \
+        held_out(policy, eval_reference, eval_rows, cfg, run, 0, total_steps)  # (the weights before restore)
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
-    eval_before = state["eval_before"] if state else held_out(policy, eval_reference, eval_rows, cfg, run, 0,
-                                                              total_steps)
     skipped = state["skipped_steps"] if state else 0
     log = MetricsLog(run, total_steps, start, cfg.log_every, "wrpo", LOG_FIELDS)
 
@@ -354,7 +355,8 @@ def main(argv):
             if every(cfg.eval_every, step + 1, total_steps):
                 m.update(held_out(policy, eval_reference, eval_rows, cfg, run, step + 1, total_steps))
             log.log(m)
-            meta = {"fingerprint": fingerprint, "eval_before": eval_before, "skipped_steps": skipped}
+            meta = {"fingerprint": fingerprint, "eval_fingerprint": eval_fingerprint, "eval_before": eval_before,
+                    "skipped_steps": skipped, "models": run.weights}
             if signum := stop_requested(signals, run.device):  # quick: the resumable state only, no HF weights
                 path = save_checkpoint(run, cfg, policy, optimizer, step + 1, meta, hf=False)
                 raise Preempted(signum, step + 1, path)

@@ -50,7 +50,8 @@ def test_bad_json_config_value(tmp_path):
     ({"beta": 0.0}, 1, "beta must be > 0"),
     ({"alpha": 1.5}, 1, r"alpha must be in \[0, 1\]"),
     ({"alpha_schedule": "cosine"}, 1, "alpha_schedule must be"),
-    ({"global_batch_size": 12, "micro_batch_size": 4}, 2, "must be a multiple of micro_batch_size 4 x world size 2"),
+    ({"global_batch_size": 13, "micro_batch_size": 4}, 2, "global_batch_size 13 must be a multiple of the world size 2"),
+    ({"micro_batch_size": 0}, 1, "micro_batch_size must be >= 1"),
     ({"dtype": "fp8"}, 1, "dtype must be one of"),
     ({"activation_checkpointing": "yes"}, 1, "activation_checkpointing must be"),
 ])
@@ -62,6 +63,24 @@ def test_config_problems(overrides, world, msg):
     assert len(problems) == 1 and re.search(msg, problems[0]), problems
     fine = Config(global_batch_size=16, micro_batch_size=4)
     assert wrpo_problems(fine) + config_problems(fine, 2) == []
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", ["wrpo.json", "wrpo_after_sft.json", "sft.json"])
+def test_demo_configs_fit_every_world_size(name, world):
+    """The card's own command, torchrun --nproc_per_node=8 wrpo.py --config=demo/wrpo.json, was refused because
+    micro_batch_size 8 x 8 ranks did not divide global_batch_size 16, though packing never uses it: a micro-batch
+    count that does not divide a rank's rows leaves a smaller last micro-batch instead."""
+    import data
+    import sft
+    from conftest import REPO
+
+    def sft_problems(c):
+        return data.settings_problems("sft", c.max_length, c.truncation, loss_on=c.loss_on)
+
+    cls, extra = (sft.Config, sft_problems) if name == "sft.json" else (Config, wrpo_problems)
+    cfg = parse_config(cls, [f"--config={REPO / 'demo' / name}"])
+    assert extra(cfg) + config_problems(cfg, world) == []
 
 
 def test_readme_documents_every_setting():

@@ -155,7 +155,7 @@ BAD = [
     # settings
     (["--beta=0"], "beta must be > 0"),
     (["--alpha=1.5"], r"alpha must be in \[0, 1\]"),
-    (["--global_batch_size=6", "--micro_batch_size=4"], "must be a multiple of micro_batch_size 4"),
+    (["--micro_batch_size=0"], "micro_batch_size must be >= 1"),
     (["--epochs=0"], "epochs must be >= 1"),
     (["--max_steps=0"], "max_steps must be -1"),
     (["--keep_last=-1"], "keep_last must be >= 0"),

@@ -1,0 +1,108 @@
+"""The trainers against a careless user (outside red team, round 3): inputs never destroyed, models and held-out
+sets never silently mixed up on resume. In-process runs of the demo model (world 1)."""
+
+import re
+import shutil
+
+import pytest
+
+from conftest import DEMO_MODEL, REPO
+
+SMALL = ["--global_batch_size=4", "--micro_batch_size=2", "--dtype=float32", "--save_dtype=float32",
+         "--max_length=128", "--max_prompt_length=96", "--lr=1e-3", "--save_every=2", "--log_every=1"]
+SFT = ["--global_batch_size=4", "--micro_batch_size=2", "--dtype=float32", "--save_dtype=float32",
+       "--max_length=128", "--lr=1e-3", "--save_every=2", "--data=demo/data/heldout.jsonl"]
+
+
+@pytest.fixture
+def rows(tmp_path):
+    """The first 48 demo rows, in a file of the test's own (its token cache beside it)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join((REPO / "demo/data/train.jsonl").read_text().splitlines()[:48]) + "\n")
+    return path
+
+
+def train(tmp_path, out, *extra, model=DEMO_MODEL, data=None, steps=4):
+    import wrpo
+
+    wrpo.main([*SMALL, f"--model={model}", f"--data={data}", f"--out_dir={out}", f"--max_steps={steps}",
+               f"--ref_cache_dir={tmp_path / 'ref'}", *extra])
+
+
+@pytest.mark.parametrize("given", ["--model=OUT/final", "--ref_model=OUT/final", "--model=OUT/step_000002",
+                                   "--model=OUT"])
+def test_overwrite_never_deletes_an_input_model(tmp_path, monkeypatch, rows, given):
+    """--overwrite drops out_dir's checkpoints and final/: a model given from inside out_dir (or out_dir itself) is
+    refused before anything is touched, naming both paths; it used to be deleted, then the run died."""
+    from training import ConfigError
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    train(tmp_path, out, data=rows)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    flag, path = given.replace("OUT", str(out)).split("=")
+    with pytest.raises(ConfigError, match=rf"out_dir {re.escape(str(out))} holds the input {re.escape(path)}|"
+                                          rf"out_dir {re.escape(str(out))} is also an input"):
+        train(tmp_path, out, "--overwrite=true", f"{flag}={path}", data=rows)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if "run.lock" not in p.name) == \
+        [p for p in before if "run.lock" not in p]
+
+
+def test_sft_refuses_an_out_dir_inside_its_model_or_data(tmp_path, monkeypatch):
+    import sft
+    from training import ConfigError
+
+    monkeypatch.chdir(REPO)
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, model)
+    with pytest.raises(ConfigError, match=rf"out_dir {re.escape(str(model / 'run'))} lies inside the input folder"):
+        sft.main([*SFT, f"--model={model}", f"--out_dir={model / 'run'}", "--max_steps=1"])
+    with pytest.raises(ConfigError, match="is also an input"):
+        sft.main([*SFT, f"--model={model}", "--out_dir=demo/data/heldout.jsonl", "--max_steps=1"])
+    assert not (model / "run").exists() and sorted(p.name for p in model.iterdir()) == \
+        sorted(p.name for p in DEMO_MODEL.iterdir())
+
+
+def test_resume_refuses_a_model_replaced_under_its_path_and_takes_it_by_another_path(tmp_path, monkeypatch, rows):
+    """Only the path string was compared: weights copied over the model's file were resumed from, and the reference
+    recomputed from them. Now the weights are compared (size and CRC-32 of each file); the same weights by another
+    path (relative for absolute) resume."""
+    from checkpoint import ResumeError
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(DEMO_MODEL, tmp_path / "m")
+    out = tmp_path / "out"
+    train(tmp_path, out, model="m", data=rows, steps=6)
+    shutil.rmtree(out / "final")  # as if killed after step 4's checkpoint
+    good = (tmp_path / "m" / "model.safetensors").read_bytes()
+    shutil.copy(out / "step_000002" / "model.safetensors", tmp_path / "m" / "model.safetensors")  # same shapes
+    with pytest.raises(ResumeError, match=r"model: the weights of m changed since the checkpoint \(size:CRC-32 of "
+                                          r"model.safetensors: \d+:\w{8} then, \d+:\w{8} now\)"):
+        train(tmp_path, out, "--resume=auto", model="m", data=rows, steps=6)
+    with pytest.raises(ResumeError, match=r"ref_model: the weights of \S+ changed"):
+        train(tmp_path, out, "--resume=auto", "--ref_model=m", model=DEMO_MODEL, data=rows, steps=6)
+    (tmp_path / "m" / "model.safetensors").write_bytes(good)
+    train(tmp_path, out, "--resume=auto", model=tmp_path / "m", data=rows, steps=6)  # absolute now, relative then
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_sft_resumed_with_another_eval_set_recomputes_before(tmp_path, monkeypatch, capsys):
+    """"before" is the held-out loss of the starting weights on this run's held-out set: a resume with another
+    --eval_data computes it (before loading the checkpoint) rather than print the old set's value as this one's."""
+    import sft
+
+    monkeypatch.chdir(REPO)
+    lines = (REPO / "demo/data/train.jsonl").read_text().splitlines()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(lines[:12]) + "\n")
+    b.write_text("\n".join(lines[12:20]) + "\n")
+
+    def before(out, *extra):
+        sft.main([*SFT, f"--out_dir={out}", "--max_steps=4", *extra])
+        return re.findall(r"held-out loss: (\S+) before", capsys.readouterr().out)[-1]
+
+    fresh_b = before(tmp_path / "fresh", f"--eval_data={b}")
+    out = tmp_path / "run"
+    before(out, f"--eval_data={a}")
+    shutil.rmtree(out / "final")  # killed after step 2's checkpoint
+    assert before(out, f"--eval_data={b}", "--resume=auto") == fresh_b
