@@ -50,7 +50,7 @@ def test_bad_json_config_value(tmp_path):
     ({"beta": 0.0}, 1, "beta must be > 0"),
     ({"alpha": 1.5}, 1, r"alpha must be in \[0, 1\]"),
     ({"alpha_schedule": "cosine"}, 1, "alpha_schedule must be"),
-    ({"global_batch_size": 13, "micro_batch_size": 4}, 2, "global_batch_size 13 must be a multiple of the world size 2"),
+    ({"global_batch_size": 13, "micro_batch_size": 4}, 2, "global_batch_size 13 must be a multiple of the world size"),
     ({"micro_batch_size": 0}, 1, "micro_batch_size must be >= 1"),
     ({"dtype": "fp8"}, 1, "dtype must be one of"),
     ({"activation_checkpointing": "yes"}, 1, "activation_checkpointing must be"),
