@@ -50,13 +50,12 @@ class TokenRows:
                                         SFT example is one piece
         firsts   int64 [n_rows + 1]     the first piece of each row
         scored   uint8 [n_tokens]       SFT only: 1 where the label is the token, 0 where it is IGNORE
-    tokens and scored may be slices of a cache file, read only as [start:end], a row at a time: a node's page cache
-    holds the file once for all its ranks. where: each row's file:line; skipped: the report of bad rows left out."""
+    where: each row's file:line; skipped: the report of bad rows left out."""
 
     def __init__(self, kind, arrays, where, prompt_ids, skipped=""):
         self.kind, self.arrays, self.where, self.prompt_ids, self.skipped = kind, arrays, where, prompt_ids, skipped
         self.tokens, self.scored = arrays["tokens"], arrays.get("scored")
-        self.offsets, self.firsts = np.asarray(arrays["offsets"][:]), np.asarray(arrays["firsts"][:])
+        self.offsets, self.firsts = arrays["offsets"], arrays["firsts"]
 
     def __len__(self):
         return len(self.where)
@@ -116,9 +115,8 @@ def fingerprint(rows, groups=None):
 
 
 def _pieces(a, n=1 << 24):
-    """An array, or a safetensors slice of one, in pieces of n elements along its first dimension."""
-    size = a.get_shape()[0] if hasattr(a, "get_shape") else len(a)
-    return (np.ascontiguousarray(a[i : min(i + n, size)]) for i in range(0, size, n))
+    """An array in pieces of n elements along its first dimension."""
+    return (np.ascontiguousarray(a[i : i + n]) for i in range(0, len(a), n))
 
 
 # --- the cache procedure
@@ -132,7 +130,8 @@ def cached(file, key, compute, what, report):
     3. If any rank has no such file (another node's cache, say), all compute it: compute() is collective and returns
        (arrays, metadata), the same on every rank. The first process of each node writes the node's copy, whole or
        not at all; a folder that cannot take it is reported, and costs only the next run the same compute.
-    4. Every rank then reads the written copy back: one copy per node in its page cache, not one per rank.
+    4. Every rank then reads the written copy back into its own memory: a file another process may rewrite in place
+       (cp over it) is never mapped, which would kill the run with SIGBUS when it shrinks.
     how: "cached" (read), "written" (computed, then read back) or "computed" (not cached).
     """
     found = _read(file, key, what, report) if file.exists() else None
@@ -160,10 +159,10 @@ def _write(file, key, arrays, metadata, what, report):
 
 
 def _read(file, key, what, report):
-    """(arrays as slices of the file, metadata), or None when it does not verify (reported)."""
+    """(arrays read into memory, metadata), or None when it does not verify (reported)."""
     try:
         with safe_open(file, framework="np") as f:
-            metadata, arrays = f.metadata() or {}, {k: f.get_slice(k) for k in f.keys()}
+            metadata, arrays = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
         crcs = json.loads(metadata.get("crc32", "{}"))
         problem = ("computed for another key" if metadata.get("key") != key else
                    next((f"{k} does not match its CRC-32" for k, a in arrays.items()

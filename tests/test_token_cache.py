@@ -1,5 +1,5 @@
-"""Tokenized rows held flat (tokens.TokenRows), shared by ranks, and cached in a file each node maps
-(training.load_cached, through tokens.cached: the procedure the reference log-probs' cache shares)."""
+"""Tokenized rows held flat (tokens.TokenRows), shared by ranks, and cached in a file each node writes once and each
+rank reads (training.load_cached, through tokens.cached: the procedure the reference log-probs' cache shares)."""
 
 import json
 import os
@@ -99,17 +99,33 @@ def test_the_cache_is_written_once_and_read_back(tmp_path, tokenizer):
     first = cached_rows(path, tokenizer, cache, said.append)
     (file,) = cache.glob("rows.jsonl.tokens-*.safetensors")
     assert "tokenized on 1 rank; cached in" in said[-1] and not list(cache.glob("*.tmp"))
-    assert not isinstance(first.tokens, np.ndarray)  # even the run that wrote it reads the rows off the file
     mtime = file.stat().st_mtime_ns
     again = cached_rows(path, tokenizer, cache, said.append)
     assert f"(cached: {file})" in said[-1] and file.stat().st_mtime_ns == mtime
-    assert not isinstance(again.tokens, np.ndarray)  # slices of the file, read a row at a time: never copied whole
     fresh = load_preference_rows(path, tokenizer, max_length=64, max_prompt_length=16)
     assert as_lists(again) == as_lists(first) == as_lists(fresh)
     assert tokens.fingerprint(again) == tokens.fingerprint(first) == tokens.fingerprint(fresh)
     assert batching.row_lengths(again, True) == batching.row_lengths(fresh, True)
     meta = safe_open(file, "np").metadata()  # the key it was computed for is in the file, and is checked
     assert file.name.split("-")[-1].split(".")[0] == meta["key"][:20] and meta["kind"] == "preference"
+    with open(file, "r+b") as f:  # cut in place (cp over it) while the rows are in use: a mapped file would SIGBUS
+        f.truncate(100)
+    assert as_lists(again) == as_lists(fresh)
+
+
+def test_another_files_cache_under_this_name_is_refused(tmp_path, tokenizer):
+    """The key a cache was computed for is in the file: b.jsonl's cache copied over a.jsonl's name is never read as
+    a.jsonl's rows (the red team saw b's rows trained as "48 rows from a.jsonl (cached)")."""
+    a = rows_file(tmp_path)
+    b = write_jsonl(tmp_path / "b.jsonl", [wrpo_row(f"Other {i}?", "Yes.", "No.", "Maybe.") for i in range(5)])
+    cache, said = tmp_path / "cache", []
+    cached_rows(a, tokenizer, cache)
+    cached_rows(b, tokenizer, cache)
+    (a_file,), (b_file,) = cache.glob("rows.jsonl.tokens-*"), cache.glob("b.jsonl.tokens-*")
+    shutil.copy(b_file, a_file)
+    rows = cached_rows(a, tokenizer, cache, said.append)
+    assert "damaged (computed for another key)" in said[0] and len(rows) == 12
+    assert as_lists(rows) == as_lists(load_preference_rows(a, tokenizer, max_length=64, max_prompt_length=16))
 
 
 @pytest.mark.parametrize("change", ["content", "settings", "template", "kind", "code", "path"])
