@@ -47,14 +47,20 @@ SYSTEM_HINT = ("this chat template takes no system turn (Gemma-2's and Mistral v
 
 # --- reading files: (file:line, record) pairs
 
-def data_files(path):
-    """The data files of `path`: the file itself, or a folder's .jsonl, .json and .parquet files, sorted.
-    DataError for a path that is missing, unreadable, an empty folder, or not a regular file."""
+SUFFIXES = (".jsonl", ".json", ".parquet")  # of data files, in any case (.JSONL too)
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
+
+
+def data_files(path, skipped=None):
+    """The data files of `path`: the file itself, or a folder's .jsonl, .json and .parquet files, sorted; the names of
+    the folder's other entries go to the list `skipped`. DataError for a path that is missing, unreadable, an empty
+    folder, or not a regular file."""
     path = Path(path)
     try:
         mode = path.stat().st_mode
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet")) \
-            if stat.S_ISDIR(mode) else [path]
+        entries = sorted(path.iterdir()) if stat.S_ISDIR(mode) else [path]
+        files = [p for p in entries if p.suffix.lower() in SUFFIXES or p == path]
+        skipped is None or skipped.extend(p.name for p in entries if p not in files)
         modes = [f.stat().st_mode for f in files]
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -75,7 +81,7 @@ def read_records(path, share=(0, 1)):
     of n contiguous shares of the records (a rank's), whose .jsonl lines outside it are counted, never parsed."""
     files, (k, n) = data_files(path), share
     try:
-        if n == 1 or any(f.suffix != ".jsonl" for f in files):  # whole files (.json, .parquet), then cut
+        if n == 1 or any(f.suffix.lower() != ".jsonl" for f in files):  # whole files (.json, .parquet), then cut
             records = [rec for f in files for rec in _read_file(f)]
             return records[len(records) * k // n : len(records) * (k + 1) // n]
         counts = [sum(1 for _ in _lines(f)) for f in files]
@@ -91,16 +97,19 @@ def read_records(path, share=(0, 1)):
 
 
 def _lines(path):
-    """(line number, bytes) of each record of a .jsonl file: its lines but blank ones (Unicode's whitespace too)."""
+    """(line number, bytes) of each record of a .jsonl file: its lines but blank ones (Unicode's whitespace too), and
+    without the byte-order mark some editors put at the start of a UTF-8 file."""
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
+            raw = raw.removeprefix(BOM) if i == 1 else raw
             if raw.decode("utf-8", "replace").strip():
                 yield i, raw
 
 
 def _read_file(path, keep=None):
     """The (where, record_or_RowError) of one data file; of a .jsonl file, only the records numbered in `keep`."""
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         out = []
         for k, (i, raw) in enumerate(_lines(path)):
             if keep is None or k in keep:
@@ -109,15 +118,15 @@ def _read_file(path, keep=None):
                 except RowError as e:
                     out.append((f"{path}:{i}", e))
         return out
-    if path.suffix == ".json":
+    if suffix == ".json":
         try:
-            rows = _parse_json(path.read_bytes(), "file")
+            rows = _parse_json(path.read_bytes().removeprefix(BOM), "file")
         except RowError as e:
             raise DataError(f"{path}:{e.line}: {e}" if e.line else f"{path}: {e}") from None
         if not isinstance(rows, list):
             raise DataError(f"{path}: a .json data file must hold a list of rows")
         return [(f"{path}:row {i}", r) for i, r in enumerate(rows)]
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:

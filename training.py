@@ -381,7 +381,7 @@ def load_cached(load, path, tokenizer, folder, report=print, **settings):
     settings_used = {k: v for k, v in bound.arguments.items() if k not in ("path", "tokenizer", "report", "hint")}
     for part in [load.__name__, json.dumps(settings_used), str(path), tokens.tokenizer_digest(tokenizer),
                  transformers.__version__, tokenizers.__version__, Path(data.__file__), Path(tokens.__file__),
-                 *data.data_files(path)]:
+                 *(files := data.data_files(path, skipped := []))]:
         if isinstance(part, Path):  # a file's name and content
             h.update(part.name.encode() + b":")
             with open(part, "rb") as f:
@@ -396,4 +396,8 @@ def load_cached(load, path, tokenizer, folder, report=print, **settings):
     tokenized = f"tokenized on {world} rank{'s' if world > 1 else ''}"
     how = {"cached": f"cached: {file}", "written": f"{tokenized}; cached in {file}", "computed": tokenized}[how]
     report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s ({how})")
+    if Path(path).is_dir():  # a folder: name what was read, and what was not
+        others = [n for n in skipped if ".tokens-" not in n and ".ref-logps-" not in n]  # (not the caches in it)
+        report(f"data: read {', '.join(f.name for f in files)} from {path}" +
+               (f"; skipped {', '.join(others)} (not .jsonl, .json or .parquet)" if others else ""))
     return rows

@@ -106,3 +106,38 @@ def test_sft_resumed_with_another_eval_set_recomputes_before(tmp_path, monkeypat
     before(out, f"--eval_data={a}")
     shutil.rmtree(out / "final")  # killed after step 2's checkpoint
     assert before(out, f"--eval_data={b}", "--resume=auto") == fresh_b
+
+
+def test_a_data_folder_takes_any_case_and_names_every_file(tmp_path, tokenizer):
+    """a.jsonl + b.JSONL: b.JSONL was left out without a word (24 rows of 48 trained). Now suffixes match in any
+    case, and the files read and skipped are named (not the caches written beside them)."""
+    import data
+    import training
+
+    lines = (REPO / "demo/data/train.jsonl").read_text().splitlines()
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    (folder / "b.JSONL").write_text("\n".join(lines[24:48]) + "\n")
+    (folder / "notes.txt").write_text("not data\n")
+    for _ in range(2):  # the second run reads the cache written in the folder by the first
+        said = []
+        rows = training.load_cached(data.load_preference_rows, folder, tokenizer, "", report=said.append,
+                                    max_length=128, max_prompt_length=96)
+        assert len(rows) == 48
+        assert said[-1] == f"data: read a.jsonl, b.JSONL from {folder}; skipped notes.txt (not .jsonl, .json or " \
+            ".parquet)"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_byte_order_mark_at_the_start_of_a_data_file_is_accepted(tmp_path, tokenizer, suffix):
+    import json
+
+    import data
+
+    lines = (REPO / "demo/data/train.jsonl").read_text().splitlines()[:3]
+    text = "\n".join(lines) + "\n" if suffix == ".jsonl" else json.dumps([json.loads(x) for x in lines])
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    rows = data.load_preference_rows(path, tokenizer, max_length=128, max_prompt_length=96)
+    assert len(rows) == 3
