@@ -298,6 +298,8 @@ def cli(main):
         code = report(f"error: {e}", 3)
     except Preempted as e:
         code = report(str(e), 128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (data, the reference pass), or a third one inside
+        code = report("stopped by SIGINT (Ctrl-C); nothing saved since the last checkpoint", 128 + signal.SIGINT)
     if code:
         sys.exit(code)  # an error: through the interpreter's teardown (see exit_process)
     exit_process(0)

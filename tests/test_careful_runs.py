@@ -141,3 +141,28 @@ def test_a_byte_order_mark_at_the_start_of_a_data_file_is_accepted(tmp_path, tok
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     rows = data.load_preference_rows(path, tokenizer, max_length=128, max_prompt_length=96)
     assert len(rows) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_before_training_is_one_line(tmp_path):
+    """Ctrl-C during the reference pass (or the data loading before it) gave a KeyboardInterrupt traceback; now one
+    line and exit 130, as a signal during training does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    lines = (REPO / "demo/data/train.jsonl").read_text().splitlines()
+    (tmp_path / "big.jsonl").write_text("\n".join(lines * 4) + "\n")  # a reference pass of some seconds
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "wrpo.py", f"--data={tmp_path / 'big.jsonl'}", "--dtype=float32",
+                             f"--out_dir={tmp_path / 'out'}", f"--ref_cache_dir={tmp_path}", "--max_steps=2"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "training rows" in line:  # printed just before the reference pass starts
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "stopped by SIGINT (Ctrl-C); nothing saved" in err
+    assert not list(tmp_path.glob("*.ref-logps-*"))  # no reference cache half written
