@@ -59,7 +59,7 @@ def start_run(cfg, problems=(), other_models=None):
     or file written."""
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
-    problems = list(problems) + config_problems(cfg, world)
+    problems = list(problems) + config_problems(cfg, world) + unavailable(cfg, device)
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
     out_dir = Path(cfg.out_dir)
@@ -94,6 +94,26 @@ def start_run(cfg, problems=(), other_models=None):
         {"shared_prompt": shared_prompt} if hasattr(cfg, "shared_prompt") else {})
     return Run(rank, world, device, mesh, out_dir, model_path, tokenizer, pad_id, resume_from, attn, shared_prompt,
                varlen, settings, models, {k: identities[p] for k, p in models.items()})
+
+
+def unavailable(cfg, device):
+    """The implementations asked for that cannot run here, each naming what can: checked at start, where they failed
+    when the model loaded (flash_attention_2 on CPU), at its first compile (flex_attention has no CPU backward) or at
+    the first step (triton without a GPU)."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_triton_available
+
+    problems, attn, here = [], cfg.attn_implementation, "a GPU" if device.type == "cuda" else device.type.upper()
+    if device.type != "cuda" and attn not in ("auto", attention.NAME, "sdpa", "eager"):
+        problems.append(f"attn_implementation {attn} does not run on {here}: use auto, {attention.NAME}, sdpa or eager")
+    elif attn in ("flash_attention_2", "flash_attention_3") and not (
+            is_flash_attn_2_available() if attn == "flash_attention_2" else is_flash_attn_3_available()):
+        problems.append(f"attn_implementation {attn}: its package is not installed (flash-attn); use auto, "
+                        f"{attention.NAME}, sdpa, eager or flex_attention")
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"  # (tests: fp32 on CPU)
+    if cfg.logps_impl == "triton" and not (is_triton_available() and (device.type == "cuda" or interpreted)):
+        problems.append(f"logps_impl triton needs a GPU and the triton package (here: {here}); use auto, chunked or "
+                        "naive")
+    return problems
 
 
 def resolve_attention(cfg, model_path, device):

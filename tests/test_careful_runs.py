@@ -166,3 +166,21 @@ def test_ctrl_c_before_training_is_one_line(tmp_path):
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "stopped by SIGINT (Ctrl-C); nothing saved" in err
     assert not list(tmp_path.glob("*.ref-logps-*"))  # no reference cache half written
+
+
+@pytest.mark.parametrize("flag,said", [
+    ("--attn_implementation=flash_attention_2", "attn_implementation flash_attention_2 does not run on CPU: use auto"),
+    ("--attn_implementation=flex_attention", "attn_implementation flex_attention does not run on CPU"),
+    ("--logps_impl=triton", r"logps_impl triton needs a GPU and the triton package \(here: CPU\)"),
+])
+def test_an_implementation_this_machine_lacks_is_refused_at_start(tmp_path, monkeypatch, flag, said):
+    """They failed later with a traceback: an ImportError as the model loaded, a compile error, "0 active drivers" at
+    the first step. (The tests' TRITON_INTERPRET=1, which runs the kernel on CPU in fp32, is unset here.)"""
+    import wrpo
+    from training import ConfigError
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=said):
+        wrpo.main([flag, f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
+    assert not (tmp_path / "out").exists()  # refused before out_dir was made
