@@ -195,13 +195,35 @@ def _lock(path):
     _locks[str(path)] = f
 
 
+def lock_lost():
+    """Why this process's out_dir lock no longer guards out_dir, or None: its file was removed or replaced (rm
+    run.lock), so that a second run may be starting in out_dir. Checked every step (stop_requested)."""
+    for path, f in _locks.items():
+        if _same_file(path, f) is False:
+            return (f"{path} was removed or replaced while this run held it: another run may be writing into "
+                    f"{Path(path).parent}; stopped without saving (resume later from its newest checkpoint)")
+    return None
+
+
+def _same_file(path, f):
+    """Whether `path` is still the open file f: True, False (gone or another), or None (a file system without
+    inode numbers to tell)."""
+    try:
+        st, mine = os.stat(path), os.fstat(f.fileno())
+    except FileNotFoundError:
+        return False
+    return None if not st.st_ino else (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
 @atexit.register
 def release_locks():
-    """At exit (or after a run called in-process): remove each lock file, then let go of its lock (in this order, so
-    that no other run ever locks a file about to disappear)."""
+    """At exit (or after a run called in-process): remove each lock file still this run's (another run took over one
+    removed from under it), then let go of its lock (in this order, so that no other run ever locks a file about to
+    disappear)."""
     while _locks:
-        _, f = _locks.popitem()
-        Path(f.name).unlink(missing_ok=True)
+        path, f = _locks.popitem()
+        if _same_file(path, f) is not False:
+            Path(path).unlink(missing_ok=True)
         f.close()
 
 
@@ -285,16 +307,19 @@ def stop_signals(rank):
 
 
 def stop_requested(received, device):
-    """The signal number if any rank received SIGTERM, SIGINT or SIGHUP (its launcher died), else 0. Collective: all
-    ranks stop together."""
+    """The signal number if any rank received SIGTERM, SIGINT or SIGHUP (its launcher died), else 0; TrainingError
+    when the out_dir lock was lost (lock_lost). Collective: all ranks stop together."""
     # the launcher is gone: on Linux the kernel's SIGHUP says so; this check, everywhere else
     if not received and _launcher is not None and os.getppid() != _launcher:
         if os.environ.get("LOCAL_RANK") == "0":
             print(f"the launcher (pid {_launcher}) is gone; saving after this step", file=sys.stderr, flush=True)
         received.append(signal.SIGHUP)
-    signum = torch.tensor(float(received[0] if received else 0), device=device)
+    lost = lock_lost()  # (rank 0 holds the lock) out_dir is no longer this run's alone: stop, saving nothing
+    signum = torch.tensor([float(received[0] if received else 0), float(lost is not None)], device=device)
     dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-    return int(signum.item())
+    if signum[1]:
+        raise TrainingError(lost or "out_dir's lock was lost on rank 0; stopped without saving")
+    return int(signum[0].item())
 
 
 def cli(main):

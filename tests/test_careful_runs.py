@@ -184,3 +184,40 @@ def test_an_implementation_this_machine_lacks_is_refused_at_start(tmp_path, monk
     with pytest.raises(ConfigError, match=said):
         wrpo.main([flag, f"--out_dir={tmp_path / 'out'}", "--max_steps=1"])
     assert not (tmp_path / "out").exists()  # refused before out_dir was made
+
+
+def test_a_lock_file_removed_or_replaced_is_noticed_and_never_unlinked_for_its_new_owner(tmp_path):
+    """rm OUT/run.lock let a second run in beside a live one, and the first, at exit, unlinked the second's lock."""
+    import lifecycle
+    from fsdp_utils import init_distributed
+
+    init_distributed()  # (a world of one, as a plain `python wrpo.py`)
+    lifecycle.lock_out_dir(tmp_path)
+    assert lifecycle.lock_lost() is None
+    (tmp_path / "run.lock").unlink()
+    assert "run.lock was removed or replaced while this run held it" in lifecycle.lock_lost()
+    (tmp_path / "run.lock").write_text("pid 1 on host other: a second run\n")  # the second run's new lock file
+    assert "removed or replaced" in lifecycle.lock_lost()
+    lifecycle.release_locks()
+    assert (tmp_path / "run.lock").read_text() == "pid 1 on host other: a second run\n"
+
+
+@pytest.mark.slow
+def test_a_run_whose_lock_is_removed_stops_without_saving(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "wrpo.py", *SMALL, "--max_steps=100", "--save_every=1000",
+                             f"--out_dir={out}", f"--ref_cache_dir={tmp_path}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            (out / "run.lock").unlink()
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    assert f"{out / 'run.lock'} was removed or replaced while this run held it" in err and "Traceback" not in err
+    assert not list(out.glob("step_*")) and not (out / "final").exists()
