@@ -33,6 +33,7 @@ from fsdp_utils import DTYPES, is_master, on_every_rank, print0, weight_files, w
 
 STATE_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"step_(\d{6,})")
+SET_ASIDE = re.compile(r"step_(\d{6,})\.(damaged|abandoned)")  # never resumed from; pruned as they age
 
 
 class ResumeError(ValueError):
@@ -382,17 +383,22 @@ def set_aside(folder, suffix):
 
 def prune(out_dir, newest, keep_last):
     """After checkpoint `newest` completed: drop complete ones beyond the newest keep_last (0: keep all), incomplete
-    ones older than it, and set aside newer ones (step_N.abandoned): a run this one resumed before them left them."""
+    ones older than it, and set aside newer ones (step_N.abandoned): a run this one resumed before them left them.
+    Folders set aside (damaged, abandoned) go once older than every checkpoint kept, as those they outlived."""
     complete = []
     for step, folder in step_checkpoints(out_dir):
         if step > newest:
             set_aside(folder, ".abandoned")
         elif checkpoint_problem(folder) is None:
-            complete.append(folder)
+            complete.append((step, folder))
         elif step < newest:
             shutil.rmtree(folder)
-    for folder in complete[: -keep_last] if keep_last else []:
+    for _, folder in complete[: -keep_last] if keep_last else []:
         shutil.rmtree(folder)
+    oldest_kept = complete[-keep_last:][0][0] if keep_last and complete else 0
+    for folder in Path(out_dir).glob("step_*.*"):
+        if (m := SET_ASIDE.fullmatch(folder.name)) and int(m.group(1)) < oldest_kept:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- writes that all ranks agree on, whole or not at all

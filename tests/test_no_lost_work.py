@@ -249,6 +249,20 @@ def test_prune_drops_the_checkpoints_of_an_abandoned_timeline(base, tmp_path):
     assert sorted(p.name for p in out.glob("step_*")) == ["step_000002", "step_000004.abandoned"]  # kept, aside
 
 
+def test_folders_set_aside_are_pruned_once_older_than_every_checkpoint_kept(base, tmp_path):
+    """step_N.damaged (and .abandoned) folders were never removed: a long run with a damaged checkpoint kept its copy
+    forever. They now go as the checkpoints they outlived do (keep_last)."""
+    import checkpoint
+
+    out = copy_run(base, tmp_path)
+    for name in ("step_000001.damaged", "step_000003.damaged", "step_000003.abandoned", "step_000005.damaged"):
+        shutil.copytree(out / "step_000002", out / name)
+    checkpoint.prune(out, 4, keep_last=1)
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000004", "step_000005.damaged"]
+    checkpoint.prune(out, 4, keep_last=0)  # keep all: nothing more goes
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000004", "step_000005.damaged"]
+
+
 # -----------------------------------------------------------------------------
 # 4. one run per out_dir, and no worker outlives its launcher
 
