@@ -46,7 +46,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    global_batch_size: int = 128  # examples per optimizer step = micro_batch_size * grad_accum * world
+    global_batch_size: int = 128  # examples per optimizer step, split evenly over the ranks
     micro_batch_size: int = 1  # examples per rank per forward pass (WRPO's packing: per evaluation pass only)
     epochs: int = 1
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
