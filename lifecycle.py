@@ -327,9 +327,10 @@ def cli(main):
     quiet = os.environ.get("RANK", "0") != "0"
 
     def report(message, code, out=sys.stderr):
-        # torchrun sends SIGTERM to the others as soon as one worker exits: rank 0 finishes its message first
+        # torchrun sends SIGTERM to the others as soon as one worker exits: rank 0 finishes its message first, and
+        # the quiet ranks, which met the same error, give it the time to get there (it may lag on a busy host)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        quiet or print(message, file=out, flush=True)
+        print(message, file=out, flush=True) if not quiet else code and time.sleep(3)
         return code
 
     try:
