@@ -330,7 +330,10 @@ def cli(main):
         # torchrun sends SIGTERM to the others as soon as one worker exits: rank 0 finishes its message first, and
         # the quiet ranks, which met the same error, give it the time to get there (it may lag on a busy host)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(message, file=out, flush=True) if not quiet else code and time.sleep(3)
+        if not quiet:
+            print(message, file=out, flush=True)
+        elif code:
+            time.sleep(3)
         return code
 
     try:
