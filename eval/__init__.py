@@ -11,8 +11,10 @@
 
 judge (but for its rm mode), plot and questions do not import torch: they run where only the standard library
 and numpy are installed. Every script opens the inputs and outputs a user names through the helpers below: an input
-is read only when it is a regular file (a FIFO would block, a folder is none), an output is checked before any work
-and written whole or not at all, never over a folder.
+is read only when it is a regular file (a FIFO would block, a folder is none; a UTF-8 byte-order mark is dropped),
+the outputs are checked before any work (outputs_problem: none is, holds or lies inside an input, none is a folder
+or a FIFO) and written whole or not at all, never over a folder. A model is loaded only after the one loading rule
+(eval.common.local_model). Ctrl-C is one line and exit 130 (cli).
 """
 
 import os
@@ -27,48 +29,71 @@ def fail(message):
     sys.exit(2)
 
 
-def read_input(path):
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors put first: accepted, and not part of the text
+
+
+def read_input(path, errors="strict"):
     """The text of the input file `path`, or fail() saying why not: missing, not a regular file (never opened: a FIFO
-    would block), unreadable, or not UTF-8."""
+    would block), unreadable, or not UTF-8 (errors="replace": bad bytes read as U+FFFD, for files a crash may have
+    torn mid-character). A leading UTF-8 byte-order mark is dropped."""
     path = Path(path)
     try:
         if not stat.S_ISREG(path.stat().st_mode):
             fail(f"cannot read {path}: not a regular file")
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         fail(f"cannot read {path}: {e.strerror or e}")
+    skip = len(BOM) if raw.startswith(BOM) else 0
+    try:
+        return raw[skip:].decode("utf-8", errors)
     except UnicodeDecodeError as e:
-        fail(f"{path}: not UTF-8 text (byte {e.start + 1})")
+        fail(f"{path}: not UTF-8 text (byte {skip + e.start + 1})")
 
 
-def output_problem(path, overwrite=True, what="give the file to write"):
-    """Why `path` cannot be an output file, or None; checked before any work. A folder in its place is never removed;
-    a file there is replaced only with overwrite."""
+def output_problem(path, overwrite=True, what="give the file to write", folder=False):
+    """Why `path` cannot be an output file (folder=True: an output folder), or None; checked before any work. A folder
+    in a file's place is never removed, nor a file in a folder's; a FIFO or a device is no output (a resume would read
+    it, and block); a file there is replaced only with overwrite."""
     path = Path(path)
     try:
-        if path.is_dir():
-            return f"{path} is a folder; {what}"
-        if path.exists() and not overwrite:
-            return f"{path} exists; pass --overwrite to replace it"
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # a new file (the write says it if a file is on the way)
+        return None
     except OSError as e:  # a folder on the way that may not be looked into
         return f"cannot write {path} ({e.strerror or e})"
-    return None
+    if folder:
+        return None if stat.S_ISDIR(mode) else f"{path} is {kind(mode)}; {what}"
+    if not stat.S_ISREG(mode):
+        return f"{path} is {kind(mode)}; {what}"
+    return None if overwrite else f"{path} exists; pass --overwrite to replace it"
+
+
+def kind(mode):
+    """What a file of st_mode `mode` is, in words: 'a file', 'a folder', 'a FIFO', ..."""
+    return "a file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode) else \
+        "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
 
 
 def path_clash(outputs, inputs):
     """Why writing `outputs` (files or folders) could destroy or feed on `inputs`, or None: an output that is an input
     (by any path: links are followed), holds one in its folder, or lies inside an input folder. Checked before any
-    work, by every script and by the trainers; paths that do not exist yet compare by their resolved names."""
+    work, by every script and by the trainers; paths that do not exist yet compare by their resolved names (a path
+    that cannot name a file, with a NUL byte in it say, clashes with none: its own checks refuse it)."""
+    def resolved(paths):
+        for p in map(Path, filter(None, paths)):
+            try:
+                yield p, p.resolve()
+            except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+                pass
+
     def same(a, b):
         try:
             return a.samefile(b)
-        except OSError:  # one does not exist
+        except (OSError, ValueError):  # one does not exist
             return a == b
 
-    for out in map(Path, filter(None, outputs)):
-        o = out.resolve()
-        for given in map(Path, filter(None, inputs)):
-            i = given.resolve()
+    for out, o in resolved(outputs):
+        for given, i in resolved(inputs):
             if same(o, i):
                 return f"{out} is also an input ({given}); give the output another path"
             if o in i.parents:
@@ -76,6 +101,30 @@ def path_clash(outputs, inputs):
             if i in o.parents:
                 return f"{out} lies inside the input folder {given}; give the output a path outside it"
     return None
+
+
+def outputs_problem(outputs, inputs, overwrite=True, what="give the file to write"):
+    """Why the files `outputs` cannot be written, or None: the first of path_clash (an output that is, holds or lies
+    inside an input) and each output's output_problem. Every script checks this before any work; None entries are
+    left out (an optional path not given)."""
+    outputs = [o for o in outputs if o]
+    return path_clash(outputs, inputs) or next(filter(None, (output_problem(o, overwrite, what) for o in outputs)),
+                                               None)
+
+
+def cli(main):
+    """`python -m eval.NAME`: main(the command line arguments); Ctrl-C ends it at once with one line (from rank 0) and
+    exit status 130 (128 + SIGINT, as a shell reports it), never a KeyboardInterrupt traceback. Every file is closed
+    by then (the `with` blocks unwound; outputs are whole or absent): a rerun of generate, score or answers resumes
+    what the part files hold."""
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # now: not after the judge's requests in flight (its threads), nor the teardown of torch's
 
 
 def write_output(path, write):

@@ -21,21 +21,22 @@ The question files are the benchmarks' own (download them; their paths are argum
   [{content, token_len}]}], tstamp, conv_metadata: {token_len, header_count, list_count,
   bold_count}}; token_len counts the model's own tokens (the official script uses tiktoken's).
 
-Every answer row also records the decoding settings (`generation`). The model's chat template
+Every answer row also records how it was made (`generation`): {temperature, top_p, max_new_tokens, seed, dtype,
+weights} (weights: eval.common.weights_id, a digest of the model's weight files). The model's chat template
 renders each conversation; batches are left-padded; a rerun skips the questions already answered
-(eval/common.py).
+(eval/common.py) by the same model (weights, name) with the same settings, and stops, naming what differs,
+at an answer made otherwise; --overwrite starts over instead.
 """
 
 import argparse
 import hashlib
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
-from eval import fail, output_problem
-from eval.common import done_rows, generate, load_for_eval, merge, model_name, write_rows
+from eval import cli, fail, outputs_problem
+from eval.common import generate, load_for_eval, local_model, merge, model_name, resumed_rows, weights_id, write_rows
 from eval.questions import read_questions
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
@@ -60,6 +61,8 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--trust_remote_code", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over: drop the answers already in --out (by default a rerun resumes them)")
     args = ap.parse_args(argv)
     if args.max_new_tokens is None:
         args.max_new_tokens = 1024 if args.benchmark == "mtbench" else 2048
@@ -103,34 +106,45 @@ KEYS = {"alpaca": "instruction", "mtbench": "question_id", "arenahard": "questio
 def main(argv):
     args = parse_args(argv)
     rank, world, device, _ = init_distributed()
-    questions = read_questions(args.benchmark, args.questions)
     out, key = Path(args.out), KEYS[args.benchmark]
-    if problem := output_problem(out):
+    if problem := outputs_problem([out], [args.questions, args.model]):
         fail(problem)
     if args.benchmark == "alpaca" and out.suffix != ".json":
         fail("AlpacaEval reads a JSON list: give --out a .json name (e.g. model_outputs.json)")
-    done = done_rows(out, key)
-    todo = [q for i, q in enumerate(questions) if i % world == rank and q["id"] not in done]
-    print0(f"{args.benchmark}: {len(questions)} questions, {len(done)} already answered; {world} rank(s)")
-
-    from transformers import AutoModelForCausalLM
-
-    model, tokenizer = load_for_eval(args.model, AutoModelForCausalLM, what="model", padding_side="left",
-                                     dtype=DTYPES[args.dtype], device=device, trust_remote_code=args.trust_remote_code)
+    questions = read_questions(args.benchmark, args.questions)
+    local = local_model(args.model, what="model", trust_remote_code=args.trust_remote_code)
     model_id = args.model_id or model_name(args.model)
+    fixed = {"top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed, "dtype": args.dtype,
+             "weights": weights_id(local)}
+    by_id = {q["id"]: q for q in questions}
 
     def temperature(q):
         if args.temperature is not None:
             return args.temperature
         return MTBENCH_TEMPERATURE.get(q["category"], 0.7) if args.benchmark == "mtbench" else 0.0
 
+    def settings(t):
+        return {"temperature": t, **fixed}
+
+    def made_with(row):  # (a question no longer in the file: its answer's own temperature is taken as asked)
+        q = by_id.get(row[key])
+        t = temperature(q) if q else (row.get("generation") or {}).get("temperature")
+        return {"generator" if args.benchmark == "alpaca" else "model_id": model_id, "generation": settings(t)}
+
+    done = resumed_rows(out, key, made_with, args.overwrite)
+    todo = [q for i, q in enumerate(questions) if i % world == rank and q["id"] not in done]
+    print0(f"{args.benchmark}: {len(questions)} questions, {len(done)} already answered; {world} rank(s)")
+
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = load_for_eval(local, AutoModelForCausalLM, what="model", padding_side="left",
+                                     dtype=DTYPES[args.dtype], device=device, trust_remote_code=args.trust_remote_code)
+
     def rows_of(chunk):
         """Answer a chunk of questions turn by turn; each later turn follows the model's own answers."""
         rows = []
         for t in sorted({temperature(q) for q in chunk}):  # one generate call per temperature
             group = [q for q in chunk if temperature(q) == t]
-            settings = {"temperature": t, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                        "seed": args.seed, "dtype": args.dtype}
             convs, replies = [[] for _ in group], [[] for _ in group]
             for turn in range(max(len(q["turns"]) for q in group)):
                 active = [i for i, q in enumerate(group) if turn < len(q["turns"])]
@@ -141,7 +155,7 @@ def main(argv):
                 for i, (text,) in zip(active, texts):
                     convs[i].append({"role": "assistant", "content": text})
                     replies[i].append(text)
-            rows += [answer_row(args.benchmark, q, r, model_id, settings, tokenizer) for q, r in zip(group, replies)]
+            rows += [answer_row(args.benchmark, q, r, model_id, settings(t), tokenizer) for q, r in zip(group, replies)]
         order = {q["id"]: i for i, q in enumerate(chunk)}
         return sorted(rows, key=lambda r: order[r[key]])
 
@@ -154,5 +168,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)
     exit_process(0)  # not the interpreter's teardown: see fsdp_utils.exit_process

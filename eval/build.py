@@ -7,15 +7,17 @@ Input: eval/score.py's rows ({"prompt_id", "prompt", "responses", "scores", "mod
 source model and one for the SFT target's own samples. y_ws is the best-scored response over every
 source file; y_wt and y_l the best and worst of the target's. Prints the rows kept and dropped, the
 mean score of each role and how often each source model supplied y_ws.
+
+A prompt_id names one prompt: rows (of any file, source or target) that give one prompt_id two different
+prompts are refused, by file:line, naming both texts; never a y_ws answering another prompt.
 """
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 from data import DataError, RowError, prompt_messages, valid_text
-from eval import fail, output_problem
+from eval import cli, fail, outputs_problem
 from eval.common import convert_rows, prompt_id_of, write_jsonl
 
 HINT = "fix or remove them; nothing was written"
@@ -30,8 +32,32 @@ def finite_number(x):
         return False
 
 
-def read_scored(path):
-    """Scored samples (eval/score.py): {prompt_id: (prompt, [(score, text, model)...])}, every row checked."""
+def shortened(messages, width=60):
+    """A prompt in a few words, for messages: its turns' text, cut to `width` characters."""
+    text = " / ".join(" ".join(m["content"].split()) for m in messages)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def same_prompt(pid, known, messages, where):
+    """DataError unless prompt `messages` (at file:line `where`) is the one prompt_id `pid` already names: `known`,
+    (messages, file:line). A prompt_id names one prompt, or the rows built from it answer another."""
+    if known[0] != messages:
+        raise DataError(f"{where}: prompt_id {pid!r} names two different prompts: {shortened(known[0])!r} at "
+                        f"{known[1]} and {shortened(messages)!r} here; give each prompt its own prompt_id")
+
+
+def add_prompt(table, pid, prompt, where, samples):
+    """table[pid] = (prompt messages, where it was first seen, samples), the samples of rows with the same prompt_id
+    gathered, their prompt the same (same_prompt)."""
+    messages = prompt_messages(prompt)
+    known = table.setdefault(pid, (messages, where, []))
+    same_prompt(pid, known, messages, where)
+    known[2].extend(samples)
+
+
+def read_scored(path, table=None):
+    """Scored samples (eval/score.py) added to `table`: {prompt_id: (prompt messages, file:line, [(score, text,
+    model)...])}, every row checked, one prompt per prompt_id (add_prompt)."""
     def checked(rec, where):
         if not isinstance(rec, dict):
             raise RowError(f"row must be a JSON object, got {type(rec).__name__}")
@@ -49,12 +75,12 @@ def read_scored(path):
         if not isinstance(scores, list) or len(scores) != len(texts) or not all(map(finite_number, scores)):
             raise RowError(f"scores must be a list of {len(texts)} finite numbers, one per response")
         model = valid_text(str(rec.get("model", Path(path).stem)), "model")
-        return pid, rec["prompt"], [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
+        return pid, rec["prompt"], where, [(float(x), t, model) for x, t in zip(scores, texts) if t.strip()]
 
-    out = {}  # empty responses (a sample that stopped at once) are left out: no row may hold one
-    for pid, prompt, samples in convert_rows(path, checked, hint=HINT):
-        out.setdefault(pid, (prompt, []))[1].extend(samples)  # a prompt may come in several rows
-    return out
+    table = {} if table is None else table  # empty responses (a sample that stopped at once) are left out
+    for pid, prompt, where, samples in convert_rows(path, checked, hint=HINT):
+        add_prompt(table, pid, prompt, where, samples)  # a prompt may come in several rows
+    return table
 
 
 def read_prompt_ids(path):
@@ -80,7 +106,7 @@ def best_source(samples, stats):
 def sft_rows(source, keep, stats):
     """A chat row prompt + y_ws for each source prompt (in keep, unless keep is None)."""
     rows = []
-    for pid, (prompt, samples) in source.items():
+    for pid, (prompt, _, samples) in source.items():
         if keep is not None and pid not in keep:
             stats["not_in_prompts"] += 1
             continue
@@ -93,7 +119,7 @@ def sft_rows(source, keep, stats):
 def wrpo_rows(source, target, keep, stats):
     """A WRPO row for each target prompt with source responses and a preference among its samples."""
     rows = []
-    for pid, (prompt, samples) in target.items():
+    for pid, (prompt, _, samples) in target.items():
         if keep is not None and pid not in keep:
             stats["not_in_prompts"] += 1
             continue
@@ -107,7 +133,7 @@ def wrpo_rows(source, target, keep, stats):
         if hi[0] == lo[0]:
             stats["tied"] += 1
             continue
-        ws = best_source(source[pid][1], stats)
+        ws = best_source(source[pid][2], stats)
         for role, score in (("y_wt", hi[0]), ("y_l", lo[0])):
             stats["scores"][role] = stats["scores"].get(role, 0.0) + score
         rows.append({"prompt_id": pid, "prompt": prompt_messages(prompt),
@@ -128,16 +154,19 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
     eval.split) restricts the output to those prompts.
     """
     out = Path(out)
-    if problem := output_problem(out, overwrite, "--out is the .jsonl file to write"):
+    if problem := outputs_problem([out], [*sources, target, prompts], overwrite, "--out is the .jsonl file to write"):
         raise DataError(problem)
     source = {}
     for path in sources:
-        for pid, (prompt, samples) in read_scored(path).items():
-            if samples:
-                source.setdefault(pid, (prompt, []))[1].extend(samples)
+        read_scored(path, source)
+    own = read_scored(target) if target else {}  # the target's samples
+    for pid, (prompt, where, _) in own.items():  # y_ws must answer the target's prompt
+        if pid in source:
+            same_prompt(pid, source[pid], prompt, where)
+    source = {pid: entry for pid, entry in source.items() if entry[2]}  # (a prompt without a non-empty response)
     keep = None if prompts is None else read_prompt_ids(prompts)
     stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "wins": {}, "scores": {}}
-    rows = wrpo_rows(source, read_scored(target), keep, stats) if target else sft_rows(source, keep, stats)
+    rows = wrpo_rows(source, own, keep, stats) if target else sft_rows(source, keep, stats)
     dropped = (f"{stats['no_source']} without source responses, {stats['tied']} without a target preference "
                f"(tied, or < 2 samples), {stats['not_in_prompts']} outside --prompts")
     if not rows:
@@ -170,4 +199,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -4,7 +4,10 @@ generation, and resumable multi-rank output.
 Output: each rank appends its finished rows (one per prompt) to its own part file beside the output, so
 a crash loses at most the batch in flight; a rerun reads back what exists (the output and any
 part files, of any world size) and skips those prompts; at the end rank 0 merges everything into
-the output, written beside it and renamed, and removes the parts. Rows are keyed by `prompt_id`
+the output, written beside it and renamed, and removes the parts. A row is kept only if it was made as
+this run would make it (resumed_rows): each row records its settings and the weights_id of its model (and
+a scored row the responses it scored), and a rerun whose settings, model or input differ from any row's
+refuses, naming what differs, unless --overwrite (start over). Rows are keyed by `prompt_id`
 (or another field, e.g. a benchmark's `question_id`); an output ending in .json is one JSON
 list (AlpacaEval's format), any other JSON lines.
 """
@@ -34,21 +37,40 @@ def convert_rows(path, convert, skip_invalid=False, report=print, hint="fix or r
     return out
 
 
-def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
-    """(model, tokenizer) for inference, or a one-line error: a bad path, a tokenizer without a chat
-    template, or a folder that breaks the loading rule of every script (fsdp_utils.loading_problem:
-    safetensors weights only, shipped code only with --trust_remote_code).
-    """
-    from transformers import AutoTokenizer
-
+def local_model(path, *, what, trust_remote_code):
+    """The local folder of model `path` (a hub id's snapshot is downloaded), or a one-line error: a bad path, or a
+    folder that breaks the loading rule of every script (fsdp_utils.loading_problem: whole safetensors weights only,
+    never a pickle, even through an index; shipped code only with --trust_remote_code). Checked before any loading."""
     try:
         local = resolve_model_path(path)
-        if problem := loading_problem(local, trust_remote_code):
-            fail(f"cannot load the {what}: {problem}")
+    except (OSError, ValueError) as e:
+        fail(f"cannot load the {what} {path}: {str(e).splitlines()[0]}")
+    if problem := loading_problem(local, trust_remote_code):
+        fail(f"cannot load the {what}: {problem}")
+    return local
+
+
+def weights_id(local):
+    """A short name for the weights of the model folder `local`, whatever its path: a digest of each weight file's
+    size and CRC-32 (checkpoint.model_identity). A resume compares it, so that another model under the same path or
+    folder name never mixes into an output. Collective: every rank calls it."""
+    from checkpoint import model_identity
+
+    identity = json.dumps(model_identity(local), sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
+    """(model, tokenizer) for inference, or a one-line error: a bad path or folder (local_model), or a tokenizer
+    without a chat template."""
+    from transformers import AutoTokenizer
+
+    local = local_model(path, what=what, trust_remote_code=trust_remote_code)
+    try:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
         model = auto_class.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code,
                                            use_safetensors=True).to(device).eval()
-    except (OSError, ValueError) as e:  # a bad path or files, or custom code transformers refuses
+    except (OSError, ValueError) as e:  # bad files, or custom code transformers refuses
         fail(f"cannot load the {what} {path}: {str(e).splitlines()[0]}")
     if tokenizer.chat_template is None:
         fail(f"{path}: the tokenizer has no chat template")
@@ -98,13 +120,54 @@ def done_rows(out, key="prompt_id"):
     for path in ([] if out.suffix == ".json" else [out]) + parts(out):
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # (a crash may tear the last)
+        for line in read_input(path, errors="replace").splitlines():  # (a crash may tear the last)
             try:
                 row = json.loads(line)
                 rows[row[key]] = row
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass  # a line torn by a crash: that prompt is done again
     return rows
+
+
+def resumed_rows(out, key, made_with, overwrite):
+    """The rows a rerun keeps: {row[key]: row} of `out` and its part files (done_rows), each checked against
+    made_with(row) -> {field: value}, what a row of this run holds besides its content (the settings, the model's
+    weights_id, the data it was made from). A row made otherwise fails the run, naming what differs: a resume never
+    mixes two models' or two settings' rows in one file. overwrite: start over, none kept (rank 0 removes the old
+    output and part files first). Collective."""
+    if overwrite:
+        if dist.get_rank() == 0:
+            for path in [out] + parts(out):
+                path.unlink(missing_ok=True)
+        dist.barrier()  # no rank appends to a part file before it is gone
+        return {}
+    rows = done_rows(out, key)
+    changed = [(row[key], diff) for row in rows.values() if (diff := differences(row, made_with(row)))]
+    if changed:
+        pid, diff = changed[0]
+        fail(f"{out} holds {len(changed)} row(s) made otherwise than this run would make them (first, {key} {pid!r}: "
+             f"{'; '.join(diff)}); pass --overwrite to start over, or give another --out")
+    return rows
+
+
+def differences(row, wanted):
+    """What of `wanted` ({field: value}, one level into dicts) `row` does not hold, in words: "field was X, now Y"."""
+    def shown(x):
+        text = "none recorded" if x is None else json.dumps(x, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    def named(name):  # (weights_id's digest says little by itself)
+        return f"{name} (the model's weights)" if name.endswith(".weights") else name
+
+    out = []
+    for field, want in wanted.items():
+        have = row.get(field)
+        if isinstance(want, dict) and isinstance(have, dict):
+            out += [f"{named(f'{field}.{k}')} was {shown(have.get(k))}, now {shown(v)}"
+                    for k, v in want.items() if have.get(k) != v]
+        elif have != want:
+            out.append(f"{field} was {shown(have)}, now {shown(want)}")
+    return out
 
 
 def open_part(out, rank, world):

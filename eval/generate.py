@@ -5,23 +5,27 @@
 
 Prompts: any rows with a `prompt` (a string or a list of messages ending with a user turn) and
 optionally a `prompt_id`: WRPO rows, bare prompts, one part of `python -m eval.split`.
-Output, one line per prompt: {"prompt_id", "prompt", "responses": [K strings], "model"} plus the
-decoding settings. Defaults are the paper's: K = 5, temperature 0.8, top-p 0.95.
+Output, one line per prompt: {"prompt_id", "prompt", "responses": [K strings], "model", "generation"}, where
+"generation" is how the responses were made: {"num_samples", "temperature", "top_p", "max_new_tokens", "seed",
+"dtype", "weights"} (weights: eval.common.weights_id, a digest of the weight files' sizes and CRC-32s, the same
+for the same weights under any path). Defaults are the paper's: K = 5, temperature 0.8, top-p 0.95.
 
 Resumable (eval/common.py): prompts already in --out, or in the per-rank part files of an
-interrupted run, are skipped; rank 0 merges the parts into --out at the end.
+interrupted run, are skipped; rank 0 merges the parts into --out at the end. Only rows made by
+the same model (weights) with the same settings and name, for the same prompt text, are kept: any
+other row in --out stops the run, naming what differs; --overwrite starts over instead.
 A batch's sampling is seeded from --seed and its prompt ids, so a rerun of the same command with
 the same batches writes the same text.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import data
-from eval import fail, output_problem
-from eval.common import convert_rows, done_rows, generate, load_for_eval, merge, model_name, prompt_id_of, write_rows
+from eval import cli, fail, outputs_problem
+from eval.common import convert_rows, generate, load_for_eval, local_model, merge, model_name, prompt_id_of, \
+    resumed_rows, weights_id, write_rows
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
 
@@ -39,6 +43,8 @@ def parse_args(argv):
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--model_name", default="", help="the `model` field of the output (default: the folder name)")
     ap.add_argument("--trust_remote_code", action="store_true")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over: drop the rows already in --out (by default a rerun resumes them)")
     args = ap.parse_args(argv)
     if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         ap.error("--num_samples, --batch_size and --max_new_tokens must be >= 1")
@@ -69,23 +75,31 @@ def main(argv):
     args = parse_args(argv)
     rank, world, device, _ = init_distributed()
     out = Path(args.out)
-    if problem := output_problem(out):
+    if problem := outputs_problem([out], [args.prompts, args.model]):
         fail(problem)
     try:
         prompts = read_prompts(args.prompts)
     except data.DataError as e:
         fail(str(e))
-    done = done_rows(out)
+    local = local_model(args.model, what="model", trust_remote_code=args.trust_remote_code)
+    name = args.model_name or model_name(args.model)
+    settings = {"num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed, "dtype": args.dtype,
+                "weights": weights_id(local)}
+    asked = dict(prompts)  # a kept row answers the prompt of its prompt_id that --prompts holds now
+
+    def made_with(row):
+        return {"model": name, "generation": settings, **({"prompt": asked[pid]} if (pid := row["prompt_id"]) in asked
+                                                            else {})}
+
+    done = resumed_rows(out, "prompt_id", made_with, args.overwrite)
     todo = [p for i, p in enumerate(prompts) if i % world == rank and p[0] not in done]
     print0(f"{len(prompts)} prompts, {len(done)} already done; {world} rank(s), {args.num_samples} samples each")
 
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = load_for_eval(args.model, AutoModelForCausalLM, what="model", padding_side="left",
+    model, tokenizer = load_for_eval(local, AutoModelForCausalLM, what="model", padding_side="left",
                                      dtype=DTYPES[args.dtype], device=device, trust_remote_code=args.trust_remote_code)
-    name = args.model_name or model_name(args.model)
-    settings = {"num_samples": args.num_samples, "temperature": args.temperature, "top_p": args.top_p,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed}
 
     def rows_of(batch):
         texts = generate(model, tokenizer, [messages for _, messages in batch], args.num_samples, args.temperature,
@@ -103,5 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)
     exit_process(0)  # not the interpreter's teardown: see fsdp_utils.exit_process

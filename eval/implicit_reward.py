@@ -12,13 +12,12 @@ margins and mean log-probs. A model equal to its reference scores 0.5 (ties coun
 
 import argparse
 import json
-import sys
 
 import data
 import wrpo
-from eval import fail, output_problem, write_output
-from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, load_model, loading_problem, \
-    print0, resolve_model_path
+from eval import cli, fail, outputs_problem, write_output
+from eval.common import local_model
+from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, load_model, print0
 from lifecycle import Run, resolve_attention
 
 
@@ -48,16 +47,16 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    if args.out and (problem := output_problem(args.out)):
-        fail(problem)
+    if args.out and (problem := outputs_problem([args.out], [args.data, args.model, args.ref_model])):
+        fail(problem)  # before any work: never after it, with a stray temporary file
     rank, world, device, mesh = init_distributed()
     from transformers import AutoTokenizer
 
+    # the loading rule of every script (safetensors only, never through an index to a pickle; whole files; shipped
+    # code only if trusted), checked before anything loads
+    paths = [local_model(p, what=what, trust_remote_code=args.trust_remote_code)
+             for p, what in ((args.model, "model"), (args.ref_model, "reference model"))]
     try:
-        paths = [resolve_model_path(p) for p in (args.model, args.ref_model)]
-        for path in paths:  # the loading rule of every script: safetensors only, shipped code only if trusted
-            if problem := loading_problem(path, args.trust_remote_code):
-                fail(problem)
         tokenizer = AutoTokenizer.from_pretrained(paths[0], trust_remote_code=args.trust_remote_code)
         rows = data.load_preference_rows(args.data, tokenizer, max_length=args.max_length,
                                          max_prompt_length=args.max_prompt_length,
@@ -81,10 +80,13 @@ def main(argv):
     if args.out and is_master():
         summary = {"model": args.model, "ref_model": args.ref_model, "data": args.data, "rows": len(rows),
                    "beta": args.beta, "alpha": args.alpha, **m}
-        write_output(args.out, json.dumps(summary, indent=1) + "\n")
+        try:
+            write_output(args.out, json.dumps(summary, indent=1) + "\n")
+        except OSError as e:  # e.g. a read-only folder
+            fail(f"cannot write {args.out} ({e.strerror or e})")
     cleanup()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)
     exit_process(0)  # not the interpreter's teardown: see fsdp_utils.exit_process

@@ -17,9 +17,14 @@ backoff on 429, 5xx and broken replies (not HTTP, cut short, a dropped connectio
 Retry-After (seconds or an HTTP date) up to --max_retry_wait, and every reply is cached (--cache,
 one JSON line per call keyed by a hash of the request), so a rerun never pays twice. --timeout
 bounds each whole try (connect, TLS, send, status, headers, body), however slowly the server
-drips its bytes: at the deadline the connection is shut down and the try counts as failed. A
-rejected key stops at once; so does any other 4xx. A reply without a verdict is counted as
-malformed and left out.
+drips its bytes: at the deadline the connection is shut down and the try counts as failed.
+--max_reply_bytes bounds a reply's body (a judge's reply is a few kB; a server that sends more
+would fill the memory and the cache): a longer one is a failed try too. A rejected key stops at
+once; so does any other 4xx. A reply without a verdict is counted as malformed and left out.
+
+rm mode scores both answer sets afresh each run (eval/score.py --overwrite), into OUT.pairs.jsonl
+and OUT.scored.jsonl beside --out. No output (--out, the cache, those two) may be, hold or lie
+inside an input (eval.path_clash); all are checked before any work.
 
 Scores: win rate = the mean over questions of 1 (win), 1/2 (tie), 0 (loss), each averaged over
 the two orderings, with a bootstrap 95% interval over questions; the length-controlled win rate
@@ -49,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import fail, output_problem, read_input, write_output
+from eval import cli, fail, outputs_problem, path_clash, read_input, write_output
 from eval.questions import read_questions as read_question_file
 
 
@@ -170,15 +175,15 @@ def retry_after_seconds(value):
 
 class JudgeClient:
     def __init__(self, base_url, model, api_key, cache, *, retries=6, retry_delay=1.0, timeout=300.0,
-                 max_retry_wait=60.0, temperature=0.0, max_tokens=2048):
+                 max_retry_wait=60.0, temperature=0.0, max_tokens=2048, max_reply_bytes=2**20):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.retries, self.retry_delay = model, api_key, retries, retry_delay
-        self.timeout, self.max_retry_wait = timeout, max_retry_wait
+        self.timeout, self.max_retry_wait, self.max_reply_bytes = timeout, max_retry_wait, max_reply_bytes
         self.temperature, self.max_tokens = temperature, max_tokens
         self.cache_path, self.cache, self.lock = Path(cache), {}, threading.Lock()
         self.calls = self.hits = 0
-        if self.cache_path.exists():
-            for line in self.cache_path.read_text(encoding="utf-8").splitlines():
+        if self.cache_path.exists():  # (read_input: never a FIFO; a crash may tear the last line mid-character)
+            for line in read_input(self.cache_path, errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
                     self.cache[entry["key"]] = entry["reply"]
@@ -225,14 +230,19 @@ class JudgeClient:
         opener = urllib.request.build_opener(_DeadlineHandler(deadline))
         try:
             with opener.open(request, timeout=self.timeout) as response:
-                payload = json.loads(response.read().decode("utf-8"))
-            content = payload["choices"][0]["message"]["content"]
-            if not isinstance(content, str):
-                raise TypeError("content is not text")
-            return content, None
+                body = response.read(self.max_reply_bytes + 1)  # never more: a bound on memory and on the cache
+                if len(body) <= self.max_reply_bytes and response.length:  # (read(n) returns a short body quietly)
+                    raise http.client.IncompleteRead(body, response.length)
+            if len(body) > self.max_reply_bytes:
+                why = f"a reply longer than --max_reply_bytes={self.max_reply_bytes}"
+            else:
+                content = json.loads(body.decode("utf-8"))["choices"][0]["message"]["content"]
+                if not isinstance(content, str):
+                    raise TypeError("content is not text")
+                return content, None
         except urllib.error.HTTPError as e:
             try:
-                detail = " ".join(e.read().decode("utf-8", "replace")[:300].split())  # on one line
+                detail = " ".join(e.read(4096).decode("utf-8", "replace")[:300].split())  # on one line
             except (http.client.HTTPException, OSError):
                 detail = ""  # the error's body was cut short (or cut off by the deadline)
             if e.code in (401, 403):
@@ -253,12 +263,13 @@ class JudgeClient:
 
 def call_all(client, requests, workers):
     """Replies to every request (a list of messages), in order, `workers` at a time."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        try:
-            return list(pool.map(client.complete, requests))
-        except JudgeError as e:
-            pool.shutdown(cancel_futures=True)
-            fail(str(e))
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        return list(pool.map(client.complete, requests))
+    except JudgeError as e:
+        fail(str(e))
+    finally:  # no waiting for the calls in flight here: a Ctrl-C (eval.cli) stops at once
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -----------------------------------------------------------------------------
@@ -455,13 +466,12 @@ def reward_model(args):
     from eval import score
 
     ours, base, ids = read_pair(args)
-    out = Path(args.out)
-    pairs, scored = out.with_name(out.name + ".pairs.jsonl"), out.with_name(out.name + ".scored.jsonl")
+    pairs, scored = rm_files(Path(args.out))
     rows = [{"prompt_id": str(k), "prompt": [{"role": "user", "content": ours[i][0][0]}],
              "responses": [ours[i][1][0], base[i][1][0]]} for k, i in enumerate(ids)]
     write_output(pairs, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     score.main([f"--reward_model={args.reward_model}", f"--data={pairs}", f"--out={scored}",
-                f"--dtype={args.dtype}", f"--batch_size={args.batch_size}"]
+                f"--dtype={args.dtype}", f"--batch_size={args.batch_size}", "--overwrite"]
                + (["--trust_remote_code"] if args.trust_remote_code else []))
     if os.environ.get("RANK", "0") != "0":
         sys.exit(0)
@@ -471,6 +481,11 @@ def reward_model(args):
     lengths = [len(ours[i][1][0]) - len(base[i][1][0]) for i in ids]
     return {**win_rates(s, lengths, args.bootstrap, args.seed), "mean_reward_margin": float(np.mean(margins)),
             "per_question": [{"id": i, "score": x, "reward_margin": m} for i, x, m in zip(ids, s, margins)]}
+
+
+def rm_files(out):
+    """rm mode's own files beside --out: the answer pairs to score, and their scores."""
+    return out.with_name(out.name + ".pairs.jsonl"), out.with_name(out.name + ".scored.jsonl")
 
 
 def parse_args(argv):
@@ -494,6 +509,8 @@ def parse_args(argv):
     ap.add_argument("--max_retry_wait", type=float, default=60.0,
                     help="longest wait in seconds between tries: caps a server's Retry-After and the backoff")
     ap.add_argument("--max_tokens", type=int, default=2048, help="of the judge's reply")
+    ap.add_argument("--max_reply_bytes", type=int, default=2**20,
+                    help="longest reply body read (bytes); a longer one counts as a failed try")
     ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the 95%% intervals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reward_model", help="(rm) local folder or hub id")
@@ -505,8 +522,8 @@ def parse_args(argv):
         ap.error(f"{args.mode} needs --baseline")
     if args.mode == "rm" and not args.reward_model:
         ap.error("rm needs --reward_model")
-    if args.workers < 1 or args.retries < 0 or args.bootstrap < 1:
-        ap.error("--workers and --bootstrap must be >= 1 and --retries >= 0")
+    if args.workers < 1 or args.retries < 0 or args.bootstrap < 1 or args.max_reply_bytes < 1:
+        ap.error("--workers, --bootstrap and --max_reply_bytes must be >= 1 and --retries >= 0")
     if not args.timeout > 0 or not args.max_retry_wait >= 0:
         ap.error("--timeout must be > 0 and --max_retry_wait >= 0")
     args.reference_categories = set(args.reference_categories.split(","))
@@ -516,7 +533,12 @@ def parse_args(argv):
 def main(argv):
     args = parse_args(argv)
     out = Path(args.out)
-    if problem := output_problem(out):
+    inputs = [args.answers, args.baseline, args.questions, args.references]
+    if args.mode == "rm":
+        made, inputs = list(rm_files(out)), inputs + [args.reward_model]
+    else:  # the judgment cache: read, then appended to
+        made = [Path(args.cache or out.with_name(out.name + ".cache.jsonl"))]
+    if problem := outputs_problem([out, *made], inputs) or path_clash([out], made):
         fail(problem)
     if args.mode == "rm":
         result = reward_model(args)
@@ -524,18 +546,20 @@ def main(argv):
         key = os.environ.get(args.api_key_env)
         if not key:
             fail(f"set the judge's API key in ${args.api_key_env} (or name another variable with --api_key_env)")
-        cache = args.cache or out.with_name(out.name + ".cache.jsonl")
-        client = JudgeClient(args.base_url, args.judge_model, key, cache, retries=args.retries,
-                             retry_delay=args.retry_delay, timeout=args.timeout,
-                             max_retry_wait=args.max_retry_wait, max_tokens=args.max_tokens)
+        client = JudgeClient(args.base_url, args.judge_model, key, made[0], retries=args.retries,
+                             retry_delay=args.retry_delay, timeout=args.timeout, max_retry_wait=args.max_retry_wait,
+                             max_tokens=args.max_tokens, max_reply_bytes=args.max_reply_bytes)
         result = (pairwise if args.mode == "pairwise" else single)(args, client)
         result["judge"] = {"model": args.judge_model, "base_url": args.base_url, "calls": client.calls,
                            "cached": client.hits}
-    write_output(out, json.dumps({"mode": args.mode, "answers": args.answers, "baseline": args.baseline, **result},
-                                 indent=1, ensure_ascii=False) + "\n")
+    try:
+        write_output(out, json.dumps({"mode": args.mode, "answers": args.answers, "baseline": args.baseline,
+                                      **result}, indent=1, ensure_ascii=False) + "\n")
+    except OSError as e:  # e.g. a read-only folder: the judgments stay in the cache
+        fail(f"cannot write {out} ({e.strerror or e})")
     summary = {k: v for k, v in result.items() if k not in ("per_question",)}
     print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

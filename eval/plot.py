@@ -5,7 +5,9 @@
 
 One figure per group of metrics the run logged: loss, rewards (source / target / weighted
 chosen, rejected, margins), accuracies, alpha, learning rate, gradient norm. Training values are
-lines over optimizer steps; held-out evaluations (eval/...) are points.
+lines over optimizer steps; held-out evaluations (eval/...) are points. A last line that is not a
+row (torn by a crash mid-append, a crashed run's normal leftover) is dropped with a note, as a
+resume drops it; a bad line anywhere else is an error naming file:line.
 """
 
 import argparse
@@ -13,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from eval import fail, read_input
+from eval import cli, fail, output_problem, outputs_problem, read_input
 
 FIGURES = {
     "loss": ["loss"],
@@ -27,8 +29,11 @@ FIGURES = {
 
 
 def read_metrics(path):
+    """The rows of metrics file `path`; its last line dropped, with a note, when a crash tore it."""
     rows = []
-    for i, line in enumerate(read_input(path).splitlines(), 1):
+    lines = read_input(path).splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    for i, line in enumerate(lines, 1):
         try:
             if line.strip():
                 row = json.loads(line)
@@ -36,6 +41,10 @@ def read_metrics(path):
                     raise ValueError("no step")
                 rows.append(row)
         except ValueError:
+            if i == last and rows:
+                print(f"note: {path}:{i}: dropped the last line, not a whole metrics row (torn by a crash while "
+                      "writing)", file=sys.stderr)
+                continue
             fail(f"{path}:{i}: not a metrics row (sft.py and wrpo.py write one JSON object per step)")
     if not rows:
         fail(f"{path}: no metrics rows")
@@ -83,11 +92,16 @@ def main(argv):
     ap.add_argument("--out_dir", default="", help="default: plots/ beside the metrics file")
     args = ap.parse_args(argv)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.metrics).parent / "plots"
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"{out_dir} is a file; --out_dir is the folder to write the figures in")
-    written = plot(read_metrics(args.metrics), out_dir)
+    if problem := (output_problem(out_dir, what="--out_dir is the folder to write the figures in", folder=True)
+                   or outputs_problem([out_dir / f"{name}.png" for name in FIGURES], [args.metrics])):
+        fail(problem)
+    rows = read_metrics(args.metrics)
+    try:
+        written = plot(rows, out_dir)
+    except OSError as e:  # e.g. a read-only folder, or a file on the way
+        fail(f"cannot write the figures to {out_dir} ({e.strerror or e})")
     print(f"{len(written)} figures -> {out_dir}: {', '.join(p.name for p in written)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

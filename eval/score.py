@@ -11,20 +11,25 @@ the reward model's chat template. Any AutoModelForSequenceClassification with on
 --trust_remote_code) gives that. Conversations longer than --max_length keep their first
 --max_length tokens (counted in the summary).
 
+Output: the input rows with "scores" (one float per response), "reward_model" (its folder's name) and
+"scoring": {"weights", "max_length", "dtype"} (weights: eval.common.weights_id of the reward model).
+
 Batched by length, split over ranks by prompt, resumable like eval/generate.py
-(eval/common.py): prompts already scored in --out are skipped.
+(eval/common.py): prompts already scored in --out are skipped, if scored by the same reward model
+(weights) with the same settings, and their prompt and responses are still --data's; any other row
+stops the run, naming what differs; --overwrite starts over instead.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import data
-from eval import fail, output_problem
-from eval.common import convert_rows, done_rows, load_for_eval, merge, prompt_id_of, write_rows
+from eval import cli, fail, outputs_problem
+from eval.common import convert_rows, load_for_eval, local_model, merge, prompt_id_of, resumed_rows, weights_id, \
+    write_rows
 from fsdp_utils import DTYPES, cleanup, exit_process, init_distributed, is_master, print0
 
 
@@ -37,6 +42,8 @@ def parse_args(argv):
     ap.add_argument("--max_length", type=int, default=4096, help="tokens per conversation")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--trust_remote_code", action="store_true", help="run the model's own code (e.g. ArmoRM)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over: drop the rows already in --out (by default a rerun resumes them)")
     args = ap.parse_args(argv)
     if args.batch_size < 1 or args.max_length < 2:
         ap.error("--batch_size must be >= 1 and --max_length >= 2")
@@ -82,19 +89,23 @@ def main(argv):
     args = parse_args(argv)
     rank, world, device, _ = init_distributed()
     out = Path(args.out)
-    if problem := output_problem(out):
+    if problem := outputs_problem([out], [args.data, args.reward_model]):
         fail(problem)
     try:
         rows = read_samples(args.data)
     except data.DataError as e:
         fail(str(e))
-    done = done_rows(out)
+    local = local_model(args.reward_model, what="reward model", trust_remote_code=args.trust_remote_code)
+    scoring = {"weights": weights_id(local), "max_length": args.max_length, "dtype": args.dtype}
+    given = {r["prompt_id"]: {"prompt": r["prompt"], "responses": r["responses"]} for r in rows}
+    done = resumed_rows(out, "prompt_id", lambda row: {"scoring": scoring, **given.get(row["prompt_id"], {})},
+                        args.overwrite)
     todo = [r for i, r in enumerate(rows) if i % world == rank and r["prompt_id"] not in done]
     print0(f"{len(rows)} prompts, {len(done)} already scored; {world} rank(s)")
 
     from transformers import AutoModelForSequenceClassification
 
-    model, tokenizer = load_for_eval(args.reward_model, AutoModelForSequenceClassification, what="reward model",
+    model, tokenizer = load_for_eval(local, AutoModelForSequenceClassification, what="reward model",
                                      padding_side="right", dtype=DTYPES[args.dtype], device=device,
                                      trust_remote_code=args.trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None:  # it finds each sequence's last token by the pad id
@@ -117,7 +128,7 @@ def main(argv):
             for (r, k, _), s in zip(batch, score_batch(model, tokenizer, [c for _, _, c in batch], args.max_length,
                                                        device)):
                 scores[r][k] = s
-        return [{**row, "scores": s, "reward_model": name} for row, s in zip(chunk, scores)]
+        return [{**row, "scores": s, "reward_model": name, "scoring": scoring} for row, s in zip(chunk, scores)]
 
     t0 = time.time()
     write_rows(out, todo, 64, rows_of, rank, world)
@@ -129,5 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)
     exit_process(0)  # not the interpreter's teardown: see fsdp_utils.exit_process

@@ -10,11 +10,10 @@ when a row has none) picks its part, so the split does not depend on row order o
 import argparse
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 from data import DataError, RowError, prompt_id_text, prompt_messages, validate_chat, validate_row
-from eval import fail, output_problem
+from eval import cli, fail, outputs_problem
 from eval.common import convert_rows, prompt_id_of, write_jsonl
 
 
@@ -53,15 +52,16 @@ def split(path, out_dir, *, sft_fraction=1 / 3, seed=42, overwrite=False):
     """
     if not 0 < sft_fraction < 1:
         raise DataError(f"sft_fraction must be in (0, 1), got {sft_fraction}")
-    records = convert_rows(path, checked, hint="fix or remove them; nothing was written")
     out_dir = Path(out_dir)
     targets = {"sft": out_dir / "sft.jsonl", "wrpo": out_dir / "wrpo.jsonl"}
+    # before any work: never over (or inside) the data, whose folder a rerun would read back with the split in it
+    if problem := outputs_problem(targets.values(), [path], overwrite, "pick another --out_dir"):
+        raise DataError(problem)
+    records = convert_rows(path, checked, hint="fix or remove them; nothing was written")
     parts = {"sft": [], "wrpo": []}
     for rec in records:
         rec = {"prompt_id": prompt_id_of(rec), **{k: v for k, v in rec.items() if k != "prompt_id"}}
         parts["sft" if in_sft_part(rec["prompt_id"], sft_fraction, seed) else "wrpo"].append(rec)
-    if problems := [p for t in targets.values() if (p := output_problem(t, overwrite, "pick another --out_dir"))]:
-        raise DataError("; ".join(problems))
     try:
         for name, target in targets.items():
             write_jsonl(parts[name], target)  # never a half-written file under the final name
@@ -87,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli(main)

@@ -46,7 +46,8 @@ def test_answer_files_have_each_benchmarks_format_and_resume(tmp_path, capsys):
         assert set(r) == {"instruction", "output", "generator", "dataset", "generation"}
         assert isinstance(r["output"], str) and r["generator"] == "model" and r["dataset"] == "helpful_base"
         assert r["generation"] == {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 42,
-                                   "dtype": "float32"}
+                                   "dtype": "float32", "weights": rows[0]["generation"]["weights"]}
+        assert len(r["generation"]["weights"]) == 16  # eval.common.weights_id of the model's weight files
     answers.main(["alpaca", *MODEL, f"--questions={alpaca}", f"--out={out}"])  # all done: nothing regenerated
     assert "5 questions, 5 already answered" in capsys.readouterr().out and json.loads(out.read_text()) == rows
 

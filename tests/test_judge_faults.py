@@ -58,6 +58,11 @@ class Misbehaving(QuietServer, BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(DRIP)
                 self.wfile.write(data[i:i + 1])
+        elif fault == "huge":  # a whole completion of 3 MiB, its verdict at the end (a runaway or hostile server)
+            flood = {"choices": [{"message": {"role": "assistant", "content": "x" * 3 * 2**20 + content}}]}
+            huge = json.dumps(flood).encode()
+            self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(huge)}\r\n\r\n"
+                             .encode() + huge)
         elif fault.startswith("429"):  # "429 <Retry-After>"
             busy = b'{"error": {"message": "rate limited"}}'
             self.wfile.write(f"HTTP/1.1 429 Too Many Requests\r\nRetry-After: {fault[4:]}\r\n"
@@ -214,6 +219,28 @@ def test_a_broken_reply_then_a_good_one(tmp_path, server, fault):
     code, _, err, seconds, result = run_judge(tmp_path, url, "--retries=1", "--workers=1")
     assert_right_result(code, err, result)
     assert len(state["tries"]) == 3 and seconds < 10, seconds
+
+
+# -----------------------------------------------------------------------------
+# --max_reply_bytes bounds a reply's body (memory, cache): a longer one is a failed try, retried
+
+
+@pytest.mark.parametrize("fault, args, bound", [("huge", [], 2**20), ("ok", ["--max_reply_bytes=50"], 50)])
+def test_a_reply_over_max_reply_bytes_is_a_failed_try(tmp_path, server, fault, args, bound):
+    url, state = server
+    state["script"] = ["forever", fault]
+    code, _, err, seconds, _ = run_judge(tmp_path, url, "--retries=1", *args)
+    assert_clean_failure(code, err, f"failed 2 times; last: a reply longer than --max_reply_bytes={bound}")
+    assert_tried(state, 2)
+    assert not (tmp_path / "cache.jsonl").exists() and seconds < 10, seconds
+
+
+def test_a_huge_reply_then_a_good_one(tmp_path, server):
+    url, state = server
+    state["script"] = ["huge"]
+    code, _, err, seconds, result = run_judge(tmp_path, url, "--retries=1", "--workers=1")
+    assert_right_result(code, err, result)
+    assert len(state["tries"]) == 3 and (tmp_path / "cache.jsonl").stat().st_size < 10_000
 
 
 # -----------------------------------------------------------------------------
