@@ -142,7 +142,7 @@ def score_file(samples, out):
 def evaluate(model, heldout, folder, name, log):
     out = folder / f"answers-{name}.jsonl"
     call("-m", "eval.generate", f"--model={model}", f"--prompts={heldout}", f"--out={out}", "--num_samples=1",
-        "--temperature=0", "--max_new_tokens=12", "--batch_size=64", "--dtype=float32", log=log)
+        "--temperature=0", "--max_new_tokens=12", "--batch_size=64", "--dtype=float32", "--overwrite", log=log)
     per_task = {}
     for r in (json.loads(x) for x in out.read_text().splitlines()):
         per_task.setdefault(task_of(r), []).append(reward(r["prompt"][-1]["content"], r["responses"][0]))
@@ -203,7 +203,7 @@ def one_seed(seed, folder, args, log):
     sft = folder / "sft" / "final"
     call("-m", "eval.generate", f"--model={sft}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
         f"--out={folder / 'target_samples.jsonl'}", f"--num_samples={args.k}", "--max_new_tokens=12",
-        "--batch_size=64", "--dtype=float32", f"--seed={seed}", log=log)
+        "--batch_size=64", "--dtype=float32", f"--seed={seed}", "--overwrite", log=log)
     score_file(folder / "target_samples.jsonl", folder / "target_scored.jsonl")
     call("-m", "eval.build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
         f"--out={folder / 'wrpo_rows.jsonl'}", "--overwrite", log=log)
