@@ -116,7 +116,7 @@ def find_resume(resume, out_dir):
         if not (problems := usable(folder)):
             return folder
         print0(f"resume: skipping {folder}: {'; '.join(problems)}")
-        if is_master():  # never taken for a checkpoint again, and never counted by prune; kept for a look
+        if is_master():  # never taken for a checkpoint again, nor counted by prune, which drops it once old
             set_aside(folder, ".damaged")
         dist.barrier()
     if (out_dir / "metrics.jsonl").exists():
@@ -124,10 +124,11 @@ def find_resume(resume, out_dir):
     return None
 
 
-def resume_state(folder, config, fingerprint, free, weights):
+def resume_state(folder, config, free, fingerprint, weights, eval_fingerprint):
     """The trainer state of checkpoint `folder` (None: a fresh run), unless a setting that decides the run's math (any
     key of `config` not in `free`), the data's fingerprint or a model's weights (weights: {setting: model_identity})
-    changed: then refused, naming each. Reads JSON only."""
+    changed: then refused, naming each. Another held-out set may come in: the state has no "eval_before" then (it
+    was another set's). Reads JSON only."""
     if folder is None:
         return None
     state = read_state(folder)
@@ -145,6 +146,9 @@ def resume_state(folder, config, fingerprint, free, weights):
     if changed:
         raise ResumeError(f"cannot resume from {folder}: settings that decide the run changed:\n  " +
                           "\n  ".join(changed) + "\n(restore them, or start a new run in another --out_dir)")
+    if state["eval_fingerprint"] != eval_fingerprint:
+        print0("resume: the held-out set is not the checkpoint's; its 'before' is computed again")
+        del state["eval_before"]
     return state
 
 
@@ -323,9 +327,10 @@ def file_crcs(folder, names):
 
 
 def model_identity(path):
-    """What names the weights of model folder `path`, whatever its path: {weight file: "SIZE:CRC-32"}, so that a resume
-    (or eval.generate's) notices a model replaced under the same path. Collective: the ranks share the reading."""
-    names = weight_files(path)
+    """What names the model in folder `path`, whatever its path: {file: "SIZE:CRC-32"} of its weight files and its
+    config.json, so that a resume (or eval.generate's) notices a model replaced under the same path. Collective: the
+    ranks share the reading."""
+    names = weight_files(path) + (["config.json"] if (Path(path) / "config.json").is_file() else [])
     crcs = file_crcs(path, names)
     return {name: f"{(Path(path) / name).stat().st_size}:{crcs[name]}" for name in names}
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from jinja2 import TemplateError  # what transformers renders chat templates with
 
 import tokens
+from paths import BOM
 from tokens import IGNORE, PreferenceRow, Sequence
 
 ROLES = ("system", "user", "assistant")
@@ -48,19 +49,17 @@ SYSTEM_HINT = ("this chat template takes no system turn (Gemma-2's and Mistral v
 # --- reading files: (file:line, record) pairs
 
 SUFFIXES = (".jsonl", ".json", ".parquet")  # of data files, in any case (.JSONL too)
-BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 
 
-def data_files(path, skipped=None):
-    """The data files of `path`: the file itself, or a folder's .jsonl, .json and .parquet files, sorted; the names of
-    the folder's other entries go to the list `skipped`. DataError for a path that is missing, unreadable, an empty
-    folder, or not a regular file."""
+def data_files(path):
+    """The data files of `path`: the file itself, or a folder's .jsonl, .json and .parquet files, sorted.
+    DataError for a path that is missing, unreadable, an empty folder, or not a regular file."""
     path = Path(path)
     try:
-        mode = path.stat().st_mode
-        entries = sorted(path.iterdir()) if stat.S_ISDIR(mode) else [path]
-        files = [p for p in entries if p.suffix.lower() in SUFFIXES or p == path]
-        skipped is None or skipped.extend(p.name for p in entries if p not in files)
+        if stat.S_ISDIR(path.stat().st_mode):
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
+        else:
+            files = [path]
         modes = [f.stat().st_mode for f in files]
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -172,8 +172,7 @@ def _checkpoint_tensors(path):
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / fname for name, fname in weight_map.items()}
+        return {name: path / fname for name, fname in _weight_map(index).items()}
     single = path / "model.safetensors"
     if not single.exists():
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors "
@@ -244,34 +243,32 @@ def weight_files(path):
     """The names of the weight files of model folder `path`: model.safetensors, or the files its index maps tensors
     to. ValueError when the index is unreadable or names anything but a safetensors file of the folder (a pickle)."""
     index = Path(path) / "model.safetensors.index.json"
-    if not index.is_file():
-        return ["model.safetensors"]
+    return sorted(set(_weight_map(index).values())) if index.is_file() else ["model.safetensors"]
+
+
+def _weight_map(index):
+    """{tensor: weight file name} of a model.safetensors.index.json, each a safetensors file of its folder."""
     try:
-        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = set(weight_map.values())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index} is unreadable ({type(e).__name__}: {e})") from None
     if bad := [n for n in names if not isinstance(n, str) or not n.endswith(".safetensors") or Path(n).name != n]:
-        raise ValueError(f"{index} maps tensors to {bad[0]!r}, not a safetensors file of {path}: weights are "
-                         "loaded from safetensors only, never from a pickle")
-    return sorted(names)
+        raise ValueError(f"{index} maps tensors to {bad[0]!r}, not a safetensors file of {index.parent}: weights "
+                         "are loaded from safetensors only, never from a pickle")
+    return weight_map
 
 
 def safetensors_problem(file):
-    """Why `file` is not a whole safetensors file, or None; from its header and size alone (8 bytes giving the JSON
-    header's length, then the header, whose last data offset is where the file must end)."""
+    """Why `file` is not a whole safetensors file, or None: safetensors' own reader checks its header against its
+    size (a truncated file fails here, not as the model loads)."""
+    if not file.is_file():
+        return f"{file} is missing (or not a regular file)"
     try:
-        if not file.is_file():
-            return f"{file} is missing (or not a regular file)"
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                return f"{file} is truncated or not a safetensors file ({size} bytes)"
-            header = json.loads(f.read(n))
-        end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        return f"{file} is not a safetensors file ({getattr(e, 'strerror', None) or e})"
-    return None if end == size else f"{file} is truncated or damaged: its header describes {end} bytes, it has {size}"
+        with safe_open(file, framework="np"):
+            return None
+    except (OSError, SafetensorError) as e:
+        return f"{file} is not a whole safetensors file ({getattr(e, 'strerror', None) or e})"
 
 
 def resolve_model_path(path):

@@ -8,6 +8,8 @@ import atexit
 import ctypes
 import dataclasses
 import fcntl
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +31,7 @@ from checkpoint import ResumeError, RunFinished, SaveError, find_resume, model_i
     step_checkpoints, write_atomic
 from fsdp_utils import DTYPES, count_parameters, exit_process, init_distributed, loading_problem, print0, \
     resolve_model_path
+from paths import path_clash
 from training import ConfigError, TrainingError, config_problems, on_rank0
 
 
@@ -50,7 +53,13 @@ class Run:
     varlen: bool = False  # whether packed batches carry the flash varlen layout (attention.use_varlen)
     settings: dict = None  # cfg as the run resolved it: what config.json and each train_config.json record
     models: dict = None  # {"model": its local folder, and each of other_models'}
-    weights: dict = None  # {the same keys: checkpoint.model_identity}: a resume refuses models changed under a path
+
+    @functools.cached_property
+    def weights(self):
+        """{the keys of models: checkpoint.model_identity}: a resume refuses a model changed under its path. Read on
+        first use (collective: every rank uses it at once), after the data checked: a few seconds for 8B weights."""
+        identities = {p: model_identity(p) for p in sorted(set(self.models.values()))}  # (one read per folder)
+        return {k: identities[p] for k, p in self.models.items()}
 
 
 def start_run(cfg, problems=(), other_models=None):
@@ -60,6 +69,9 @@ def start_run(cfg, problems=(), other_models=None):
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
     problems = list(problems) + config_problems(cfg, world) + unavailable(cfg, device)
+    inputs = [cfg.model, *(other_models or {}).values(), cfg.data, cfg.eval_data]
+    if clash := path_clash([cfg.out_dir], inputs):  # --overwrite would delete an input under out_dir
+        problems.append(f"out_dir {clash}")
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
     out_dir = Path(cfg.out_dir)
@@ -80,7 +92,6 @@ def start_run(cfg, problems=(), other_models=None):
         raise ConfigError(f"model error: {e}") from None
     if problem := next(filter(None, (loading_problem(p, cfg.trust_remote_code) for p in models.values())), None):
         raise ConfigError(f"model error: {problem}")
-    identities = {p: model_identity(p) for p in sorted(set(models.values()))}  # (one read per folder)
     model_path = models["model"]
     attn, shared_prompt, varlen = resolve_attention(cfg, model_path, device)
     on_rank0(lambda: remove_partial_saves(out_dir))  # never complete: their space is free for this run
@@ -93,7 +104,7 @@ def start_run(cfg, problems=(), other_models=None):
     settings = {**dataclasses.asdict(cfg), "attn_implementation": attn} | (
         {"shared_prompt": shared_prompt} if hasattr(cfg, "shared_prompt") else {})
     return Run(rank, world, device, mesh, out_dir, model_path, tokenizer, pad_id, resume_from, attn, shared_prompt,
-               varlen, settings, models, {k: identities[p] for k, p in models.items()})
+               varlen, settings, models)
 
 
 def unavailable(cfg, device):
@@ -105,10 +116,10 @@ def unavailable(cfg, device):
     problems, attn, here = [], cfg.attn_implementation, "a GPU" if device.type == "cuda" else device.type.upper()
     if device.type != "cuda" and attn not in ("auto", attention.NAME, "sdpa", "eager"):
         problems.append(f"attn_implementation {attn} does not run on {here}: use auto, {attention.NAME}, sdpa or eager")
-    elif attn in ("flash_attention_2", "flash_attention_3") and not (
+    elif attn in ("flash_attention_2", "flash_attention_3") and not importlib.util.find_spec("kernels") and not (
             is_flash_attn_2_available() if attn == "flash_attention_2" else is_flash_attn_3_available()):
-        problems.append(f"attn_implementation {attn}: its package is not installed (flash-attn); use auto, "
-                        f"{attention.NAME}, sdpa, eager or flex_attention")
+        problems.append(f"attn_implementation {attn}: neither its package (flash-attn) nor `kernels` (the hub's "
+                        f"build) is installed; use auto, {attention.NAME}, sdpa, eager or flex_attention")
     interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"  # (tests: fp32 on CPU)
     if cfg.logps_impl == "triton" and not (is_triton_available() and (device.type == "cuda" or interpreted)):
         problems.append(f"logps_impl triton needs a GPU and the triton package (here: {here}); use auto, chunked or "
@@ -210,8 +221,10 @@ def _same_file(path, f):
     inode numbers to tell)."""
     try:
         st, mine = os.stat(path), os.fstat(f.fileno())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError:  # (a stale NFS handle, a permission): nothing to tell by
+        return None
     return None if not st.st_ino else (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
@@ -317,9 +330,10 @@ def stop_requested(received, device):
     lost = lock_lost()  # (rank 0 holds the lock) out_dir is no longer this run's alone: stop, saving nothing
     signum = torch.tensor([float(received[0] if received else 0), float(lost is not None)], device=device)
     dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-    if signum[1]:
+    signum, lost_anywhere = signum.tolist()  # (one copy to the host)
+    if lost_anywhere:
         raise TrainingError(lost or "out_dir's lock was lost on rank 0; stopped without saving")
-    return int(signum[0].item())
+    return int(signum)
 
 
 def cli(main):
@@ -332,7 +346,7 @@ def cli(main):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if not quiet:
             print(message, file=out, flush=True)
-        elif code:
+        elif code in (2, 3):
             time.sleep(3)
         return code
 

@@ -85,15 +85,16 @@ def main(argv):
     (examples, seqs), (eval_examples, eval_seqs) = (load_examples(p, cfg, run) for p in (cfg.data, cfg.eval_data))
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
     fingerprint = tokens.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed
-    state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE, run.weights)
+    eval_fingerprint = tokens.fingerprint(eval_examples, eval_seqs if cfg.packing else None) if eval_examples else ""
+    state = resume_state(run.resume_from, dataclasses.asdict(cfg), RESUME_FREE, fingerprint, run.weights,
+                         eval_fingerprint)
     print_plan(cfg, run, examples, seqs, len(eval_examples), total_steps)
     write_run_config(run, cfg)
     policy = load_model(run.model_path, run.mesh, run.device, cfg, attn=run.attn, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
-    eval_fingerprint = tokens.fingerprint(eval_examples, eval_seqs if cfg.packing else None) if eval_examples else ""
-    eval_before = state["eval_before"] if state and state["eval_fingerprint"] == eval_fingerprint else \
-        held_out(policy, eval_examples, eval_seqs, cfg, run, 0)  # (the weights before restore: step 0's)
+    if (eval_before := (state or {}).get("eval_before")) is None:  # fresh, or another held-out set: step 0 weights
+        eval_before = held_out(policy, eval_examples, eval_seqs, cfg, run, 0)
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
     skipped = state["skipped_steps"] if state else 0
     log = MetricsLog(run, total_steps, start, cfg.log_every, "sft", LOG_FIELDS)

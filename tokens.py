@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -130,32 +129,30 @@ def cached(file, key, compute, what, report):
     3. If any rank has no such file (another node's cache, say), all compute it: compute() is collective and returns
        (arrays, metadata), the same on every rank. The first process of each node writes the node's copy, whole or
        not at all; a folder that cannot take it is reported, and costs only the next run the same compute.
-    4. Every rank then reads the written copy back into its own memory: a file another process may rewrite in place
-       (cp over it) is never mapped, which would kill the run with SIGBUS when it shrinks.
-    how: "cached" (read), "written" (computed, then read back) or "computed" (not cached).
+    4. A file read is copied into each rank's memory at once: one rewritten in place later (cp over it) cannot pull
+       the data from under the run, as it would from a mapped file (SIGBUS when it shrinks).
+    how: "cached" (read), "written" (computed, and each node's copy written) or "computed" (not cached).
     """
     found = _read(file, key, what, report) if file.exists() else None
     if on_every_rank(found is not None):
         return (*found, "cached")
     arrays, metadata = compute()
-    if is_local_master():
-        _write(file, key, arrays, metadata, what, report)
-    if dist.is_initialized():
-        dist.barrier()  # the file is whole (or was not written) before any rank looks for it
-    found = _read(file, key, what, lambda _: None) if file.exists() else None
-    return (*found, "written") if on_every_rank(found is not None) else (arrays, metadata, "computed")
+    written = _write(file, key, arrays, metadata, what, report) if is_local_master() else True
+    return arrays, metadata, "written" if on_every_rank(written) else "computed"
 
 
 def _write(file, key, arrays, metadata, what, report):
     """The arrays as a safetensors file, with the key and their CRC-32s in its metadata, under a temporary name of
-    this process's own (nodes sharing a folder may write it at once; write_atomic's private)."""
+    this process's own (nodes sharing a folder may write it at once; write_atomic's private). Whether it was written."""
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
     metadata = {**metadata, "key": key, "crc32": json.dumps({k: crc32([a]) for k, a in arrays.items()})}
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(file, lambda tmp: save_file(arrays, tmp, metadata=metadata), private=True)
+        return True
     except (OSError, SafetensorError) as e:  # (safetensors reports a full disk as a SafetensorError)
         report(f"{what}: not cached ({file.parent}: {getattr(e, 'strerror', None) or e})")
+        return False
 
 
 def _read(file, key, what, report):

@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ import attention
 import data
 import tokens
 from checkpoint import newest_checkpoint, write_atomic
-from eval import path_clash
 from fsdp_utils import DTYPES, is_master, print0
 from logps import IMPLS
 
@@ -155,9 +155,6 @@ def config_problems(cfg, world):
         problems.append(f"nonfinite must be 'stop' or 'skip', got '{cfg.nonfinite}'")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite exclude each other: continue the run, or replace it")
-    models = [m for m in (cfg.model, getattr(cfg, "ref_model", "")) if m and Path(m).exists()]  # (not hub ids)
-    if clash := path_clash([cfg.out_dir], [*models, cfg.data, cfg.eval_data]):  # --overwrite would delete it
-        problems.append(f"out_dir {clash}")
     if not attention.known(cfg.attn_implementation):
         problems.append(f"attn_implementation '{cfg.attn_implementation}' is not one transformers knows "
                         f"({attention.NAME}, sdpa, eager, flex_attention, flash_attention_2, ...)")
@@ -367,6 +364,9 @@ def throughput(tokens, t0, run, model, computed=None):
 
 # --- the token cache: a data file tokenized once, for every later run (tokens.cached)
 
+CACHE_FILE = re.compile(r"\.(tokens|ref-logps)-\w+\.safetensors")  # the caches' names (tokens.py, wrpo.py)
+
+
 def load_cached(load, path, tokenizer, folder, report=print, **settings):
     """load(path, tokenizer, **settings) (data.load_preference_rows or load_sft_examples) through the token cache in
     `folder` ("": beside the data), named by a hash of all the rows depend on: the data files' content and path, the
@@ -381,7 +381,7 @@ def load_cached(load, path, tokenizer, folder, report=print, **settings):
     settings_used = {k: v for k, v in bound.arguments.items() if k not in ("path", "tokenizer", "report", "hint")}
     for part in [load.__name__, json.dumps(settings_used), str(path), tokens.tokenizer_digest(tokenizer),
                  transformers.__version__, tokenizers.__version__, Path(data.__file__), Path(tokens.__file__),
-                 *(files := data.data_files(path, skipped := []))]:
+                 *(files := data.data_files(path))]:
         if isinstance(part, Path):  # a file's name and content
             h.update(part.name.encode() + b":")
             with open(part, "rb") as f:
@@ -396,8 +396,8 @@ def load_cached(load, path, tokenizer, folder, report=print, **settings):
     tokenized = f"tokenized on {world} rank{'s' if world > 1 else ''}"
     how = {"cached": f"cached: {file}", "written": f"{tokenized}; cached in {file}", "computed": tokenized}[how]
     report(f"data: {len(rows)} rows from {path} in {time.time() - t0:.1f}s ({how})")
-    if Path(path).is_dir():  # a folder: name what was read, and what was not
-        others = [n for n in skipped if ".tokens-" not in n and ".ref-logps-" not in n]  # (not the caches in it)
+    if Path(path).is_dir():  # a folder: name what was read, and what was not (but the caches written into it)
+        others = sorted(p.name for p in Path(path).iterdir() if p not in files and not CACHE_FILE.search(p.name))
         report(f"data: read {', '.join(f.name for f in files)} from {path}" +
                (f"; skipped {', '.join(others)} (not .jsonl, .json or .parquet)" if others else ""))
     return rows

@@ -305,7 +305,9 @@ def main(argv):
     train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
     fingerprint = tokens.fingerprint(train_rows)
-    state = resume_state(run.resume_from, dataclasses.asdict(cfg), fingerprint, RESUME_FREE_WRPO, run.weights)
+    eval_fingerprint = tokens.fingerprint(eval_rows) if eval_rows else ""
+    state = resume_state(run.resume_from, dataclasses.asdict(cfg), RESUME_FREE_WRPO, fingerprint, run.weights,
+                         eval_fingerprint)
     lengths = batching.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
     packed_lengths = batching.row_lengths(train_rows, run.shared_prompt)  # the tokens a forward runs
     budget = token_budget(cfg)  # tokens per micro-batch, with packing
@@ -315,9 +317,8 @@ def main(argv):
     policy = load_model(run.model_path, run.mesh, run.device, cfg, attn=run.attn, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
-    eval_fingerprint = tokens.fingerprint(eval_rows) if eval_rows else ""  # "before": the checkpoint's if the same rows
-    eval_before = state["eval_before"] if state and state["eval_fingerprint"] == eval_fingerprint else \
-        held_out(policy, eval_reference, eval_rows, cfg, run, 0, total_steps)  # (the weights before restore)
+    if (eval_before := (state or {}).get("eval_before")) is None:  # fresh, or another held-out set: step 0 weights
+        eval_before = held_out(policy, eval_reference, eval_rows, cfg, run, 0, total_steps)
     start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
     skipped = state["skipped_steps"] if state else 0
     log = MetricsLog(run, total_steps, start, cfg.log_every, "wrpo", LOG_FIELDS)

@@ -124,6 +124,12 @@ def env_for(repo):
             "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(repo)}
 
 
+def default_sigint():
+    """In the child: SIGINT as a terminal's Ctrl-C finds it. A shell starts background jobs (`... &`) with SIGINT
+    ignored, which their children inherit: the Ctrl-C cases would measure nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def proc_table():
     """{pid: (ppid, state)} of every process, from /proc/*/stat."""
     table = {}
@@ -178,7 +184,8 @@ class Started:
         self.ctx, self.t0, self.result = ctx, time.monotonic(), None
         self.out, self.err = tempfile.TemporaryFile(dir=ctx.tmp), tempfile.TemporaryFile(dir=ctx.tmp)
         self.p = subprocess.Popen([sys.executable, *map(str, args)], cwd=ctx.repo, env={**env_for(ctx.repo),
-                                  **(env or {})}, stdin=stdin, stdout=self.out, stderr=self.err, start_new_session=True)
+                                  **(env or {})}, stdin=stdin, stdout=self.out, stderr=self.err, start_new_session=True,
+                                  preexec_fn=default_sigint)
 
     @property
     def pid(self):
@@ -1259,11 +1266,12 @@ def torchrun_failures(p):
 
 
 def token_cache_truncated(ctx, id, what):
-    """A 2-rank run maps its token cache; the file is truncated to 0 bytes under it."""
+    """A 2-rank run of 60 steps reads its token cache; the file is truncated to 0 bytes under it after step 2."""
     base_run(ctx)
     folder = scratch(ctx, id)
     tok, out = folder / "tokens", folder / "out"
-    started = long_run(ctx, out, f"--data_cache_dir={tok}")
+    started = Started(ctx, TORCHRUN + wrpo_args(ctx, out, max_steps=60, save_every=0, log_every=1) +
+                      [f"--data_cache_dir={tok}"])  # minutes of steps on 2 cores; a SIGBUS comes within one
     try:
         if not wait_rows(started, out / "metrics.jsonl", 2):
             raise CaseError(f"the run did not reach step 2: {summary(started.finish(1)) or 'no rows'}")
@@ -1278,8 +1286,9 @@ def token_cache_truncated(ctx, id, what):
         started.finish(1)
     messages = [x for x in p.text.splitlines() if re.search(r"^(\[\w+\]:)?\s*error:", x.strip())]
     saved = sorted(f.name for f in out.glob("step_*"))
+    steps = len(step_rows(out / "metrics.jsonl")[0])
     return [Row(id, what, p.code, p.wall, "; ".join(x for x in (
-        "still training at the timeout" if p.timed_out else torchrun_failures(p) or f"exit {p.code}",
+        "still training at the timeout" if p.timed_out else torchrun_failures(p) or f"exit {p.code}, {steps} steps",
         f"workers say: {trim(messages[0], 80)}" if messages else "no error: line from the workers",
         f"saved {', '.join(saved)}" if saved else "no save") if x))]
 

@@ -22,14 +22,13 @@ import stat
 import sys
 from pathlib import Path
 
+from paths import BOM, path_clash  # (the trainers' rules too)
+
 
 def fail(message):
     """A user error: one line on stderr and exit status 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark some editors put first: accepted, and not part of the text
 
 
 def read_input(path, errors="strict"):
@@ -53,12 +52,16 @@ def read_input(path, errors="strict"):
 def output_problem(path, overwrite=True, what="give the file to write", folder=False):
     """Why `path` cannot be an output file (folder=True: an output folder), or None; checked before any work. A folder
     in a file's place is never removed, nor a file in a folder's; a FIFO or a device is no output (a resume would read
-    it, and block); a file there is replaced only with overwrite."""
+    it, and block); a file there is replaced only with overwrite. A new one needs its nearest existing folder to be
+    a folder this process may write in."""
     path = Path(path)
     try:
         mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):  # a new file (the write says it if a file is on the way)
-        return None
+    except (FileNotFoundError, NotADirectoryError):  # a new file: where it would be made
+        above = next(p for p in Path(os.path.abspath(path)).parents if os.path.lexists(p))
+        if not above.is_dir():
+            return f"cannot write {path}: {above} is not a folder"
+        return None if os.access(above, os.W_OK | os.X_OK) else f"cannot write {path}: {above} is not writable"
     except OSError as e:  # a folder on the way that may not be looked into
         return f"cannot write {path} ({e.strerror or e})"
     if folder:
@@ -72,35 +75,6 @@ def kind(mode):
     """What a file of st_mode `mode` is, in words: 'a file', 'a folder', 'a FIFO', ..."""
     return "a file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode) else \
         "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
-
-
-def path_clash(outputs, inputs):
-    """Why writing `outputs` (files or folders) could destroy or feed on `inputs`, or None: an output that is an input
-    (by any path: links are followed), holds one in its folder, or lies inside an input folder. Checked before any
-    work, by every script and by the trainers; paths that do not exist yet compare by their resolved names (a path
-    that cannot name a file, with a NUL byte in it say, clashes with none: its own checks refuse it)."""
-    def resolved(paths):
-        for p in map(Path, filter(None, paths)):
-            try:
-                yield p, p.resolve()
-            except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
-                pass
-
-    def same(a, b):
-        try:
-            return a.samefile(b)
-        except (OSError, ValueError):  # one does not exist
-            return a == b
-
-    for out, o in resolved(outputs):
-        for given, i in resolved(inputs):
-            if same(o, i):
-                return f"{out} is also an input ({given}); give the output another path"
-            if o in i.parents:
-                return f"{out} holds the input {given}; give the output a path outside it"
-            if i in o.parents:
-                return f"{out} lies inside the input folder {given}; give the output a path outside it"
-    return None
 
 
 def outputs_problem(outputs, inputs, overwrite=True, what="give the file to write"):

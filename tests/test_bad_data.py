@@ -215,10 +215,10 @@ def test_a_template_that_refuses_a_row_makes_a_bad_row(tmp_path, tokenizer):
 
 def test_unwritable_outputs_are_one_line_errors(tmp_path):
     rows = write_jsonl(tmp_path / "rows.jsonl", [wrpo_row(prompt=f"q{i}", prompt_id=f"p{i}") for i in range(6)])
-    with pytest.raises(DataError, match=r"^cannot write the split to /dev/null/x \(Not a directory\)$"):
+    with pytest.raises(DataError, match=r"^cannot write /dev/null/x/sft\.jsonl: /dev/null is not a folder$"):
         split(rows, "/dev/null/x")
     scored = write_jsonl(tmp_path / "scored.jsonl", [SCORED])
-    with pytest.raises(DataError, match=r"^cannot write /dev/null/x/sft\.jsonl \(Not a directory\)$"):
+    with pytest.raises(DataError, match=r"^cannot write /dev/null/x/sft\.jsonl: /dev/null is not a folder$"):
         build.build([scored], "/dev/null/x/sft.jsonl")
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "precious").write_text("x")
@@ -231,7 +231,7 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path):
 
     proc = run("-m", "eval.split", f"--data={rows}", "--out_dir=/dev/null/x")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr == "error: cannot write the split to /dev/null/x (Not a directory)\n"
+    assert proc.stderr == "error: cannot write /dev/null/x/sft.jsonl: /dev/null is not a folder\n"  # before work
 
 
 # -----------------------------------------------------------------------------

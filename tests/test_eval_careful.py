@@ -315,7 +315,7 @@ def test_a_truncated_model_in_generate_is_one_line(tmp_path):
                          timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert run.stderr.startswith("error: cannot load the model: ") and len(run.stderr.strip().splitlines()) == 1
-    assert f"{weights} is truncated" in run.stderr and not (tmp_path / "o.jsonl").exists()
+    assert f"{weights} is not a whole safetensors file" in run.stderr and not (tmp_path / "o.jsonl").exists()
 
 
 def test_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
@@ -338,6 +338,16 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
         refused(capsys, call, f"{folder} is a folder")
     refused(capsys, lambda: plot.main([str(tmp_path / "no-metrics.jsonl"), f"--out_dir={a}"]),
             f"{a} is a file; --out_dir is the folder")
+    (tmp_path / "notes.txt").write_text("a file\n")
+    under_a_file = tmp_path / "notes.txt" / "x.json"  # a file where a folder must be: the judge called (paid) first
+    for call in [
+        lambda: judge.main(["pairwise", f"--answers={a}", f"--baseline={a}", f"--out={under_a_file}",
+                            "--base_url=http://127.0.0.1:9/v1"]),
+        lambda: generate.main([f"--model={missing}", f"--prompts={p}", f"--out={under_a_file}", *GEN]),
+        lambda: implicit_reward.main([f"--model={missing}", f"--ref_model={missing}",
+                                      "--data=demo/data/heldout.jsonl", f"--out={under_a_file}"]),
+    ]:
+        refused(capsys, call, f"cannot write {under_a_file}: {tmp_path / 'notes.txt'} is not a folder")
     assert os.listdir(folder) == ["keep"] and os.listdir(tmp_path / "DIR" / "keep") == []
     assert not list(tmp_path.glob("*.tmp"))
 

@@ -1,0 +1,29 @@
+"""The rules for the paths a user names, shared by the trainers and eval/ (no torch here: eval.judge and eval.plot run
+without it): no output may destroy or feed on an input, and a UTF-8 byte-order mark is no part of a file's text."""
+
+from pathlib import Path
+
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first: accepted, and dropped
+
+
+def path_clash(outputs, inputs):
+    """Why writing `outputs` (files or folders) could destroy or feed on `inputs`, or None: an output that is an input
+    (by any path: links are followed), holds one in its folder, or lies inside an input folder. Checked before any
+    work. Paths that do not exist (yet) compare by their resolved names; one that names no file (a NUL byte in it)
+    clashes with nothing: its own checks refuse it."""
+    def resolved(paths):
+        for p in map(Path, filter(None, paths)):
+            try:
+                yield p, p.resolve()
+            except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+                pass
+
+    for out, o in resolved(outputs):
+        for given, i in resolved(inputs):
+            if o == i or o.exists() and i.exists() and o.samefile(i):  # (hard links too)
+                return f"{out} is also an input ({given}); give the output another path"
+            if o in i.parents:
+                return f"{out} holds the input {given}; give the output a path outside it"
+            if i in o.parents:
+                return f"{out} lies inside the input folder {given}; give the output a path outside it"
+    return None
