@@ -389,7 +389,7 @@ def set_aside(folder, suffix):
 def prune(out_dir, newest, keep_last):
     """After checkpoint `newest` completed: drop complete ones beyond the newest keep_last (0: keep all), incomplete
     ones older than it, and set aside newer ones (step_N.abandoned): a run this one resumed before them left them.
-    Folders set aside (damaged, abandoned) go once older than every checkpoint kept, as those they outlived."""
+    Folders set aside (damaged, abandoned) go once no newer than every checkpoint kept, as those they outlived."""
     complete = []
     for step, folder in step_checkpoints(out_dir):
         if step > newest:
@@ -402,7 +402,7 @@ def prune(out_dir, newest, keep_last):
         shutil.rmtree(folder)
     oldest_kept = complete[-keep_last:][0][0] if keep_last and complete else 0
     for folder in Path(out_dir).glob("step_*.*"):
-        if (m := SET_ASIDE.fullmatch(folder.name)) and int(m.group(1)) < oldest_kept:
+        if (m := SET_ASIDE.fullmatch(folder.name)) and int(m.group(1)) <= oldest_kept:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -251,11 +251,11 @@ def test_prune_drops_the_checkpoints_of_an_abandoned_timeline(base, tmp_path):
 
 def test_folders_set_aside_are_pruned_once_older_than_every_checkpoint_kept(base, tmp_path):
     """step_N.damaged (and .abandoned) folders were never removed: a long run with a damaged checkpoint kept its copy
-    forever. They now go as the checkpoints they outlived do (keep_last)."""
+    forever. They now go as the checkpoints they outlived do (keep_last): step_4.damaged once step 4 is saved anew."""
     import checkpoint
 
     out = copy_run(base, tmp_path)
-    for name in ("step_000001.damaged", "step_000003.damaged", "step_000003.abandoned", "step_000005.damaged"):
+    for name in ("step_000001.damaged", "step_000003.abandoned", "step_000004.damaged", "step_000005.damaged"):
         shutil.copytree(out / "step_000002", out / name)
     checkpoint.prune(out, 4, keep_last=1)
     assert sorted(p.name for p in out.glob("step_*")) == ["step_000004", "step_000005.damaged"]
