@@ -137,8 +137,11 @@ def resumed_rows(out, key, made_with, overwrite):
     output and part files first). Collective."""
     if overwrite:
         if dist.get_rank() == 0:
-            for path in [out] + parts(out):
-                path.unlink(missing_ok=True)
+            try:
+                for path in [out] + parts(out):
+                    path.unlink(missing_ok=True)
+            except OSError as e:  # (the other ranks stop with this one: torchrun ends them)
+                fail(f"cannot remove {e.filename} for --overwrite ({e.strerror or e})")
         dist.barrier()  # no rank appends to a part file before it is gone
         return {}
     rows = done_rows(out, key)
