@@ -20,7 +20,7 @@ import torch.distributed as dist
 from jinja2 import TemplateError  # what transformers renders chat templates with
 
 import tokens
-from paths import BOM
+from paths import BOM, kind
 from tokens import IGNORE, PreferenceRow, Sequence
 
 ROLES = ("system", "user", "assistant")
@@ -69,9 +69,7 @@ def data_files(path):
         raise DataError(f"{path}: folder has no .jsonl, .json or .parquet files")
     for f, mode in zip(files, modes):
         if not stat.S_ISREG(mode):  # never open it: opening a FIFO blocks until something writes to it
-            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
-                "a socket" if stat.S_ISSOCK(mode) else "a device"
-            raise DataError(f"{f}: not a regular file ({kind}); give a data file or a folder of them")
+            raise DataError(f"{f}: not a regular file ({kind(mode)}); give a data file or a folder of them")
     return files
 
 

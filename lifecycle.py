@@ -69,8 +69,8 @@ def start_run(cfg, problems=(), other_models=None):
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
     problems = list(problems) + config_problems(cfg, world) + unavailable(cfg, device)
-    inputs = [cfg.model, *(other_models or {}).values(), cfg.data, cfg.eval_data]
-    if clash := path_clash([cfg.out_dir], inputs):  # --overwrite would delete an input under out_dir
+    given = {"model": cfg.model, **(other_models or {})}  # {setting: the model it names}
+    if clash := path_clash([cfg.out_dir], [*given.values(), cfg.data, cfg.eval_data]):  # (--overwrite deletes in it)
         problems.append(f"out_dir {clash}")
     if problems:
         raise ConfigError("bad config:\n  " + "\n  ".join(problems))
@@ -86,12 +86,13 @@ def start_run(cfg, problems=(), other_models=None):
     if (out_dir / "metrics.jsonl").exists() and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"out_dir {out_dir} already holds a run; pass --resume=auto to continue it, another "
                           "--out_dir, or --overwrite=true to replace it")
-    try:  # each model a local folder (a hub id's snapshot, downloaded once per node) that loads by the rules
-        models = {k: resolve_model_path(m) for k, m in {"model": cfg.model, **(other_models or {})}.items()}
+    try:  # each model a local folder (a hub id's snapshot, downloaded once per node) that loads by the rules; a
+        local = {m: resolve_model_path(m) for m in dict.fromkeys(given.values())}  # reference that is the model: once
     except OSError as e:
         raise ConfigError(f"model error: {e}") from None
-    if problem := next(filter(None, (loading_problem(p, cfg.trust_remote_code) for p in models.values())), None):
+    if problem := next(filter(None, (loading_problem(p, cfg.trust_remote_code) for p in local.values())), None):
         raise ConfigError(f"model error: {problem}")
+    models = {k: local[m] for k, m in given.items()}
     model_path = models["model"]
     attn, shared_prompt, varlen = resolve_attention(cfg, model_path, device)
     on_rank0(lambda: remove_partial_saves(out_dir))  # never complete: their space is free for this run

@@ -1,6 +1,7 @@
 """The rules for the paths a user names, shared by the trainers and eval/ (no torch here: eval.judge and eval.plot run
 without it): no output may destroy or feed on an input, and a UTF-8 byte-order mark is no part of a file's text."""
 
+import stat
 from pathlib import Path
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first: accepted, and dropped
@@ -27,3 +28,10 @@ def path_clash(outputs, inputs):
             if i in o.parents:
                 return f"{out} lies inside the input folder {given}; give the output a path outside it"
     return None
+
+
+def kind(mode):
+    """What a file of st_mode `mode` is, in words ("a FIFO", ...): what a path names when it is not the file or
+    folder a script needs."""
+    return "a file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
+        else "a socket" if stat.S_ISSOCK(mode) else "a device"

@@ -22,7 +22,7 @@ import stat
 import sys
 from pathlib import Path
 
-from paths import BOM, path_clash  # (the trainers' rules too)
+from paths import BOM, kind, path_clash  # (the trainers' rules too)
 
 
 def fail(message):
@@ -69,12 +69,6 @@ def output_problem(path, overwrite=True, what="give the file to write", folder=F
     if not stat.S_ISREG(mode):
         return f"{path} is {kind(mode)}; {what}"
     return None if overwrite else f"{path} exists; pass --overwrite to replace it"
-
-
-def kind(mode):
-    """What a file of st_mode `mode` is, in words: 'a file', 'a folder', 'a FIFO', ..."""
-    return "a file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode) else \
-        "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device or special file"
 
 
 def outputs_problem(outputs, inputs, overwrite=True, what="give the file to write"):

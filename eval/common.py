@@ -60,20 +60,19 @@ def weights_id(local):
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
-def load_for_eval(path, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
-    """(model, tokenizer) for inference, or a one-line error: a bad path or folder (local_model), or a tokenizer
-    without a chat template."""
+def load_for_eval(local, auto_class, *, what, padding_side, dtype, device, trust_remote_code):
+    """(model, tokenizer) for inference from `local`, a folder local_model checked, or a one-line error: its files
+    unreadable to transformers, or a tokenizer without a chat template."""
     from transformers import AutoTokenizer
 
-    local = local_model(path, what=what, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
         model = auto_class.from_pretrained(local, dtype=dtype, trust_remote_code=trust_remote_code,
                                            use_safetensors=True).to(device).eval()
     except (OSError, ValueError) as e:  # bad files, or custom code transformers refuses
-        fail(f"cannot load the {what} {path}: {str(e).splitlines()[0]}")
+        fail(f"cannot load the {what} {local}: {str(e).splitlines()[0]}")
     if tokenizer.chat_template is None:
-        fail(f"{path}: the tokenizer has no chat template")
+        fail(f"{local}: the tokenizer has no chat template")
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
