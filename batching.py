@@ -32,13 +32,18 @@ def train_steps(n_rows, epochs, seed, global_batch, rank, world, total_steps, st
     per_rank = global_batch // world
     step = 0
     for epoch in range(epochs):
-        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        perm = epoch_order(n_rows, seed, epoch)
         for first in range(0, n_rows - global_batch + 1, global_batch):
             if step >= total_steps:
                 return
             if step >= start:
                 yield step, epoch, perm[first + rank * per_rank : first + (rank + 1) * per_rank]
             step += 1
+
+
+def epoch_order(n_rows, seed, epoch):
+    """The rows in the order an epoch takes them: a permutation seeded by seed + epoch."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
 def micro_batches_by_rows(idx, size):

@@ -246,7 +246,8 @@ def global_sum(x, device):
 
 
 class MetricSum:
-    """Weighted sums of per-example metrics over micro-batches, then over ranks with one all_reduce."""
+    """Weighted sums of per-example metrics over micro-batches, then over ranks with one all_reduce; in float64, so that
+    a mean of equal values is that value (step 1 of a run whose policy is its reference: loss ln 2, exactly)."""
 
     def __init__(self):
         self.sums, self.weight = {}, 0.0
@@ -254,12 +255,12 @@ class MetricSum:
     def add(self, metrics, weight):
         """metrics: name -> [B] tensor; weight: [B] (1 per row, tokens per sequence, 0 for padding rows)."""
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + (v.float() * weight).sum()
+            self.sums[k] = self.sums.get(k, 0.0) + (v.double() * weight).sum()
         self.weight = self.weight + weight.sum()
 
     def mean(self):
         keys = sorted(self.sums)
-        t = torch.stack([self.sums[k] for k in keys] + [torch.as_tensor(self.weight).float()])
+        t = torch.stack([self.sums[k] for k in keys] + [torch.as_tensor(self.weight).double()])
         dist.all_reduce(t)
         return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 

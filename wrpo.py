@@ -26,7 +26,7 @@ import tokens
 from checkpoint import restore, resume_state, save_checkpoint, save_final
 from fsdp_utils import cleanup, is_master, load_model, print0
 from lifecycle import Preempted, cli, start_run, stop_requested, stop_signals, write_run_config
-from logps import model_sequence_logps
+from logps import model_sequence_logps, resolve_impl
 from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_norm, every, get_lr, load_cached, \
     nonfinite_step, parse_config, set_lr, throughput, total_steps_for
 
@@ -183,28 +183,36 @@ def load_reference(cfg, run, train_rows, eval_rows):
         return ref, ref
     models, tables = [], []  # models: the reference, once a cache is missing
 
-    def compute(rows, name):
+    def compute(rows, batches, name):
         models[:] = models or [load_model(ref_path, run.mesh, run.device, cfg, attn=run.attn, trainable=False)]
-        return {"logps": compute_reference(models[0], rows, cfg, run, f"reference {name}").numpy()}, {}
+        return {"logps": compute_reference(models[0], rows, batches, cfg, run, f"reference {name}").numpy()}, {}
 
-    for data_path, rows in [(cfg.data, train_rows), (cfg.eval_data, eval_rows)]:
+    # the micro-batches the policy's passes will run: held-out rows as evaluate() cuts them, training rows as the
+    # first epoch's steps do, so that a policy equal to the reference gets d(y) = 0 exactly (same tensors, same kernels)
+    layout = f"{run.attn}|{resolve_impl(cfg.logps_impl, run.device)}|{run.world}|{run.shared_prompt}|" + (
+        f"packed {token_budget(cfg)}" if cfg.packing else f"padded {cfg.micro_batch_size}")
+    for data_path, rows, train in [(cfg.data, train_rows, True), (cfg.eval_data, eval_rows, False)]:
         if not rows:
             tables.append(None)
             continue
-        file, key = reference_cache(cfg, run.attn, ref_path, rows, data_path)
+        batches = lambda: training_layout(rows, cfg, run) if train else no_grad_batches(  # noqa: E731
+            batching.row_lengths(rows, run.shared_prompt), cfg, run)
+        file, key = reference_cache(cfg, layout + (f"|{cfg.seed}|{cfg.global_batch_size}" if train else ""),
+                                    ref_path, rows, data_path)
         t0 = time.time()
-        arrays, _, how = tokens.cached(file, key, lambda: compute(rows, Path(data_path).name), "reference log-probs",
-                                       print0)
+        arrays, _, how = tokens.cached(file, key, lambda: compute(rows, batches(), Path(data_path).name),
+                                       "reference log-probs", print0)
         tables.append(torch.from_numpy(arrays["logps"][:]))
         print0(f"reference log-probs: {file} (cached)" if how == "cached" else f"reference log-probs: "
                f"{file if how == 'written' else 'not cached'} ({len(rows)} rows in {time.time() - t0:.1f}s)")
     return tables[0], tables[1]
 
 
-def reference_cache(cfg, attn, ref_path, rows, data_path):
+def reference_cache(cfg, layout, ref_path, rows, data_path):
     """(file, key) of the cache of `rows`' reference log-probs; the key covers all they depend on: the reference's files
-    (names, sizes, times), the tokenized rows and the compute settings, so a stale cache is never read."""
-    h = hashlib.sha256(f"{tokens.fingerprint(rows)}|{cfg.dtype}|{attn}|".encode())
+    (names, sizes, times), the tokenized rows, the dtype and `layout` (the kernels and micro-batches they ran in), so a
+    stale cache is never read."""
+    h = hashlib.sha256(f"{tokens.fingerprint(rows)}|{cfg.dtype}|{layout}|".encode())
     for f in sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.json")):
         h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};".encode())
     name = f"{Path(data_path).name}.ref-logps-{h.hexdigest()[:20]}.safetensors"
@@ -212,11 +220,12 @@ def reference_cache(cfg, attn, ref_path, rows, data_path):
 
 
 @torch.no_grad()
-def compute_reference(ref, rows, cfg, run, desc):
-    """One no-grad pass of the reference over every row: [n_rows, 3] on CPU, the same on all ranks. Each rank fills
-    its own rows (a short rank's padding has weight 0) and the sum over ranks fills them all."""
+def compute_reference(ref, rows, batches, cfg, run, desc):
+    """One no-grad pass of the reference over every row, in this rank's `batches` ((indices, weights) micro-batches):
+    [n_rows, 3] on CPU, the same on all ranks. Each rank fills its own rows (a short rank's padding has weight 0) and
+    the sum over ranks fills them all."""
     table, quiet = torch.zeros(len(rows), 3, device=run.device), not is_master() or not sys.stderr.isatty()
-    for idx, weight in tqdm(no_grad_batches(rows, cfg, run), desc=desc, disable=quiet):
+    for idx, weight in tqdm(batches, desc=desc, disable=quiet):
         keep = weight > 0
         table[torch.tensor(idx)[keep]] = row_logps(ref, collate([rows[i] for i in idx], cfg, run)).float()[keep]
     dist.all_reduce(table)
@@ -228,13 +237,31 @@ def token_budget(cfg):
     return cfg.max_tokens_per_micro_batch or 3 * cfg.max_length
 
 
-def no_grad_batches(rows, cfg, run):
-    """This rank's share of `rows` for a no-grad pass as (indices, weights [B]) micro-batches, as many on every rank:
-    the training's token budget with packing, else micro_batch_size rows. Collective."""
+def step_micro_batches(idx, lengths, cfg, run):
+    """A step's rows on this rank (idx: their indices) as its micro-batches: packed by the token budget (lengths: each
+    row's tokens, batching.row_lengths), else micro_batch_size rows. Collective."""
     if cfg.packing:
-        lengths = batching.row_lengths(rows, run.shared_prompt)
+        return batching.micro_batches_by_tokens(idx, lengths, token_budget(cfg), run.device)
+    return batching.micro_batches_by_rows(idx, cfg.micro_batch_size)
+
+
+def no_grad_batches(lengths, cfg, run):
+    """This rank's share of rows (lengths: their tokens, batching.row_lengths) for a no-grad pass as (indices,
+    weights [B]) micro-batches, as many on every rank: the training's token budget with packing, else micro_batch_size
+    rows. Collective."""
+    if cfg.packing:
         return batching.eval_batches_by_tokens(lengths, token_budget(cfg), run.rank, run.world, run.device)
-    return list(batching.eval_batches(len(rows), cfg.micro_batch_size, run.rank, run.world))
+    return list(batching.eval_batches(len(lengths), cfg.micro_batch_size, run.rank, run.world))
+
+
+def training_layout(rows, cfg, run):
+    """The training rows in this rank's micro-batches of the first epoch's steps, as (indices, weights [B]), then the
+    rows that epoch leaves out (its last partial batch) as no_grad_batches cuts them. Collective."""
+    lengths = batching.row_lengths(rows, run.shared_prompt)
+    steps = batching.train_steps(len(rows), 1, cfg.seed, cfg.global_batch_size, run.rank, run.world, len(rows))
+    out = [(mb, torch.ones(len(mb))) for _, _, idx in steps for mb in step_micro_batches(idx, lengths, cfg, run)]
+    left = batching.epoch_order(len(rows), cfg.seed, 0)[len(rows) // cfg.global_batch_size * cfg.global_batch_size:]
+    return out + [([left[i] for i in idx], w) for idx, w in no_grad_batches([lengths[i] for i in left], cfg, run)]
 
 
 def reference_logps(reference, idx, batch):
@@ -248,6 +275,20 @@ def reference_logps(reference, idx, batch):
         return row_logps(reference, batch)
 
 
+def check_step_one(d, run):
+    """After step 1 of a run whose reference has the policy's weights: every d(y) = log pi(y|x) - log pi_ref(y|x) (d:
+    this rank's [B] tensors of them) must be exactly 0, so the loss is ln 2, each accuracy 1/2, each margin 0. One line
+    says whether it held; a nonzero d means the reference's log-probs are not the policy's own (a reference computed
+    elsewhere or otherwise, a nondeterministic kernel). Collective."""
+    worst = torch.cat(d).abs().max()
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    if worst.item() == 0:
+        print0("step 1: policy == reference, max |d| = 0")
+    else:
+        print0(f"warning: step 1: policy == reference, yet max |d| = {worst.item():.3g}, not 0: the reference "
+               "log-probs differ from the policy's own (a nondeterministic kernel, or a reference computed otherwise)")
+
+
 # --- held-out evaluation
 
 @torch.no_grad()
@@ -256,7 +297,7 @@ def evaluate(policy, reference, rows, alpha, cfg, run):
     over all ranks. reference: as for reference_logps; cfg: the objective's settings and the batching's."""
     policy.eval()
     sums = MetricSum()
-    for idx, weight in no_grad_batches(rows, cfg, run):
+    for idx, weight in no_grad_batches(batching.row_lengths(rows, run.shared_prompt), cfg, run):
         batch = collate([rows[i] for i in idx], cfg, run)
         losses, rewards, logps = preference_forward(policy, batch, reference_logps(reference, idx, batch), alpha, cfg)
         sums.add(row_metrics(losses, rewards, logps), weight.to(run.device))
@@ -310,8 +351,7 @@ def main(argv):
                          eval_fingerprint)
     lengths = batching.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
     packed_lengths = batching.row_lengths(train_rows, run.shared_prompt)  # the tokens a forward runs
-    budget = token_budget(cfg)  # tokens per micro-batch, with packing
-    print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps, budget)
+    print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps)
     write_run_config(run, cfg)
     train_reference, eval_reference = load_reference(cfg, run, train_rows, eval_rows)  # tables, a model, or None
     policy = load_model(run.model_path, run.mesh, run.device, cfg, attn=run.attn, trainable=True)
@@ -330,10 +370,8 @@ def main(argv):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
             alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
-            micro_batches = (batching.micro_batches_by_tokens(idx, packed_lengths, budget, run.device) if cfg.packing
-                             else batching.micro_batches_by_rows(idx, cfg.micro_batch_size))
-            sums, seen = MetricSum(), []
-            for mb in micro_batches:
+            sums, seen, d = MetricSum(), [], []
+            for mb in step_micro_batches(idx, packed_lengths, cfg, run):
                 batch = collate([train_rows[i] for i in mb], cfg, run)
                 ref_logps = reference_logps(train_reference, mb, batch)  # precomputed, the live model's, or None
                 losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
@@ -341,6 +379,7 @@ def main(argv):
                 (losses.sum() / len(idx)).backward()
                 sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
                 seen.append(([tokens.row_name(train_rows[i]) for i in mb], losses.detach()))
+                d += [rewards[k] / cfg.beta for k in ("source_chosen", "target_chosen", "rejected")]
             metrics = sums.mean()
             grad_norm = clip_grad_norm(policy, cfg.grad_clip)
             if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
@@ -348,6 +387,8 @@ def main(argv):
             else:  # stops, naming the rows at fault (nonfinite=stop), or leaves the weights as they are (skip)
                 skipped = nonfinite_step(step + 1, metrics["loss"], grad_norm, seen, run, cfg, skipped)
             optimizer.zero_grad(set_to_none=True)
+            if step == 0 and cfg.loss_type != "simpo" and run.weights["model"] == run.weights["ref_model"]:
+                check_step_one(d, run)
 
             # --- log, evaluate, checkpoint; after SIGTERM / SIGINT on any rank, save and stop
             m = {"step": step + 1, "epoch": epoch, "lr": lr, "alpha": alpha, "grad_norm": grad_norm, **metrics,
@@ -370,8 +411,9 @@ def main(argv):
     cleanup()
 
 
-def print_plan(cfg, run, n_train, n_eval, total_steps, budget):
-    micro = f"micro-batches of <= {budget} tokens" if cfg.packing else f"micro-batches of {cfg.micro_batch_size} rows"
+def print_plan(cfg, run, n_train, n_eval, total_steps):
+    micro = (f"micro-batches of <= {token_budget(cfg)} tokens" if cfg.packing else
+             f"micro-batches of {cfg.micro_batch_size} rows")
     micro += ", prompts shared by their responses" if run.shared_prompt else ""
     print0(f"{n_train} training rows, {n_eval} held-out rows; world {run.world} on {run.device.type}; "
            f"{total_steps} optimizer steps of {cfg.global_batch_size} rows ({cfg.global_batch_size // run.world} "

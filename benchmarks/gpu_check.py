@@ -14,8 +14,9 @@ final/, else SFT's, else the initial one).
    takes demo/model and demo/data/train.jsonl (for both stages: sft.py trains on WRPO rows' chosen[0]).
 2. varlen self-check: attention.varlen_self_check(device), PASS or FAIL as it says; on CPU a SKIP (CUDA's kernel).
 3. sft: `torchrun sft.py`, a few steps (nccl, bf16, activation checkpointing, triton log-probs), final/.
-4. wrpo: `torchrun wrpo.py` from the SFT model with save_every=2; SIGTERM to torchrun once metrics.jsonl
-   reaches step 3: the workers save a resumable checkpoint and torchrun exits 1 (README's exit-code table;
+4. wrpo: `torchrun wrpo.py` from the SFT model (its own reference: step 1 must print "step 1: policy ==
+   reference, max |d| = 0", every d(y) exactly 0 in bf16 on this GPU) with save_every=2; SIGTERM to torchrun once
+   metrics.jsonl reaches step 3: the workers save a resumable checkpoint and torchrun exits 1 (README's exit-code table;
    the workers' own code is 143); the same command with --resume=auto then trains to the end: the metrics
    rows up to the checkpoint kept as they were, steps 1..N contiguous, final/ written.
 5. from_pretrained: AutoModelForCausalLM loads the final model on the device; one forward, finite logits.
@@ -206,6 +207,9 @@ def wrpo(c):
     if code != 1 or not saved:  # README: torchrun exits 1 after a SIGTERM; the workers saved and exited 143
         raise command_failed("wrpo.py after SIGTERM (expected exit 1 and 'stopped by SIGTERM ... saved')", code,
                              log1)
+    invariant = next((x for x in log1.read_text(errors="replace").splitlines() if "policy == reference" in x), "")
+    if not invariant.endswith("policy == reference, max |d| = 0"):  # the reference is the policy: d(y) = 0 exactly
+        raise Failed(f"step 1 is not exact: {invariant.strip() or 'no invariant line'}")
     stopped, checkpoint = int(saved[1]), REPO / saved[2]
     if not (checkpoint / "trainer_state.json").exists():
         raise Failed(f"SIGTERM after step {stopped}: {checkpoint} has no trainer_state.json")
@@ -221,7 +225,8 @@ def wrpo(c):
     if not (out / "final" / "config.json").exists():
         raise Failed(f"no {out / 'final'}")
     c.wrpo_final, c.resumed_at = out / "final", stopped
-    return (f"from {model.parent.name}/{model.name}; SIGTERM at step {STOP_AT_STEP}: torchrun exit 1, saved "
+    return (f"from {model.parent.name}/{model.name}; step 1 exact (every d(y) = 0); SIGTERM at step {STOP_AT_STEP}: "
+            f"torchrun exit 1, saved "
             f"{checkpoint.name}; --resume=auto: steps {stopped + 1}-{total}, metrics 1-{total} contiguous, final/")
 
 

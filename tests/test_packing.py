@@ -142,7 +142,8 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     shutil.copytree(DEMO_MODEL, ref)
     cfg = Config(ref_cache_dir=str(tmp_path / "cache"))
     examples = rows(tmp_path, tokenizer)
-    path = lambda c=cfg, ex=examples, attn="sdpa": reference_cache(c, attn, ref, ex, tmp_path / "rows.jsonl")  # noqa
+    path = lambda c=cfg, ex=examples, layout="sdpa|padded 1": reference_cache(  # noqa: E731
+        c, layout, ref, ex, tmp_path / "rows.jsonl")
     base = path()
     assert base == path() and base[0].parent == tmp_path / "cache" and base[0].name.startswith("rows.jsonl.ref-logps-")
     assert base[0].name.endswith(f"-{base[1][:20]}.safetensors")  # named by its key
@@ -154,7 +155,7 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     truncated = data.load_preference_rows(tmp_path / "rows.jsonl", tokenizer, max_length=24, max_prompt_length=16)
     assert path(ex=truncated) != base  # other truncation settings
     assert path(c=Config(ref_cache_dir=cfg.ref_cache_dir, dtype="float32")) != base  # other compute dtype
-    assert path(attn="packed_sdpa") != base  # other attention
+    assert path(layout="packed_sdpa|padded 1") != base and path(layout="sdpa|padded 2") != base  # other batches
     weights = ref / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     assert path() != base  # other reference weights
