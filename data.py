@@ -314,10 +314,13 @@ def scored_length(reply, end):
     return len(reply)
 
 
-def encode(tokenizer, messages, responses, end):
+def encode(tokenizer, messages, responses, end, recipe="default"):
     """(prompt tokens, each response's tokens) from the chat template: the prompt is template(messages,
-    add_generation_prompt=True); a response, the rest of template(messages + [it]) up to its end-of-turn token."""
-    texts = [render(tokenizer, messages, add_generation_prompt=True)]
+    add_generation_prompt=True); a response, the rest of template(messages + [it]) up to its end-of-turn token. The
+    authors' recipe (SLIT-AI/WRPO's tokenize_row): the prompt is template(messages), and a response all the rest, its
+    assistant header first, then EOS appended: header, reply, end of turn and the EOS are scored."""
+    authors = recipe == "authors"
+    texts = [render(tokenizer, messages, add_generation_prompt=not authors)]
     texts += [render(tokenizer, messages + [{"role": "assistant", "content": r}]) for r in responses]
     # the template adds BOS itself; verbose=False: no warning about rows over the model's length, truncate cuts them
     prompt, *fulls = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
@@ -328,7 +331,7 @@ def encode(tokenizer, messages, responses, end):
         if len(full) == len(prompt):
             raise RowError("a response renders to no tokens")
         reply = full[len(prompt):]
-        out.append(reply[: scored_length(reply, end)])
+        out.append(reply + [tokenizer.eos_token_id] if authors else reply[: scored_length(reply, end)])
     return prompt, out
 
 
@@ -363,7 +366,8 @@ def truncate(prompt, responses, max_length, max_prompt_length):
 
 # --- every row of a file, as TokenRows
 
-def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on="assistant", tokenizer=None):
+def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on="assistant", recipe="default",
+                      tokenizer=None):
     """What is wrong with the settings of load_preference_rows (kind "preference") or load_sft_examples ("sft"), and
     with the tokenizer if given: the one check, for the scripts' configs and the loaders. [] if nothing."""
     keep = "keep_end" if kind == "preference" else "keep_start"
@@ -372,16 +376,22 @@ def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on
         problems.append(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
     if kind == "sft" and loss_on not in ("assistant", "all"):
         problems.append(f"loss_on must be 'assistant' or 'all', got '{loss_on}'")
+    if recipe not in ("default", "authors"):
+        problems.append(f"recipe must be 'default' or 'authors', got '{recipe}'")
     if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         problems.append(f"tokenizer {tokenizer.name_or_path} has no chat template; rows are rendered with it")
+    if tokenizer is not None and recipe == "authors" and tokenizer.eos_token_id is None:
+        problems.append(f"recipe authors appends EOS to each text, and tokenizer {tokenizer.name_or_path} has none")
     return problems
 
 
 def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
-                         skip_invalid=False, allow_special_tokens=False, report=print, hint=SKIP_HINT):
+                         recipe="default", skip_invalid=False, allow_special_tokens=False, report=print,
+                         hint=SKIP_HINT):
     """Every row of `path` read, validated and tokenized as TokenRows of PreferenceRows (convert_all); truncation
     "keep_end": the paper's rule (`truncate`), "error": a bad row. So is text holding a special-token string."""
-    if problems := settings_problems("preference", max_length, truncation, max_prompt_length, tokenizer=tokenizer):
+    if problems := settings_problems("preference", max_length, truncation, max_prompt_length, recipe=recipe,
+                                     tokenizer=tokenizer):
         raise DataError("; ".join(problems))
     special = None if allow_special_tokens else tokens.special_tokens_finder(tokenizer)
     end = turn_end(tokenizer)
@@ -390,7 +400,7 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
         messages, texts, n_chosen, prompt_id = validate_row(rec)
         if special:
             check_special_tokens(special, rec, [m["content"] for m in messages] + texts)
-        prompt, responses = encode(tokenizer, messages, texts, end)
+        prompt, responses = encode(tokenizer, messages, texts, end, recipe)
         length = len(prompt) + max(len(r) for r in responses)
         if truncation == "error" and length > max_length:
             raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
@@ -401,11 +411,14 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
 
 
 def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", truncation="keep_start",
-                      skip_invalid=False, allow_special_tokens=False, report=print, hint=SKIP_HINT):
+                      recipe="default", skip_invalid=False, allow_special_tokens=False, report=print, hint=SKIP_HINT):
     """SFT rows (chat rows, or WRPO rows as prompt + y_ws) read, validated and tokenized as TokenRows of Sequences.
     loss_on "assistant": every assistant turn and its end-of-turn token scored, "all": every token (the paper);
-    truncation "keep_start": an example cut to its first max_length tokens, "error": a bad row."""
-    if problems := settings_problems("sft", max_length, truncation, loss_on=loss_on, tokenizer=tokenizer):
+    truncation "keep_start": an example cut to its first max_length tokens, "error": a bad row. The authors' recipe
+    (TRL's packed SFTTrainer): the conversation's text tokenized whole, special tokens added, then EOS; all scored,
+    nothing cut (sft.concatenated cuts the examples' stream into sequences)."""
+    if problems := settings_problems("sft", max_length, truncation, loss_on=loss_on, recipe=recipe,
+                                     tokenizer=tokenizer):
         raise DataError("; ".join(problems))
     special = None if allow_special_tokens else tokens.special_tokens_finder(tokenizer)
     end = turn_end(tokenizer)
@@ -414,6 +427,9 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
         messages = sft_messages(rec)
         if special:
             check_special_tokens(special, rec, [m["content"] for m in messages], chat="messages" in rec)
+        if recipe == "authors":
+            ids = tokenizer(render(tokenizer, messages), verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+            return Sequence(ids, [IGNORE] + ids[1:], where)
         ids, mask = encode_chat(tokenizer, messages, end)
         if len(ids) > max_length:
             if truncation == "error":

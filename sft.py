@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import batching
@@ -73,15 +74,40 @@ def load_examples(path, cfg, run):
         return [], []
     examples = load_cached(data.load_sft_examples, path, run.tokenizer, cfg.data_cache_dir, report=print0,
                            max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation,
-                           skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
+                           recipe=cfg.recipe, skip_invalid=cfg.skip_invalid_rows,
+                           allow_special_tokens=cfg.allow_special_tokens)
+    if cfg.recipe == "authors":
+        examples = concatenated(examples, cfg.max_length, path)
+        return examples, [[i] for i in range(len(examples))]
     return examples, (batching.pack(batching.row_lengths(examples), cfg.max_length) if cfg.packing else
                       [[i] for i in range(len(examples))])
+
+
+def concatenated(examples, length, path):
+    """The authors' packing (TRL's ConstantLengthDataset): the examples' tokens back to back, cut into sequences of
+    `length` tokens, a last partial one dropped. A sequence is one stream, attended across its examples and scored on
+    every token but its first; its name spans the rows it holds."""
+    n, ends = len(examples.tokens) // length * length, examples.offsets[1:]
+    if n == 0:
+        raise data.DataError(f"{path}: {len(examples.tokens)} tokens in all, fewer than one sequence of max_length "
+                             f"{length} (the authors' recipe trains on whole sequences only)")
+    starts = np.arange(0, n, length)
+    first, last = np.searchsorted(ends, starts, "right"), np.searchsorted(ends, starts + length - 1, "right")
+    scored = np.ones(n, np.uint8)
+    scored[starts] = 0
+    arrays = dict(tokens=examples.tokens[:n], offsets=np.arange(0, n + 1, length), firsts=np.arange(len(starts) + 1),
+                  scored=scored)
+    print0(f"data: the authors' recipe: {len(examples)} examples of {path} in {len(starts)} sequences of {length} "
+           f"tokens, attended across examples ({len(examples.tokens) - n} tokens after the last dropped)")
+    return tokens.TokenRows("sft", arrays, [f"{examples.where[a]} .. {examples.where[b]}" for a, b in
+                                            zip(first, last)], [])
 
 
 def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before the model is loaded or a file written
     cfg = parse_config(Config, argv)
-    run = start_run(cfg, data.settings_problems("sft", cfg.max_length, cfg.truncation, loss_on=cfg.loss_on))
+    run = start_run(cfg, data.settings_problems("sft", cfg.max_length, cfg.truncation, loss_on=cfg.loss_on,
+                                                recipe=cfg.recipe))
     (examples, seqs), (eval_examples, eval_seqs) = (load_examples(p, cfg, run) for p in (cfg.data, cfg.eval_data))
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
     fingerprint = tokens.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed
@@ -146,8 +172,10 @@ def main(argv):
 
 def print_plan(cfg, run, examples, seqs, n_eval, total_steps):
     fill = sum(batching.row_lengths(examples)) / (len(seqs) * cfg.max_length)
-    print0(f"{len(examples)} examples in {len(seqs)} sequences ({fill:.0%} of max_length {cfg.max_length} used), "
-           f"{n_eval} held-out examples; world {run.world} on {run.device.type}; "
+    authors = cfg.recipe == "authors"  # its examples are sequences already (`concatenated`)
+    print0(f"{'' if authors else f'{len(examples)} examples in '}{len(seqs)} sequences ({fill:.0%} of max_length "
+           f"{cfg.max_length} used), {n_eval} held-out {'sequences' if authors else 'examples'}; "
+           f"world {run.world} on {run.device.type}; "
            f"{total_steps} optimizer steps of {cfg.global_batch_size} sequences")
 
 

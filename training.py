@@ -39,6 +39,7 @@ class TrainConfig:
     trust_remote_code: bool = False  # only for models whose code you trust
     skip_invalid_rows: bool = False  # leave bad data rows out (counted) instead of stopping before training
     allow_special_tokens: bool = False  # text's special tokens (<|eot_id|>, ...) stay control tokens; else a bad row
+    recipe: str = "default"  # default: this project's; authors: SLIT-AI/WRPO's trainers (README, "Differences from...")
     # optimisation
     lr: float = 1e-6  # peak learning rate (AdamW)
     warmup_ratio: float = 0.1  # fraction of optimizer steps of linear warmup, then cosine to 0

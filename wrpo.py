@@ -71,7 +71,7 @@ def wrpo_problems(cfg):
               (cfg.max_tokens_per_micro_batch >= 0,
                f"max_tokens_per_micro_batch must be >= 0 (0: 3 x max_length), got {cfg.max_tokens_per_micro_batch}")]
     return [problem for ok, problem in checks if not ok] + \
-        data.settings_problems("preference", cfg.max_length, cfg.truncation, cfg.max_prompt_length)
+        data.settings_problems("preference", cfg.max_length, cfg.truncation, cfg.max_prompt_length, recipe=cfg.recipe)
 
 
 # --- the WRPO objective and its schedules
@@ -122,12 +122,13 @@ def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, b
     return losses, rewards
 
 
-def get_alpha(step, total_steps, alpha, schedule):
+def get_alpha(step, total_steps, alpha, schedule, recipe="default"):
     """The fusion coefficient of the paper's progressive adaptation: the source response's weight, linear from 0 at
-    optimizer step 0 to `alpha` (alpha_max) at the last step; `constant` is the paper's fixed-alpha ablation."""
+    optimizer step 0 to `alpha` (alpha_max) at the last step; `constant` is the paper's fixed-alpha ablation. The
+    authors' code divides by the number of steps, not the last step's: alpha * step / total_steps, below alpha."""
     if schedule == "constant":
         return alpha
-    return alpha * min(1.0, step / max(1, total_steps - 1))
+    return alpha * min(1.0, step / max(1, total_steps if recipe == "authors" else total_steps - 1))
 
 
 # --- one micro-batch: log-probs, the loss, metrics
@@ -310,7 +311,8 @@ def held_out(policy, reference, rows, cfg, run, step, total_steps, before=None):
     metrics `before` training when given; {} without rows."""
     if not rows:
         return {}
-    m = evaluate(policy, reference, rows, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule), cfg, run)
+    m = evaluate(policy, reference, rows, get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule, cfg.recipe),
+                 cfg, run)
     print0(f"step {step}: held-out reward accuracy {m['eval/rewards/accuracies']:.3f} "
            f"(source {m['eval/rewards/source_accuracies']:.3f}, target {m['eval/rewards/target_accuracies']:.3f}), "
            f"margin {m['eval/rewards/margins']:.4f}")
@@ -336,7 +338,8 @@ def load_rows(path, cfg, run):
         return []
     return load_cached(data.load_preference_rows, path, run.tokenizer, cfg.data_cache_dir, report=print0,
                        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
-                       skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
+                       recipe=cfg.recipe, skip_invalid=cfg.skip_invalid_rows,
+                       allow_special_tokens=cfg.allow_special_tokens)
 
 
 def main(argv):
@@ -369,7 +372,7 @@ def main(argv):
                                                      run.rank, run.world, total_steps, start):
             t0 = time.time()
             lr = set_lr(optimizer, get_lr(step, total_steps, cfg.lr, cfg.warmup_ratio))
-            alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule)
+            alpha = get_alpha(step, total_steps, cfg.alpha, cfg.alpha_schedule, cfg.recipe)
             sums, seen, d = MetricSum(), [], []
             for mb in step_micro_batches(idx, packed_lengths, cfg, run):
                 batch = collate([train_rows[i] for i in mb], cfg, run)

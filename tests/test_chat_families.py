@@ -171,3 +171,36 @@ def test_a_pad_token_equal_to_eos_never_hides_a_scored_eos(tmp_path):
     packed = collate_preference([row], pad_id=eos, packed=True, shared_prompt=True)
     scored = packed["labels"][packed["labels"] != IGNORE]
     assert scored.tolist() == [t for reply in row.responses for t in reply]  # every reply token, EOS included
+
+
+HEADER = {"llama3.1": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2.5": "<|im_start|>assistant\n",
+          "gemma2": "<start_of_turn>model\n", "mistral": "", "chatml": "<|im_start|>assistant\n"}
+AFTER_TURN = {"llama3.1": "", "qwen2.5": "\n", "gemma2": "\n", "mistral": "", "chatml": "\n"}  # after the turn's end
+
+
+def test_the_authors_recipe_scores_header_reply_turn_and_an_eos(tmp_path, family):
+    """--recipe=authors, SLIT-AI/WRPO's tokenize_row: the prompt is the template's text of the prompt turns; each
+    response all the template adds for it (the assistant header, the reply, its end of turn and whatever follows)
+    and the tokenizer's EOS appended, all scored. Their SFT (TRL's packing) tokenizes the conversation's text with
+    the tokenizer's special tokens (a second BOS where the template writes one), then EOS, every token scored."""
+    name, fam, tok = family
+    path = write_jsonl(tmp_path / "d.jsonl", [wrpo_row(TURNS)])
+    default, authors = (load_preference_rows(path, tok, recipe=r, report=lambda *a: None)[0]
+                        for r in ("default", "authors"))
+    assert authors.prompt_ids == tok(render(tok, TURNS), add_special_tokens=False)["input_ids"]
+    header = default.prompt_ids[len(authors.prompt_ids):]
+    assert default.prompt_ids[: len(authors.prompt_ids)] == authors.prompt_ids and tok.decode(header) == HEADER[name]
+    eos = tok.convert_tokens_to_ids(fam.eos)
+    for reply, scored, ids in zip(REPLIES, default.responses, authors.responses):
+        full = tok(render(tok, TURNS + [{"role": "assistant", "content": reply}]), add_special_tokens=False)
+        assert authors.prompt_ids + ids == full["input_ids"] + [eos]  # the whole conversation, then EOS
+        assert ids[: len(header)] == header and ids[len(header): len(header) + len(scored)] == scored
+        assert tok.decode(ids[len(header) + len(scored):]) == AFTER_TURN[name] + fam.eos
+        assert tok.decode(scored) == reply + fam.end  # the default: the reply and its end of turn only
+    sft = load_sft_examples(path, tok, recipe="authors", report=lambda *a: None)[0]
+    text = render(tok, TURNS + [{"role": "assistant", "content": REPLIES[0]}])
+    assert sft.ids == tok(text)["input_ids"] + [eos] and sft.labels == [IGNORE] + sft.ids[1:]
+    if fam.bos:  # the template's BOS and the tokenizer's, as TRL's packed SFTTrainer gets them
+        assert tok.decode(sft.ids[:3]).startswith(2 * fam.bos) and not tok.decode(sft.ids[:3]).startswith(3 * fam.bos)
+    else:
+        assert tok.bos_token is None and sft.ids[: len(authors.prompt_ids)] == authors.prompt_ids

@@ -106,3 +106,75 @@ def test_step_one_says_when_the_reference_is_not_the_policy(tmp_path, few_rows, 
     monkeypatch.setattr(wrpo, "compute_reference", compute)
     train(tmp_path, few_rows, "other", f"--ref_model={wide_model}")
     assert "policy == reference" not in capsys.readouterr().out
+
+
+def test_the_authors_alpha_is_alpha_max_times_k_over_t():
+    from wrpo import get_alpha
+
+    T = 12  # their LinearDecayScheduler(0, alpha, 0, T).get_value(global_step), to the bit
+    assert [get_alpha(k, T, 0.1, "linear", "authors") for k in range(T)] == [0 + (0.1 - 0) * (k / T) for k in range(T)]
+    assert get_alpha(T - 1, T, 0.1, "linear", "authors") < 0.1 == get_alpha(T - 1, T, 0.1, "linear")
+    assert get_alpha(5, T, 0.1, "constant", "authors") == 0.1
+
+
+def test_the_authors_recipe_on_the_demo_template(tmp_path, tokenizer):
+    """Llama-3's template: the default scores each reply and its <|eot_id|>; the authors' recipe also the assistant
+    header before it (their prompt ends at the user's <|eot_id|>) and a second <|eot_id|> (the tokenizer's EOS)."""
+    import data
+
+    row = {"prompt": "Hi there", "chosen": ["Five.", "Six"], "rejected": ["No"]}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    scored = {}
+    for recipe in ("default", "authors"):
+        r = data.load_preference_rows(path, tokenizer, recipe=recipe, report=lambda *a: None)[0]
+        scored[recipe] = [[tokenizer.decode([t]) for t in resp] for resp in r.responses]
+        assert tokenizer.decode(r.prompt_ids[-1:]) == ("\n" if recipe == "default" else "<|eot_id|>")
+    assert "".join(scored["default"][0]) == "Five.<|eot_id|>"
+    assert "".join(scored["authors"][0]) == "<|start_header_id|>assistant<|end_header_id|>\n\nFive.<|eot_id|><|eot_id|>"
+    header = [tokenizer.decode([t]) for t in tokenizer("<|start_header_id|>assistant<|end_header_id|>\n\n",
+                                                       add_special_tokens=False)["input_ids"]]
+    assert scored["authors"] == [header + d + ["<|eot_id|>"] for d in scored["default"]]
+    sft = data.load_sft_examples(path, tokenizer, recipe="authors", report=lambda *a: None)[0]
+    assert tokenizer.decode(sft.ids) == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi there"
+                                         "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nFive.<|eot_id|>"
+                                         "<|eot_id|>")
+    assert sft.labels == [data.IGNORE] + sft.ids[1:]  # every token scored
+
+
+def test_the_authors_sft_packing_is_one_stream_cut_into_sequences(tmp_path):
+    import tokens
+    from sft import concatenated
+
+    examples = tokens.build_rows("sft", [tokens.Sequence(list(range(10 * i, 10 * i + n)), [0] * n, f"f:{i + 1}")
+                                         for i, n in enumerate([3, 5, 4, 2])])  # 14 tokens
+    seqs = concatenated(examples, 4, "f")
+    assert [s.ids for s in seqs] == [[0, 1, 2, 10], [11, 12, 13, 14], [20, 21, 22, 23]]  # the last 2 dropped
+    assert all(s.labels == [-100] + s.ids[1:] for s in seqs)
+    assert [s.where for s in seqs] == ["f:1 .. f:2", "f:2 .. f:2", "f:3 .. f:3"]
+    import data
+
+    with pytest.raises(data.DataError, match="f: 14 tokens in all, fewer than one sequence of max_length 16"):
+        concatenated(examples, 16, "f")
+
+
+@pytest.mark.slow
+def test_the_authors_sft_step_is_the_plain_causal_loss_of_its_sequences(tmp_path, monkeypatch, tokenizer):
+    """Step 1 of sft.py --recipe=authors is Hugging Face's own loss of the step's sequences: the mean over every token
+    but the first of a plain causal forward, attending across the examples in a sequence."""
+    import batching
+    import data
+    import sft
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(REPO)
+    rows = "demo/data/heldout.jsonl"
+    sft.main(["--recipe=authors", f"--data={rows}", "--max_steps=1", "--dtype=float32", "--global_batch_size=8",
+              "--micro_batch_size=4", "--max_length=128", f"--out_dir={tmp_path / 'out'}"])
+    logged = read_jsonl(tmp_path / "out" / "metrics.jsonl")[0]["loss"]
+    seqs = sft.concatenated(data.load_sft_examples(rows, tokenizer, recipe="authors", report=print), 128, rows)
+    _, _, idx = next(batching.train_steps(len(seqs), 1, 42, 8, 0, 1, 1))
+    ids = torch.tensor([seqs[i].ids for i in idx])
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)(input_ids=ids, labels=ids).loss
+    assert math.isclose(logged, expected.item(), rel_tol=1e-5), (logged, expected.item())
