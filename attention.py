@@ -7,13 +7,10 @@ disables the kernels' causal block skipping. `packed_sdpa` attends within each s
 at p > 0 continues its group, attending to the group's first p tokens too. That is shared-prompt packing
 (batching.row_sequences): [prompt, y1, prompt[-1], y2, prompt[-1], y3], y2 and y3 restarting at len(prompt) - 1.
 
-  varlen        (CUDA, fp16/bf16) one flash-attention call per layer for the whole micro-batch (torch.nn.attention.
-                varlen), its layout built on the host by collate (batching.varlen_layout) and passed as `varlen_*`
-                keyword arguments; `use_varlen` says whether, after a self-check against the other path.
-  per sequence  otherwise (CPU, fp32, batches without a layout): causal sdpa on each sequence.
+On CUDA in fp16/bf16, one flash varlen call per layer takes the whole micro-batch (its layout built by collate:
+batching.varlen_layout; `use_varlen` decides, after a self-check); otherwise causal sdpa runs on each sequence.
 
-No attention mask is used: rows carry their padding at the end, as this project's batches do.
-"""
+No attention mask is used: rows carry their padding at the end, as this project's batches do."""
 
 import weakref
 
@@ -59,19 +56,13 @@ def _varlen_sdpa(query, key, value, scaling, layout):
 
 # --- per sequence: causal sdpa on each, in a Python loop
 
-def _sequences_per_row(position_ids):
-    """sequences() of each row, cached: every layer gets the same position_ids tensor (one host sync per forward)."""
-    global _last
-    if _last[0]() is not position_ids:
-        _last = (weakref.ref(position_ids), [sequences(row) for row in position_ids.tolist()])
-    return _last[1]
-
-
 def _per_sequence_sdpa(query, key, value, position_ids, scaling, drop):
     """query [B, H, T, D], key and value [B, Hkv, T, D], position_ids [B or 1, T] -> [B, T, H, D]."""
+    global _last
     B, H, T, _ = query.shape
-    rows = _sequences_per_row(position_ids)
-    rows = rows * B if len(rows) < B else rows  # one row of position ids shared by the batch
+    if _last[0]() is not position_ids:  # every layer gets the same position_ids tensor: one host sync per forward
+        _last = (weakref.ref(position_ids), [sequences(row) for row in position_ids.tolist()])
+    rows = _last[1] * B if len(_last[1]) < B else _last[1]  # one row of position ids shared by the batch
     if key.shape[1] != H:  # grouped-query attention (enable_gqa would fall back to the math kernel on CPU)
         key, value = (x.repeat_interleave(H // x.shape[1], dim=1) for x in (key, value))
     out = []

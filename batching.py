@@ -11,8 +11,7 @@ into tensors (with the varlen attention layout of a packed batch). Measured by b
   per rank fill micro-batches of 6144 tokens 86%: 4.6 micro-batches with shared prompts, 5.7 without; a micro-batch's
   packed rows are as wide as its longest, which adds 12% padding (18% without shared prompts).
 - Same count everywhere. Every rank runs as many forward passes per step as the rank with the most (FSDP gathers
-  parameters in each), splitting its largest micro-batches to get there.
-"""
+  parameters in each), splitting its largest micro-batches to get there."""
 
 import bisect
 import math
@@ -145,8 +144,9 @@ def collate_preference(rows, pad_id, packed=False, shared_prompt=False, varlen=F
         units += [seqs] if shared_prompt else [[x] for x in seqs]
         n += len(seqs)
     if not packed:
-        return {**collate_padded([s for u in units for _, s in u], pad_id), "ws": torch.tensor(ws),
-                "wt": torch.tensor(wt), "rej": torch.tensor(rej)}
+        batch = collate_packed([[s] for u in units for _, s in u], pad_id, segments=True)  # one right-padded row each
+        return dict(input_ids=batch["input_ids"], attention_mask=(batch["segments"] >= 0).long(),
+                    labels=batch["labels"], ws=torch.tensor(ws), wt=torch.tensor(wt), rej=torch.tensor(rej))
     size = [sum(len(s.ids) for _, s in u) for u in units]
     packed_rows = [[x for u in b for x in units[u]] for b in pack(size, max(size))]
     segment = {k: i for i, (k, _) in enumerate(x for row in packed_rows for x in row)}  # collate_packed's numbering
@@ -178,12 +178,6 @@ def collate_packed(rows, pad_id, segments=False, varlen=False):
     if segments:
         out.update(segments=seg_ids, n_seqs=seq)
     return {**out, **varlen_layout(position_ids)} if varlen else out
-
-
-def collate_padded(seqs, pad_id):
-    """One right-padded row per sequence: input_ids, attention_mask, labels [N, T] (collate_packed's rows of one)."""
-    batch = collate_packed([[s] for s in seqs], pad_id, segments=True)
-    return dict(input_ids=batch["input_ids"], attention_mask=(batch["segments"] >= 0).long(), labels=batch["labels"])
 
 
 def to_device(batch, device):

@@ -3,10 +3,8 @@
     state/               fp32 master weights and AdamW state, a shard per rank (torch.distributed.checkpoint)
     trainer_state.json   step, settings, data fingerprint, every rank's random generators, the script's own fields
                          and every file with its size and CRC-32; written last, it marks the checkpoint complete
-final/ is the Hugging Face folder alone. Save and resume come first; then how a checkpoint is verified, found and
-pruned, and the atomic writes under all of it: a file or folder is written under a temporary name and renamed when
-complete, so a crash at any point leaves the older ones as they were.
-"""
+final/ is the Hugging Face folder alone. Under all of it, atomic writes: a file or folder is written under a temporary
+name and renamed when complete, so a crash at any point leaves the older ones as they were."""
 
 import base64
 import dataclasses
@@ -124,11 +122,12 @@ def find_resume(resume, out_dir):
     return None
 
 
-def resume_state(folder, config, free, fingerprint, weights, eval_fingerprint):
-    """The trainer state of checkpoint `folder` (None: a fresh run), unless a setting that decides the run's math (any
-    key of `config` not in `free`), the data's fingerprint or a model's weights (weights: {setting: model_identity})
-    changed: then refused, naming each. Another held-out set may come in: the state has no "eval_before" then (it
-    was another set's). Reads JSON only."""
+def resume_state(run, cfg, free, fingerprint, eval_fingerprint):
+    """The trainer state of the checkpoint run.resume_from (None: a fresh run), unless a setting that decides the run's
+    math (any field of cfg not in `free`), the data's fingerprint or a model's weights (run.weights: {setting:
+    model_identity}) changed: then refused, naming each. Another held-out set may come in: the state has no
+    "eval_before" then (it was another set's). Reads JSON only."""
+    folder, config, weights = run.resume_from, dataclasses.asdict(cfg), run.weights  # (weights: collective)
     if folder is None:
         return None
     state = read_state(folder)
@@ -154,9 +153,9 @@ def resume_state(folder, config, free, fingerprint, weights, eval_fingerprint):
 
 def restore(run, policy, optimizer, state):
     """Load the checkpoint run.resume_from (its trainer `state`): weights, optimizer state, random generators.
-    Returns its step, or 0 for a fresh run (state None). Collective."""
+    Returns its step and skipped steps, or (0, 0) for a fresh run (state None). Collective."""
     if state is None:
-        return 0
+        return 0, 0
     model_state, optim_state = get_state_dict(policy, optimizer)  # the shapes to fill, resharded to this world size
     loaded = {"model": model_state, "optim": optim_state}
     try:
@@ -169,7 +168,7 @@ def restore(run, policy, optimizer, state):
     else:  # the data order does not depend on the world size; only the per-rank generators do
         print0(f"resume: world size {state['world_size']} -> {run.world}: random generators start afresh")
     print0(f"resumed from {run.resume_from} at step {state['step']}")
-    return state["step"]
+    return state["step"], state["skipped_steps"]
 
 
 # --- what a checkpoint holds: Hugging Face weights, sharded state (torch.distributed.checkpoint), random generators
@@ -347,14 +346,12 @@ def crc32(chunks):
 
 def step_checkpoints(out_dir):
     """[(step, folder)] of the step_NNNNNN folders in out_dir, oldest first (complete or not)."""
-    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("step_*") if (m := STEP_DIR.fullmatch(p.name))]
-    return sorted(found) if Path(out_dir).is_dir() else []
+    return sorted((int(m.group(1)), p) for p in Path(out_dir).glob("step_*") if (m := STEP_DIR.fullmatch(p.name)))
 
 
 def newest_checkpoint(out_dir):
     """The newest complete step checkpoint in out_dir, or None (sizes checked, not CRCs)."""
-    complete = [f for _, f in step_checkpoints(out_dir) if checkpoint_problem(f) is None]
-    return complete[-1] if complete else None
+    return next((f for _, f in reversed(step_checkpoints(out_dir)) if checkpoint_problem(f) is None), None)
 
 
 def _save(folder, write, verb):

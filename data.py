@@ -8,8 +8,7 @@ into TokenRows (tokens.py; training.load_cached keeps them for the next run). A 
      "rejected": [{"role": "assistant", "content": y_l}]}
 
 A row whose `chosen` has one element is a plain DPO pair (chosen, rejected). SFT also reads chat rows
-{"messages": [...]}. Every row is validated before training starts; all bad rows are reported as file:line.
-"""
+{"messages": [...]}. Every row is validated before training starts; all bad rows are reported as file:line."""
 
 import errno
 import json
@@ -56,10 +55,7 @@ def data_files(path):
     DataError for a path that is missing, unreadable, an empty folder, or not a regular file."""
     path = Path(path)
     try:
-        if stat.S_ISDIR(path.stat().st_mode):
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
-        else:
-            files = [path]
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES) if path.is_dir() else [path]
         modes = [f.stat().st_mode for f in files]
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
@@ -317,8 +313,7 @@ def scored_length(reply, end):
 def encode(tokenizer, messages, responses, end, recipe="default"):
     """(prompt tokens, each response's tokens) from the chat template: the prompt is template(messages,
     add_generation_prompt=True); a response, the rest of template(messages + [it]) up to its end-of-turn token. The
-    authors' recipe (SLIT-AI/WRPO's tokenize_row): the prompt is template(messages), and a response all the rest, its
-    assistant header first, then EOS appended: header, reply, end of turn and the EOS are scored."""
+    authors' recipe (their tokenize_row): the prompt is template(messages); a response all the rest, then EOS."""
     authors = recipe == "authors"
     texts = [render(tokenizer, messages, add_generation_prompt=not authors)]
     texts += [render(tokenizer, messages + [{"role": "assistant", "content": r}]) for r in responses]
@@ -376,8 +371,6 @@ def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on
         problems.append(f"need 0 < max_prompt_length < max_length, got {max_prompt_length}, {max_length}")
     if kind == "sft" and loss_on not in ("assistant", "all"):
         problems.append(f"loss_on must be 'assistant' or 'all', got '{loss_on}'")
-    if recipe not in ("default", "authors"):
-        problems.append(f"recipe must be 'default' or 'authors', got '{recipe}'")
     if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         problems.append(f"tokenizer {tokenizer.name_or_path} has no chat template; rows are rendered with it")
     if tokenizer is not None and recipe == "authors" and tokenizer.eos_token_id is None:
@@ -415,8 +408,7 @@ def load_sft_examples(path, tokenizer, *, max_length=2048, loss_on="assistant", 
     """SFT rows (chat rows, or WRPO rows as prompt + y_ws) read, validated and tokenized as TokenRows of Sequences.
     loss_on "assistant": every assistant turn and its end-of-turn token scored, "all": every token (the paper);
     truncation "keep_start": an example cut to its first max_length tokens, "error": a bad row. The authors' recipe
-    (TRL's packed SFTTrainer): the conversation's text tokenized whole, special tokens added, then EOS; all scored,
-    nothing cut (sft.concatenated cuts the examples' stream into sequences)."""
+    (TRL's packed SFTTrainer): the text tokenized with special tokens, then EOS, all scored, uncut (sft.py cuts)."""
     if problems := settings_problems("sft", max_length, truncation, loss_on=loss_on, recipe=recipe,
                                      tokenizer=tokenizer):
         raise DataError("; ".join(problems))

@@ -1,7 +1,6 @@
 """Distributed setup, and a model's way in and out: FSDP2 sharding, sharded loading of Hugging Face safetensors
 checkpoints, and the gathered full weights written back as one. The same functions run on CUDA (nccl) and on CPU
-(gloo), under torchrun or as a plain single process, so the CPU tests exercise the code an 8-GPU node runs.
-"""
+(gloo), under torchrun or as a plain single process, so the CPU tests exercise the code an 8-GPU node runs."""
 
 import atexit
 import copy
@@ -10,6 +9,7 @@ import json
 import math
 import os
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -79,10 +79,8 @@ def exit_process(code=0):
     still exits through it: the other ranks then reach their own message and exit code before torchrun stops them.)"""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with suppress(OSError, ValueError):  # a closed pipe (| head) or stream: nothing left to save
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (| head) or stream: nothing left to save
-            pass
     ctypes.CDLL(None).fflush(None)  # C libraries' buffered output too (NCCL's logs)
     os._exit(code)
 

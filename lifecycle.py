@@ -1,8 +1,7 @@
 """A run's life from start to exit: the checks before anything is read or written, the out_dir lock, what happens when
 the launcher dies or a signal arrives, and the exit codes (cli): 0 done (or nothing left to do), 2 a user error
 (settings, paths, data, a checkpoint that does not fit; one line from rank 0, no traceback), 3 a fault during the run
-(a non-finite step, a save that failed), 128 + N stopped by signal N after saving a checkpoint.
-"""
+(a non-finite step, a save that failed), 128 + N stopped by signal N after saving a checkpoint."""
 
 import atexit
 import ctypes
@@ -18,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,11 +188,9 @@ def _lock(path):
                 f.close()
                 print0(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run into {path.parent}")
                 return
-            try:
+            with suppress(FileNotFoundError):
                 if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                     break
-            except FileNotFoundError:
-                pass
             f.close()  # its holder ended and removed it between our open and our lock: lock the new file
         f.seek(0)
         if stale := f.read().strip():
@@ -231,9 +228,8 @@ def _same_file(path, f):
 
 @atexit.register
 def release_locks():
-    """At exit (or after a run called in-process): remove each lock file still this run's (another run took over one
-    removed from under it), then let go of its lock (in this order, so that no other run ever locks a file about to
-    disappear)."""
+    """At exit (or after a run called in-process): remove each lock file still this run's, then let go of its lock (in
+    this order, so that no other run ever locks a file about to disappear)."""
     while _locks:
         path, f = _locks.popitem()
         if _same_file(path, f) is not False:

@@ -9,8 +9,7 @@ fp32 and the readable path keeps several such tensors for backward. `token_logps
            memory; the backward is the chunked one.
 
 `auto` picks triton on CUDA when it is installed, chunked otherwise. Positions labelled IGNORE are dropped before any
-matmul. Sequence log-probs are the per-token values SUMMED.
-"""
+matmul. Sequence log-probs are the per-token values SUMMED."""
 
 import types
 from dataclasses import dataclass

@@ -2,6 +2,7 @@
 without it): no output may destroy or feed on an input, and a UTF-8 byte-order mark is no part of a file's text."""
 
 import stat
+from contextlib import suppress
 from pathlib import Path
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first: accepted, and dropped
@@ -14,10 +15,8 @@ def path_clash(outputs, inputs):
     clashes with nothing: its own checks refuse it."""
     def resolved(paths):
         for p in map(Path, filter(None, paths)):
-            try:
+            with suppress(OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
                 yield p, p.resolve()
-            except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
-                pass
 
     for out, o in resolved(outputs):
         for given, i in resolved(inputs):

@@ -7,10 +7,8 @@ Demo (2 CPU processes):
 One 8-GPU node, the paper's setup:
     torchrun --nproc_per_node=8 sft.py --model=meta-llama/Meta-Llama-3-8B-Instruct --data=split/sft.jsonl \
         --out_dir=out/sft
-Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below.
-"""
+Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below."""
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -32,9 +30,7 @@ from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_
 @dataclass
 class Config(TrainConfig):
     # model and data (the settings both stages share, such as batch size and dtype: TrainConfig in training.py)
-    model: str = "demo/model"  # the target model to fine-tune: local folder or hub id
     data: str = "demo/data/train.jsonl"  # chat rows {"messages": [...]} or WRPO rows (trains on prompt + chosen[0])
-    eval_data: str = ""  # held-out rows of the same kinds; their loss is reported before and after training
     out_dir: str = "out/sft"  # metrics.jsonl, config.json and checkpoints go here
     lr: float = 7e-6  # peak learning rate (AdamW)
     # sequences (global_batch_size and micro_batch_size count sequences of up to max_length tokens)
@@ -76,31 +72,27 @@ def load_examples(path, cfg, run):
                            max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation,
                            recipe=cfg.recipe, skip_invalid=cfg.skip_invalid_rows,
                            allow_special_tokens=cfg.allow_special_tokens)
-    if cfg.recipe == "authors":
+    if cfg.recipe == "authors":  # sequences already
         examples = concatenated(examples, cfg.max_length, path)
-        return examples, [[i] for i in range(len(examples))]
-    return examples, (batching.pack(batching.row_lengths(examples), cfg.max_length) if cfg.packing else
-                      [[i] for i in range(len(examples))])
+    return examples, (batching.pack(batching.row_lengths(examples), cfg.max_length)
+                      if cfg.packing and cfg.recipe != "authors" else [[i] for i in range(len(examples))])
 
 
 def concatenated(examples, length, path):
     """The authors' packing (TRL's ConstantLengthDataset): the examples' tokens back to back, cut into sequences of
-    `length` tokens, a last partial one dropped. A sequence is one stream, attended across its examples and scored on
-    every token but its first; its name spans the rows it holds."""
+    `length` tokens, a last partial one dropped; each is one stream, attended across its examples, scored on every
+    token but its first, and named by the rows it spans."""
     n, ends = len(examples.tokens) // length * length, examples.offsets[1:]
     if n == 0:
         raise data.DataError(f"{path}: {len(examples.tokens)} tokens in all, fewer than one sequence of max_length "
                              f"{length} (the authors' recipe trains on whole sequences only)")
     starts = np.arange(0, n, length)
-    first, last = np.searchsorted(ends, starts, "right"), np.searchsorted(ends, starts + length - 1, "right")
-    scored = np.ones(n, np.uint8)
-    scored[starts] = 0
-    arrays = dict(tokens=examples.tokens[:n], offsets=np.arange(0, n + 1, length), firsts=np.arange(len(starts) + 1),
-                  scored=scored)
+    spans = zip(np.searchsorted(ends, starts, "right"), np.searchsorted(ends, starts + length - 1, "right"))
     print0(f"data: the authors' recipe: {len(examples)} examples of {path} in {len(starts)} sequences of {length} "
            f"tokens, attended across examples ({len(examples.tokens) - n} tokens after the last dropped)")
-    return tokens.TokenRows("sft", arrays, [f"{examples.where[a]} .. {examples.where[b]}" for a, b in
-                                            zip(first, last)], [])
+    arrays = dict(tokens=examples.tokens[:n], offsets=np.append(starts, n), firsts=np.arange(len(starts) + 1),
+                  scored=(np.arange(n) % length != 0).astype(np.uint8))
+    return tokens.TokenRows("sft", arrays, [f"{examples.where[a]} .. {examples.where[b]}" for a, b in spans], [])
 
 
 def main(argv):
@@ -112,8 +104,7 @@ def main(argv):
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
     fingerprint = tokens.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed
     eval_fingerprint = tokens.fingerprint(eval_examples, eval_seqs if cfg.packing else None) if eval_examples else ""
-    state = resume_state(run.resume_from, dataclasses.asdict(cfg), RESUME_FREE, fingerprint, run.weights,
-                         eval_fingerprint)
+    state = resume_state(run, cfg, RESUME_FREE, fingerprint, eval_fingerprint)
     print_plan(cfg, run, examples, seqs, len(eval_examples), total_steps)
     write_run_config(run, cfg)
     policy = load_model(run.model_path, run.mesh, run.device, cfg, attn=run.attn, trainable=True)
@@ -121,8 +112,7 @@ def main(argv):
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
     if (eval_before := (state or {}).get("eval_before")) is None:  # fresh, or another held-out set: step 0 weights
         eval_before = held_out(policy, eval_examples, eval_seqs, cfg, run, 0)
-    start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
-    skipped = state["skipped_steps"] if state else 0
+    start, skipped = restore(run, policy, optimizer, state)  # a resumed run: the checkpoint's step and skips; else 0
     log = MetricsLog(run, total_steps, start, cfg.log_every, "sft", LOG_FIELDS)
 
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes
@@ -171,12 +161,10 @@ def main(argv):
 
 
 def print_plan(cfg, run, examples, seqs, n_eval, total_steps):
-    fill = sum(batching.row_lengths(examples)) / (len(seqs) * cfg.max_length)
-    authors = cfg.recipe == "authors"  # its examples are sequences already (`concatenated`)
+    fill, authors = sum(batching.row_lengths(examples)) / (len(seqs) * cfg.max_length), cfg.recipe == "authors"
     print0(f"{'' if authors else f'{len(examples)} examples in '}{len(seqs)} sequences ({fill:.0%} of max_length "
-           f"{cfg.max_length} used), {n_eval} held-out {'sequences' if authors else 'examples'}; "
-           f"world {run.world} on {run.device.type}; "
-           f"{total_steps} optimizer steps of {cfg.global_batch_size} sequences")
+           f"{cfg.max_length} used), {n_eval} held-out {'sequences' if authors else 'examples'}; world {run.world} "
+           f"on {run.device.type}; {total_steps} optimizer steps of {cfg.global_batch_size} sequences")
 
 
 if __name__ == "__main__":

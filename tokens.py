@@ -1,7 +1,6 @@
 """The token table (TokenRows: a data file's tokenized rows in flat arrays, about 4 bytes per token where Python lists
 of ints take 25-45) and `cached`, the one procedure of both caches: the tokenized rows (training.load_cached) and the
-reference log-probs (wrpo.load_reference).
-"""
+reference log-probs (wrpo.load_reference)."""
 
 import hashlib
 import json
@@ -131,8 +130,7 @@ def cached(file, key, compute, what, report):
        not at all; a folder that cannot take it is reported, and costs only the next run the same compute.
     4. A file read is copied into each rank's memory at once: one rewritten in place later (cp over it) cannot pull
        the data from under the run, as it would from a mapped file (SIGBUS when it shrinks).
-    how: "cached" (read), "written" (computed, and each node's copy written) or "computed" (not cached).
-    """
+    how: "cached" (read), "written" (computed, and each node's copy written) or "computed" (not cached)."""
     found = _read(file, key, what, report) if file.exists() else None
     if on_every_rank(found is not None):
         return (*found, "cached")

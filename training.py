@@ -1,7 +1,6 @@
 """What sft.py and wrpo.py share to train: settings, the learning-rate schedule, the pieces of an optimizer step
 (clipping, the finiteness check), metrics (sums over ranks, metrics.jsonl, throughput) and rows through the token
-cache (load_cached). Each script's main holds its own loop and every decision in it; nothing here calls back.
-"""
+cache (load_cached). Each script's main holds its own loop and every decision in it; nothing here calls back."""
 
 import dataclasses
 import hashlib
@@ -135,9 +134,7 @@ def config_problems(cfg, world):
         problems.append(f"need lr > 0 and 0 <= warmup_ratio < 1, got {cfg.lr}, {cfg.warmup_ratio}")
     if cfg.global_batch_size < 1 or cfg.global_batch_size % world:  # every rank takes as many rows a step
         problems.append(f"global_batch_size {cfg.global_batch_size} must be a multiple of the world size {world}")
-    if cfg.micro_batch_size < 1:
-        problems.append(f"micro_batch_size must be >= 1, got {cfg.micro_batch_size}")
-    for key in ("epochs", "max_length", "log_every"):
+    for key in ("micro_batch_size", "epochs", "max_length", "log_every"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
     for key in ("eval_every", "save_every", "keep_last", "grad_clip", "weight_decay"):
@@ -149,7 +146,7 @@ def config_problems(cfg, world):
         if not 0 <= getattr(cfg, key) < 1:
             problems.append(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
     for key, valid in (("dtype", DTYPES), ("save_dtype", DTYPES), ("logps_impl", IMPLS),
-                       ("activation_checkpointing", ("auto", "true", "false"))):
+                       ("recipe", ("default", "authors")), ("activation_checkpointing", ("auto", "true", "false"))):
         if getattr(cfg, key) not in valid:
             problems.append(f"{key} must be one of {', '.join(valid)}, got '{getattr(cfg, key)}'")
     if cfg.nonfinite not in ("stop", "skip"):
@@ -266,24 +263,6 @@ class MetricSum:
         return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
 
-def kept_metrics(path, start):
-    """The lines of metrics.jsonl up to step `start` (a resumed run's checkpoint): rows past it were never saved, and a
-    line that is not a JSON row (torn by a crash mid-append) is dropped, with a note."""
-    kept, torn = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-            step = row.get("step", 0)
-        except (ValueError, AttributeError):  # malformed, or JSON but not an object
-            torn += bool(line.strip())
-            continue
-        if type(step) is int and step <= start:
-            kept.append(line)
-    if torn:
-        print0(f"{path}: dropped {torn} unreadable line(s), left by a crash while writing")
-    return kept
-
-
 class MetricsLog:
     """Rank 0: one JSONL row per optimizer step, a tqdm bar on a terminal, a line every `log_every` steps. fields:
     (metric key, label, format) shown in both. A resumed run (start > 0) keeps its first `start` steps' rows."""
@@ -295,9 +274,22 @@ class MetricsLog:
         on_rank0(lambda: self._open(run.out_dir / "metrics.jsonl", desc))
 
     def _open(self, path, desc):
+        """metrics.jsonl: a resumed run's rows up to its checkpoint's step kept (rows past it were never saved, and a
+        line that is not a JSON row, torn by a crash mid-append, is dropped with a note), then opened to append."""
         from tqdm import tqdm
 
-        kept = kept_metrics(path, self.start) if self.start else []
+        kept, torn = [], 0
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if self.start and path.exists() else []
+        for line in lines:
+            try:
+                step = json.loads(line).get("step", 0)
+            except (ValueError, AttributeError):  # malformed, or JSON but not an object
+                torn += bool(line.strip())
+                continue
+            if type(step) is int and step <= self.start:
+                kept.append(line)
+        if torn:
+            print0(f"{path}: dropped {torn} unreadable line(s), left by a crash while writing")
         try:
             write_atomic(path, "".join(line + "\n" for line in kept))
             self.file = open(path, "a")

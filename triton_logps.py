@@ -2,8 +2,7 @@
 
 Each program owns BLOCK_N tokens and walks the vocabulary in BLOCK_V tiles; a tile's logits are computed from BLOCK_D
 slices of the hidden size (accumulated in fp32), folded into a running max and sum of exponentials, and dropped:
-logits never reach memory. The backward is logps.py's chunked one. Tested on CPU under TRITON_INTERPRET=1 in fp32.
-"""
+logits never reach memory. The backward is logps.py's chunked one. Tested on CPU under TRITON_INTERPRET=1 in fp32."""
 
 import torch
 import triton

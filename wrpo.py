@@ -4,10 +4,8 @@ Demo (2 CPU processes, about a minute):
     torchrun --nproc_per_node=2 wrpo.py --config=demo/wrpo.json
 One 8-GPU node, the paper's setup (policy and reference = the SFT model):
     torchrun --nproc_per_node=8 wrpo.py --model=PATH_TO_SFT --data=wrpo_train.jsonl --out_dir=out/wrpo
-Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below.
-"""
+Settings: `--config=file.json` (optional), then `--key=value` overrides; see Config below."""
 
-import dataclasses
 import hashlib
 import math
 import sys
@@ -34,12 +32,9 @@ from training import RESUME_FREE, MetricsLog, MetricSum, TrainConfig, clip_grad_
 @dataclass
 class Config(TrainConfig):
     # model and data (the settings both stages share, such as batch size and dtype: TrainConfig in training.py)
-    model: str = "demo/model"  # policy init: local folder or hub id (the paper: the SFT model)
     ref_model: str = ""  # frozen reference; empty = the same checkpoint as `model`
     ref_logps: str = "precompute"  # precompute: one pass of the reference before training, cached; live: every step
     ref_cache_dir: str = ""  # where precomputed reference log-probs are cached; empty = next to the data file
-    data: str = "demo/data/train.jsonl"  # WRPO rows: .jsonl, .json, .parquet or a folder of them
-    eval_data: str = ""  # held-out WRPO rows for reward accuracy; empty = no evaluation
     out_dir: str = "out/wrpo"  # metrics.jsonl, config.json and checkpoints go here
     # WRPO objective
     beta: float = 0.01  # scale of the implicit reward beta * log(pi / pi_ref)
@@ -79,11 +74,11 @@ def wrpo_problems(cfg):
 def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, beta, loss_type="sigmoid", gamma=0.0):
     """Per-example WRPO losses and implicit rewards (Yang et al., arXiv 2412.03187, the WRPO objective).
 
-    Inputs are [B] tensors of log pi(y|x) SUMMED over response tokens, for the policy and the
-    frozen reference, on y_ws (best source response), y_wt (best target response) and y_l
-    (worst target response). With the implicit reward r(y) = beta * d(y), d(y) = log pi_theta(y|x) -
-    log pi_ref(y|x), the paper's weighted reward of the preferred side r(x, y_w) = alpha * r(y_ws) +
-    (1 - alpha) * r(y_wt) goes into the Bradley-Terry likelihood of preferring it to y_l:
+    Inputs are [B] tensors of log pi(y|x) SUMMED over response tokens, for the policy and the frozen reference, on
+    y_ws (best source response), y_wt (best target response) and y_l (worst target response). With the implicit
+    reward r(y) = beta * d(y), d(y) = log pi_theta(y|x) - log pi_ref(y|x), the paper's weighted reward of the
+    preferred side r(x, y_w) = alpha * r(y_ws) + (1 - alpha) * r(y_wt) goes into the Bradley-Terry likelihood of
+    preferring it to y_l:
 
         L = -log sigmoid( beta * ( alpha * d(y_ws) + (1 - alpha) * d(y_wt) - d(y_l) ) )
 
@@ -98,8 +93,7 @@ def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, b
                                                       log-probs and zero reference log-probs
 
     Returns losses [B] and a dict of detached [B] rewards beta * d(.): source_chosen,
-    target_chosen, chosen (the alpha-weighted one) and rejected.
-    """
+    target_chosen, chosen (the alpha-weighted one) and rejected."""
     d_ws = policy_ws - ref_ws
     d_wt = policy_wt - ref_wt
     d_l = policy_l - ref_l
@@ -113,12 +107,8 @@ def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, b
         losses = -F.logsigmoid(beta * h - gamma)
     else:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{loss_type}'")
-    rewards = {
-        "source_chosen": beta * d_ws.detach(),
-        "target_chosen": beta * d_wt.detach(),
-        "chosen": beta * d_chosen.detach(),
-        "rejected": beta * d_l.detach(),
-    }
+    rewards = {"source_chosen": beta * d_ws.detach(), "target_chosen": beta * d_wt.detach(),
+               "chosen": beta * d_chosen.detach(), "rejected": beta * d_l.detach()}
     return losses, rewards
 
 
@@ -188,8 +178,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
         models[:] = models or [load_model(ref_path, run.mesh, run.device, cfg, attn=run.attn, trainable=False)]
         return {"logps": compute_reference(models[0], rows, batches, cfg, run, f"reference {name}").numpy()}, {}
 
-    # the micro-batches the policy's passes will run: held-out rows as evaluate() cuts them, training rows as the
-    # first epoch's steps do, so that a policy equal to the reference gets d(y) = 0 exactly (same tensors, same kernels)
+    # in the micro-batches the policy runs them (held-out rows: evaluate's; training rows: the first epoch's steps')
     layout = f"{run.attn}|{resolve_impl(cfg.logps_impl, run.device)}|{run.world}|{run.shared_prompt}|" + (
         f"packed {token_budget(cfg)}" if cfg.packing else f"padded {cfg.micro_batch_size}")
     for data_path, rows, train in [(cfg.data, train_rows, True), (cfg.eval_data, eval_rows, False)]:
@@ -199,7 +188,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
         batches = lambda: training_layout(rows, cfg, run) if train else no_grad_batches(  # noqa: E731
             batching.row_lengths(rows, run.shared_prompt), cfg, run)
         file, key = reference_cache(cfg, layout + (f"|{cfg.seed}|{cfg.global_batch_size}" if train else ""),
-                                    ref_path, rows, data_path)
+                                    run.weights["ref_model"], rows, data_path)
         t0 = time.time()
         arrays, _, how = tokens.cached(file, key, lambda: compute(rows, batches(), Path(data_path).name),
                                        "reference log-probs", print0)
@@ -209,13 +198,11 @@ def load_reference(cfg, run, train_rows, eval_rows):
     return tables[0], tables[1]
 
 
-def reference_cache(cfg, layout, ref_path, rows, data_path):
-    """(file, key) of the cache of `rows`' reference log-probs; the key covers all they depend on: the reference's files
-    (names, sizes, times), the tokenized rows, the dtype and `layout` (the kernels and micro-batches they ran in), so a
-    stale cache is never read."""
-    h = hashlib.sha256(f"{tokens.fingerprint(rows)}|{cfg.dtype}|{layout}|".encode())
-    for f in sorted(Path(ref_path).glob("*.safetensors")) + sorted(Path(ref_path).glob("*.json")):
-        h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};".encode())
+def reference_cache(cfg, layout, identity, rows, data_path):
+    """(file, key) of the cache of `rows`' reference log-probs; the key covers all they depend on: the reference's
+    weights (identity: checkpoint.model_identity's), the tokenized rows, the dtype and `layout` (the kernels and
+    micro-batches they ran in), so a stale cache is never read."""
+    h = hashlib.sha256(f"{tokens.fingerprint(rows)}|{cfg.dtype}|{layout}|{sorted(identity.items())}".encode())
     name = f"{Path(data_path).name}.ref-logps-{h.hexdigest()[:20]}.safetensors"
     return tokens.cache_folder(cfg.ref_cache_dir, data_path) / name, h.hexdigest()
 
@@ -277,17 +264,13 @@ def reference_logps(reference, idx, batch):
 
 
 def check_step_one(d, run):
-    """After step 1 of a run whose reference has the policy's weights: every d(y) = log pi(y|x) - log pi_ref(y|x) (d:
-    this rank's [B] tensors of them) must be exactly 0, so the loss is ln 2, each accuracy 1/2, each margin 0. One line
-    says whether it held; a nonzero d means the reference's log-probs are not the policy's own (a reference computed
-    elsewhere or otherwise, a nondeterministic kernel). Collective."""
+    """After step 1 of a run whose reference has the policy's weights, every d(y) (d: this rank's [B] tensors of them)
+    must be exactly 0 (loss ln 2, accuracies 1/2, margins 0); one line says whether it held. Collective."""
     worst = torch.cat(d).abs().max()
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    if worst.item() == 0:
-        print0("step 1: policy == reference, max |d| = 0")
-    else:
-        print0(f"warning: step 1: policy == reference, yet max |d| = {worst.item():.3g}, not 0: the reference "
-               "log-probs differ from the policy's own (a nondeterministic kernel, or a reference computed otherwise)")
+    print0("step 1: policy == reference, max |d| = 0" if worst.item() == 0 else f"warning: step 1: policy == "
+           f"reference, yet max |d| = {worst.item():.3g}, not 0: the reference log-probs differ from the policy's own "
+           "(a nondeterministic kernel, or a reference computed otherwise)")
 
 
 # --- held-out evaluation
@@ -327,7 +310,6 @@ def held_out(policy, reference, rows, cfg, run, step, total_steps, before=None):
 LOG_FIELDS = [("loss", "loss", ".4f"), ("rewards/accuracies", "acc", ".3f"), ("rewards/margins", "margin", ".4g"),
               ("alpha", "alpha", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad norm", ".3g"),
               ("tokens_per_s", "tok/s", ".0f"), ("mfu", "MFU", ".1%")]
-# settings a resumed run may change (speed, logging, output); TrainConfig's, and the reference cache's
 RESUME_FREE_WRPO = RESUME_FREE | {"max_tokens_per_micro_batch", "ref_logps", "ref_cache_dir", "ref_model"}
 
 
@@ -350,8 +332,7 @@ def main(argv):
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
     fingerprint = tokens.fingerprint(train_rows)
     eval_fingerprint = tokens.fingerprint(eval_rows) if eval_rows else ""
-    state = resume_state(run.resume_from, dataclasses.asdict(cfg), RESUME_FREE_WRPO, fingerprint, run.weights,
-                         eval_fingerprint)
+    state = resume_state(run, cfg, RESUME_FREE_WRPO, fingerprint, eval_fingerprint)
     lengths = batching.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
     packed_lengths = batching.row_lengths(train_rows, run.shared_prompt)  # the tokens a forward runs
     print_plan(cfg, run, len(train_rows), len(eval_rows), total_steps)
@@ -362,8 +343,7 @@ def main(argv):
                                   weight_decay=cfg.weight_decay, foreach=True)  # foreach: one kernel per op
     if (eval_before := (state or {}).get("eval_before")) is None:  # fresh, or another held-out set: step 0 weights
         eval_before = held_out(policy, eval_reference, eval_rows, cfg, run, 0, total_steps)
-    start = restore(run, policy, optimizer, state)  # a resumed run continues from the checkpoint's step; else 0
-    skipped = state["skipped_steps"] if state else 0
+    start, skipped = restore(run, policy, optimizer, state)  # a resumed run: the checkpoint's step and skips; else 0
     log = MetricsLog(run, total_steps, start, cfg.log_every, "wrpo", LOG_FIELDS)
 
     # --- training loop: SIGTERM / SIGINT are caught from here to the end, so a step (or the final save) finishes

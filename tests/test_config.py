@@ -53,6 +53,7 @@ def test_bad_json_config_value(tmp_path):
     ({"global_batch_size": 13, "micro_batch_size": 4}, 2, "global_batch_size 13 must be a multiple of the world size"),
     ({"micro_batch_size": 0}, 1, "micro_batch_size must be >= 1"),
     ({"dtype": "fp8"}, 1, "dtype must be one of"),
+    ({"recipe": "paper"}, 1, "recipe must be one of default, authors, got 'paper'"),
     ({"activation_checkpointing": "yes"}, 1, "activation_checkpointing must be"),
 ])
 def test_config_problems(overrides, world, msg):

@@ -66,7 +66,7 @@ def test_step_one_is_exact_when_the_policy_is_its_reference(tmp_path, wide_model
     stdout = torchrun(world, REPO / "wrpo.py", "--config=demo/wrpo.json", f"--model={wide_model}", "--max_steps=1",
                       f"--dtype={dtype}", f"--packing={packing}", f"--ref_logps={ref_logps}", f"--out_dir={out}",
                       f"--ref_cache_dir={tmp_path / 'cache'}", "--max_tokens_per_micro_batch=600", *few_rows)
-    assert EXACT in stdout
+    assert EXACT in stdout and "step 0: held-out reward accuracy 0.500 (source 0.500, target 0.500)" in stdout
     exact_at_step_one(read_jsonl(out / "metrics.jsonl"))
 
 
@@ -178,3 +178,18 @@ def test_the_authors_sft_step_is_the_plain_causal_loss_of_its_sequences(tmp_path
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)(input_ids=ids, labels=ids).loss
     assert math.isclose(logged, expected.item(), rel_tol=1e-5), (logged, expected.item())
+
+
+def test_the_authors_recipe_needs_an_eos_token(tmp_path, tokenizer):
+    import copy
+
+    import data
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = None
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": ["a"], "rejected": ["b"]}) + "\n")
+    for load in (data.load_preference_rows, data.load_sft_examples):
+        with pytest.raises(data.DataError, match="recipe authors appends EOS to each text, and tokenizer .* has none"):
+            load(path, tok, recipe="authors", report=lambda *a: None)
+    assert len(data.load_preference_rows(path, tok, report=lambda *a: None)) == 1  # the default needs none

@@ -132,18 +132,15 @@ def test_same_count_on_all_ranks_splits_the_largest(monkeypatch):
 
 def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenizer):
     import copy
-    import os
-    import shutil
 
     import tokens
     from wrpo import Config, reference_cache
 
-    ref = tmp_path / "ref"
-    shutil.copytree(DEMO_MODEL, ref)
     cfg = Config(ref_cache_dir=str(tmp_path / "cache"))
     examples = rows(tmp_path, tokenizer)
-    path = lambda c=cfg, ex=examples, layout="sdpa|padded 1": reference_cache(  # noqa: E731
-        c, layout, ref, ex, tmp_path / "rows.jsonl")
+    weights = {"model.safetensors": "690000:0a1b2c3d", "config.json": "700:12345678"}  # checkpoint.model_identity's
+    path = lambda c=cfg, ex=examples, layout="sdpa|padded 1", identity=weights: reference_cache(  # noqa: E731
+        c, layout, identity, ex, tmp_path / "rows.jsonl")
     base = path()
     assert base == path() and base[0].parent == tmp_path / "cache" and base[0].name.startswith("rows.jsonl.ref-logps-")
     assert base[0].name.endswith(f"-{base[1][:20]}.safetensors")  # named by its key
@@ -156,10 +153,8 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     assert path(ex=truncated) != base  # other truncation settings
     assert path(c=Config(ref_cache_dir=cfg.ref_cache_dir, dtype="float32")) != base  # other compute dtype
     assert path(layout="packed_sdpa|padded 1") != base and path(layout="sdpa|padded 2") != base  # other batches
-    weights = ref / "model.safetensors"
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    assert path() != base  # other reference weights
-    assert reference_cache(Config(), "sdpa", ref, examples, tmp_path / "rows.jsonl")[0].parent == tmp_path  # beside
+    assert path(identity={**weights, "model.safetensors": "690000:0a1b2c3e"}) != base  # other reference weights
+    assert reference_cache(Config(), "sdpa", weights, examples, tmp_path / "rows.jsonl")[0].parent == tmp_path
 
 
 def test_packed_rows_combine_sequences_and_index_them_right():
