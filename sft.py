@@ -84,15 +84,15 @@ def concatenated(examples, length, path):
     token but its first, and named by the rows it spans."""
     n, ends = len(examples.tokens) // length * length, examples.offsets[1:]
     if n == 0:
-        raise data.DataError(f"{path}: {len(examples.tokens)} tokens in all, fewer than one sequence of max_length "
-                             f"{length} (the authors' recipe trains on whole sequences only)")
+        raise data.DataError(f"{path}: {len(examples.tokens)} tokens, short of one whole sequence of {length}")
     starts = np.arange(0, n, length)
     spans = zip(np.searchsorted(ends, starts, "right"), np.searchsorted(ends, starts + length - 1, "right"))
     print0(f"data: the authors' recipe: {len(examples)} examples of {path} in {len(starts)} sequences of {length} "
-           f"tokens, attended across examples ({len(examples.tokens) - n} tokens after the last dropped)")
+           f"tokens ({len(examples.tokens) - n} left over); packing, loss_on and truncation do not apply")
     arrays = dict(tokens=examples.tokens[:n], offsets=np.append(starts, n), firsts=np.arange(len(starts) + 1),
                   scored=(np.arange(n) % length != 0).astype(np.uint8))
-    return tokens.TokenRows("sft", arrays, [f"{examples.where[a]} .. {examples.where[b]}" for a, b in spans], [])
+    where = [examples.where[a] + ("" if a == b else f" .. {examples.where[b]}") for a, b in spans]
+    return tokens.TokenRows("sft", arrays, where, [])
 
 
 def main(argv):
@@ -161,9 +161,10 @@ def main(argv):
 
 
 def print_plan(cfg, run, examples, seqs, n_eval, total_steps):
-    fill, authors = sum(batching.row_lengths(examples)) / (len(seqs) * cfg.max_length), cfg.recipe == "authors"
-    print0(f"{'' if authors else f'{len(examples)} examples in '}{len(seqs)} sequences ({fill:.0%} of max_length "
-           f"{cfg.max_length} used), {n_eval} held-out {'sequences' if authors else 'examples'}; world {run.world} "
+    fill = sum(batching.row_lengths(examples)) / (len(seqs) * cfg.max_length)
+    train, held = ((f"{len(seqs)} sequences", "sequences") if cfg.recipe == "authors" else  # (concatenated's already)
+                   (f"{len(examples)} examples in {len(seqs)} sequences", "examples"))
+    print0(f"{train} ({fill:.0%} of max_length {cfg.max_length} used), {n_eval} held-out {held}; world {run.world} "
            f"on {run.device.type}; {total_steps} optimizer steps of {cfg.global_batch_size} sequences")
 
 

@@ -22,8 +22,8 @@ from logps import IGNORE
 class PreferenceRow:
     """A tokenized WRPO row (or DPO pair): one prompt and its responses."""
 
-    prompt_ids: list  # chat-template tokens of the prompt, ending with the assistant header
-    responses: list  # token lists: chosen[0], (chosen[1]), rejected; each ends with end-of-turn
+    prompt_ids: list  # chat-template tokens of the prompt, ending with the assistant header (authors' recipe: before)
+    responses: list  # token lists: chosen[0], (chosen[1]), rejected; each ends with end-of-turn (authors': then EOS)
     n_chosen: int  # 2 for WRPO rows, 1 for DPO pairs
     where: str  # "file:line", for error messages
     prompt_id: str = ""

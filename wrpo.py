@@ -174,23 +174,22 @@ def load_reference(cfg, run, train_rows, eval_rows):
         return ref, ref
     models, tables = [], []  # models: the reference, once a cache is missing
 
-    def compute(rows, batches, name):
+    def compute(rows, train, name):  # in the micro-batches the policy runs them: evaluate's, or the first epoch's
         models[:] = models or [load_model(ref_path, run.mesh, run.device, cfg, attn=run.attn, trainable=False)]
+        batches = training_layout(rows, cfg, run) if train else no_grad_batches(
+            batching.row_lengths(rows, run.shared_prompt), cfg, run)
         return {"logps": compute_reference(models[0], rows, batches, cfg, run, f"reference {name}").numpy()}, {}
 
-    # in the micro-batches the policy runs them (held-out rows: evaluate's; training rows: the first epoch's steps')
-    layout = f"{run.attn}|{resolve_impl(cfg.logps_impl, run.device)}|{run.world}|{run.shared_prompt}|" + (
+    layout = f"{run.attn}|{run.varlen}|{resolve_impl(cfg.logps_impl, run.device)}|{run.world}|{run.shared_prompt}|" + (
         f"packed {token_budget(cfg)}" if cfg.packing else f"padded {cfg.micro_batch_size}")
     for data_path, rows, train in [(cfg.data, train_rows, True), (cfg.eval_data, eval_rows, False)]:
         if not rows:
             tables.append(None)
             continue
-        batches = lambda: training_layout(rows, cfg, run) if train else no_grad_batches(  # noqa: E731
-            batching.row_lengths(rows, run.shared_prompt), cfg, run)
         file, key = reference_cache(cfg, layout + (f"|{cfg.seed}|{cfg.global_batch_size}" if train else ""),
                                     run.weights["ref_model"], rows, data_path)
         t0 = time.time()
-        arrays, _, how = tokens.cached(file, key, lambda: compute(rows, batches(), Path(data_path).name),
+        arrays, _, how = tokens.cached(file, key, lambda: compute(rows, train, Path(data_path).name),
                                        "reference log-probs", print0)
         tables.append(torch.from_numpy(arrays["logps"][:]))
         print0(f"reference log-probs: {file} (cached)" if how == "cached" else f"reference log-probs: "
@@ -265,7 +264,7 @@ def reference_logps(reference, idx, batch):
 
 def check_step_one(d, run):
     """After step 1 of a run whose reference has the policy's weights, every d(y) (d: this rank's [B] tensors of them)
-    must be exactly 0 (loss ln 2, accuracies 1/2, margins 0); one line says whether it held. Collective."""
+    must be exactly 0 (accuracies 1/2, margins 0, the sigmoid loss ln 2); one line says whether it held. Collective."""
     worst = torch.cat(d).abs().max()
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     print0("step 1: policy == reference, max |d| = 0" if worst.item() == 0 else f"warning: step 1: policy == "

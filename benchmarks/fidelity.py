@@ -76,12 +76,13 @@ def twelve_steps(folder):
     runs["authors but our alpha"] = run(folder, "tokens", "--recipe=authors")
     wrpo.get_alpha = get_alpha
     moved = torch.sqrt(sum(((runs["default"][1][k] - start[k]) ** 2).sum() for k in start))
-    print("\n| run | step 1: loss | accuracies | margins | rewards/chosen | grad norm | final weights: "
-          "distance from default's / default's update |\n|---|---|---|---|---|---|---|")
+    print("\n| run | step 1: loss | accuracies | margins | rewards/chosen | logps/target_chosen | grad norm | final "
+          "weights: distance from default's / default's update |\n|---|---|---|---|---|---|---|---|")
     for name, (first, weights) in runs.items():
         apart = torch.sqrt(sum(((weights[k] - runs["default"][1][k]) ** 2).sum() for k in start)) / moved
         print(f"| {name} | {first['loss']!r} | {first['rewards/accuracies']!r} | {first['rewards/margins']!r} | "
-              f"{first['rewards/chosen']!r} | {first['grad_norm']:.6g} | {apart.item():.3g} |")
+              f"{first['rewards/chosen']!r} | {first['logps/target_chosen']!r} | {first['grad_norm']:.6g} | "
+              f"{apart.item():.3g} |")
     from transformers import AutoTokenizer
 
     eot = AutoTokenizer.from_pretrained(REPO / "demo/model").convert_tokens_to_ids("<|eot_id|>")  # the demo's EOS

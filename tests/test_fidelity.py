@@ -34,16 +34,18 @@ def wide_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def few_rows(tmp_path_factory):
-    """96 training rows (6 steps of the demo config's 16) and 40 held-out rows of the demo's."""
+    """100 training rows (6 steps of the demo config's 16, and 4 rows the first epoch leaves out: the reference pass
+    computes those as the held-out rows are) and 40 held-out rows of the demo's."""
     folder = tmp_path_factory.mktemp("rows")
-    for name, n in (("train", 96), ("heldout", 40)):
+    for name, n in (("train", 100), ("heldout", 40)):
         lines = (REPO / f"demo/data/{name}.jsonl").read_text().splitlines()[:n]
         (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return [f"--data={folder / 'train.jsonl'}", f"--eval_data={folder / 'heldout.jsonl'}"]
 
 
 def exact_at_step_one(rows):
-    """The step-1 row and the held-out row after it (lr is 0 at step 1, so the policy is still its reference)."""
+    """The step-1 row and the held-out row after it: lr is 0 at step 1, so the policy is still its reference, and that
+    evaluation is the one before training, exactly (which the runs print to 3 decimals)."""
     step, held_out = rows[0], rows[-1]
     assert step["loss"] == LN2 and held_out["eval/loss"] == LN2
     for prefix, row in (("", step), ("eval/", held_out)):
@@ -56,7 +58,8 @@ def exact_at_step_one(rows):
 @pytest.mark.slow
 @pytest.mark.parametrize("world, dtype, packing, ref_logps", [
     (1, "float32", True, "precompute"), (1, "bfloat16", False, "precompute"), (1, "bfloat16", True, "live"),
-    (2, "bfloat16", True, "precompute"), (2, "float32", False, "precompute"), (2, "bfloat16", False, "live")])
+    (2, "bfloat16", True, "precompute"), (2, "float32", False, "precompute"), (2, "bfloat16", False, "live"),
+    (2, "bfloat16", "unshared", "precompute")])
 def test_step_one_is_exact_when_the_policy_is_its_reference(tmp_path, wide_model, few_rows, world, dtype, packing,
                                                            ref_logps):
     """The reference's log-probs come from the micro-batches the step runs (precomputed: the first epoch's layout;
@@ -64,16 +67,17 @@ def test_step_one_is_exact_when_the_policy_is_its_reference(tmp_path, wide_model
     micro-batches, and bf16 padded runs logged accuracy 0.469, margin -4.8e-08."""
     out = tmp_path / "out"
     stdout = torchrun(world, REPO / "wrpo.py", "--config=demo/wrpo.json", f"--model={wide_model}", "--max_steps=1",
-                      f"--dtype={dtype}", f"--packing={packing}", f"--ref_logps={ref_logps}", f"--out_dir={out}",
+                      f"--dtype={dtype}", f"--packing={bool(packing)}", f"--shared_prompt={packing != 'unshared'}",
+                      f"--ref_logps={ref_logps}", f"--out_dir={out}",
                       f"--ref_cache_dir={tmp_path / 'cache'}", "--max_tokens_per_micro_batch=600", *few_rows)
     assert EXACT in stdout and "step 0: held-out reward accuracy 0.500 (source 0.500, target 0.500)" in stdout
     exact_at_step_one(read_jsonl(out / "metrics.jsonl"))
 
 
-def train(tmp_path, rows, name, *extra, model=DEMO_MODEL):
+def train(tmp_path, rows, name, *extra, model=DEMO_MODEL, steps=1):
     import wrpo
 
-    wrpo.main(["--config=demo/wrpo.json", *rows, f"--model={model}", "--max_steps=1", "--dtype=float32",
+    wrpo.main(["--config=demo/wrpo.json", *rows, f"--model={model}", f"--max_steps={steps}", "--dtype=float32",
                f"--out_dir={tmp_path / name}", f"--ref_cache_dir={tmp_path / 'cache'}", *extra])
     return read_jsonl(tmp_path / name / "metrics.jsonl")
 
@@ -105,7 +109,16 @@ def test_step_one_says_when_the_reference_is_not_the_policy(tmp_path, few_rows, 
     assert "warning: step 1: policy == reference, yet max |d| = 0.001, not 0" in printed and EXACT not in printed
     monkeypatch.setattr(wrpo, "compute_reference", compute)
     train(tmp_path, few_rows, "other", f"--ref_model={wide_model}")
+    train(tmp_path, few_rows, "simpo", "--loss_type=simpo", "--beta=2.0")  # no reference at all
     assert "policy == reference" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_each_recipe_logs_its_alpha(tmp_path, few_rows, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for recipe, last in (("default", 2), ("authors", 3)):  # alpha_max * k / (T - 1), theirs alpha_max * k / T
+        rows = train(tmp_path, few_rows, recipe, f"--recipe={recipe}", steps=3)
+        assert [r["alpha"] for r in rows if "alpha" in r] == [0.1 * min(1.0, k / last) for k in range(3)]
 
 
 def test_the_authors_alpha_is_alpha_max_times_k_over_t():
@@ -151,10 +164,10 @@ def test_the_authors_sft_packing_is_one_stream_cut_into_sequences(tmp_path):
     seqs = concatenated(examples, 4, "f")
     assert [s.ids for s in seqs] == [[0, 1, 2, 10], [11, 12, 13, 14], [20, 21, 22, 23]]  # the last 2 dropped
     assert all(s.labels == [-100] + s.ids[1:] for s in seqs)
-    assert [s.where for s in seqs] == ["f:1 .. f:2", "f:2 .. f:2", "f:3 .. f:3"]
+    assert [s.where for s in seqs] == ["f:1 .. f:2", "f:2", "f:3"]  # the rows each one spans
     import data
 
-    with pytest.raises(data.DataError, match="f: 14 tokens in all, fewer than one sequence of max_length 16"):
+    with pytest.raises(data.DataError, match="f: 14 tokens, short of one whole sequence of 16"):
         concatenated(examples, 16, "f")
 
 
@@ -193,3 +206,19 @@ def test_the_authors_recipe_needs_an_eos_token(tmp_path, tokenizer):
         with pytest.raises(data.DataError, match="recipe authors appends EOS to each text, and tokenizer .* has none"):
             load(path, tok, recipe="authors", report=lambda *a: None)
     assert len(data.load_preference_rows(path, tok, report=lambda *a: None)) == 1  # the default needs none
+
+
+def test_the_authors_recipe_truncates_with_the_header_and_eos_counted(tmp_path, tokenizer):
+    """Their tokenize_row appends the EOS before it truncates, and its responses start with the header: when prompt +
+    the longest response is over max_length, the prompt keeps its last max_prompt_length tokens, then each response
+    its first max_length - max_prompt_length, so a long reply loses its EOS first."""
+    import data
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi there " * 12, "chosen": ["Five " * 30, "Six"], "rejected": ["No"]}))
+    load = lambda n, p: data.load_preference_rows(path, tokenizer, recipe="authors", max_length=n,  # noqa: E731
+                                                  max_prompt_length=p, report=lambda *a: None)[0]
+    whole, cut = load(4096, 4000), load(40, 24)
+    assert len(whole.prompt_ids) > 24 and len(whole.responses[0]) > 16
+    assert cut.prompt_ids == whole.prompt_ids[-24:] and cut.responses == [r[:16] for r in whole.responses]
+    assert whole.responses[0][-1] == tokenizer.eos_token_id and cut.responses[0][-1] != tokenizer.eos_token_id
