@@ -98,8 +98,7 @@ def concatenated(examples, length, path):
 def main(argv):
     # --- setup: settings, paths, tokenizer and every data row checked before the model is loaded or a file written
     cfg = parse_config(Config, argv)
-    run = start_run(cfg, data.settings_problems("sft", cfg.max_length, cfg.truncation, loss_on=cfg.loss_on,
-                                                recipe=cfg.recipe))
+    run = start_run(cfg, data.settings_problems("sft", cfg.max_length, cfg.truncation, loss_on=cfg.loss_on))
     (examples, seqs), (eval_examples, eval_seqs) = (load_examples(p, cfg, run) for p in (cfg.data, cfg.eval_data))
     total_steps = total_steps_for(len(seqs), cfg, "sequences")
     fingerprint = tokens.fingerprint(examples, seqs if cfg.packing else None)  # the rows, and how they are packed

@@ -66,7 +66,7 @@ def wrpo_problems(cfg):
               (cfg.max_tokens_per_micro_batch >= 0,
                f"max_tokens_per_micro_batch must be >= 0 (0: 3 x max_length), got {cfg.max_tokens_per_micro_batch}")]
     return [problem for ok, problem in checks if not ok] + \
-        data.settings_problems("preference", cfg.max_length, cfg.truncation, cfg.max_prompt_length, recipe=cfg.recipe)
+        data.settings_problems("preference", cfg.max_length, cfg.truncation, cfg.max_prompt_length)
 
 
 # --- the WRPO objective and its schedules
@@ -361,7 +361,8 @@ def main(argv):
                 (losses.sum() / len(idx)).backward()
                 sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))
                 seen.append(([tokens.row_name(train_rows[i]) for i in mb], losses.detach()))
-                d += [rewards[k] / cfg.beta for k in ("source_chosen", "target_chosen", "rejected")]
+                if step == 0:  # every d(y) of step 1, for check_step_one
+                    d += [rewards[k] / cfg.beta for k in ("source_chosen", "target_chosen", "rejected")]
             metrics = sums.mean()
             grad_norm = clip_grad_norm(policy, cfg.grad_clip)
             if math.isfinite(metrics["loss"]) and math.isfinite(grad_norm):
