@@ -130,29 +130,35 @@ def row_lengths(rows, shared_prompt=False):
 
 def collate_preference(rows, pad_id, packed=False, shared_prompt=False, varlen=False):
     """A micro-batch of preference rows: packed, their sequences back to back in rows as wide as the longest (`pack`,
-    collate_packed), a row's together with shared_prompt; else one right-padded row per sequence. ws, wt, rej [B]
-    index each row's source-chosen, target-chosen and rejected sequence (ws == wt for a DPO pair)."""
+    collate_packed), a row's together with shared_prompt; else one right-padded row per sequence. wt, rej [B] index
+    each row's target-chosen and rejected sequence, src [B, K] its K source sequences and src_w [B, K] their weights
+    (K: the most of any row; a row with fewer has weight 0 for the rest; a DPO pair's one source is wt)."""
     if shared_prompt and not packed:
         raise ValueError("shared_prompt needs packed=True")
     # units: what must stay whole in a packed row, a row's (number, sequence) pairs when they share a prompt, else each
-    ws, wt, rej, units, n = [], [], [], [], 0
+    src, src_w, wt, rej, units, n = [], [], [], [], [], 0
+    k = max(len(row.source_weights) for row in rows)
     for row in rows:
-        ws.append(n)
+        pad = k - len(row.source_weights)
+        src.append([n + j for j in range(len(row.source_weights))] + [n] * pad)
+        src_w.append([*row.source_weights] + [0.0] * pad)
         wt.append(n + row.n_chosen - 1)
         rej.append(n + row.n_chosen)
         seqs = list(enumerate(row_sequences(row, shared_prompt), n))
         units += [seqs] if shared_prompt else [[x] for x in seqs]
         n += len(seqs)
+    index = dict(src=torch.tensor(src), src_w=torch.tensor(src_w), wt=torch.tensor(wt), rej=torch.tensor(rej))
     if not packed:
         batch = collate_packed([[s] for u in units for _, s in u], pad_id, segments=True)  # one right-padded row each
         return dict(input_ids=batch["input_ids"], attention_mask=(batch["segments"] >= 0).long(),
-                    labels=batch["labels"], ws=torch.tensor(ws), wt=torch.tensor(wt), rej=torch.tensor(rej))
+                    labels=batch["labels"], **index)
     size = [sum(len(s.ids) for _, s in u) for u in units]
     packed_rows = [[x for u in b for x in units[u]] for b in pack(size, max(size))]
     segment = {k: i for i, (k, _) in enumerate(x for row in packed_rows for x in row)}  # collate_packed's numbering
-    remap = lambda idx: torch.tensor([segment[k] for k in idx])  # noqa: E731
+    for key in ("src", "wt", "rej"):
+        index[key].apply_(segment.__getitem__)
     return {**collate_packed([[s for _, s in row] for row in packed_rows], pad_id, segments=True, varlen=varlen),
-            "ws": remap(ws), "wt": remap(wt), "rej": remap(rej)}
+            **index}
 
 
 def collate_packed(rows, pad_id, segments=False, varlen=False):

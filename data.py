@@ -3,15 +3,17 @@ into TokenRows (tokens.py; training.load_cached keeps them for the next run). A 
 
     {"prompt_id": "...",
      "prompt":   [{"role": "user", "content": x}]          # or a plain string
-     "chosen":   [{"role": "assistant", "content": y_ws},  # source response (weight alpha)
+     "chosen":   [{"role": "assistant", "content": y_ws},  # source response (weight alpha); or K of them,
                   {"role": "assistant", "content": y_wt}], # target response (weight 1 - alpha)
-     "rejected": [{"role": "assistant", "content": y_l}]}
+     "rejected": [{"role": "assistant", "content": y_l}],
+     "source_weights": [w_1, ..., w_K]}                     # optional: K sources' weights, summing to 1 (uniform)
 
 A row whose `chosen` has one element is a plain DPO pair (chosen, rejected). SFT also reads chat rows
 {"messages": [...]}. Every row is validated before training starts; all bad rows are reported as file:line."""
 
 import errno
 import json
+import math
 import stat
 from pathlib import Path
 
@@ -152,7 +154,7 @@ def _parse_json(raw, what):
         raise RowError("malformed JSON (nested too deeply)") from None
 
 
-# --- validation: one record -> (prompt messages, responses, n_chosen, prompt_id)
+# --- validation: one record -> (prompt messages, responses, n_chosen, prompt_id, source weights)
 
 def _content(msg, field, i, want_role):
     """Text of a message given as a plain string or a {"role", "content"} dict."""
@@ -202,8 +204,10 @@ def prompt_messages(prompt):
     return messages
 
 
-def validate_row(row):
-    """Check one record; return (prompt messages, [chosen..., rejected] texts, n_chosen, prompt_id)."""
+def validate_row(row, num_sources=0):
+    """Check one record; return (prompt messages, [chosen..., rejected] texts, n_chosen, prompt_id, source weights).
+    A WRPO row has K source responses, then the target's (K = num_sources, or any K >= 1 for 0); a DPO pair's one
+    chosen response is its own source, of weight 1."""
     if not isinstance(row, dict):
         raise RowError(f"row must be a JSON object, got {type(row).__name__}")
     for field in ("prompt", "chosen", "rejected"):
@@ -211,13 +215,34 @@ def validate_row(row):
             raise RowError(f"missing field '{field}'")
     messages = prompt_messages(row["prompt"])
     chosen, rejected = row["chosen"], row["rejected"]
-    if not isinstance(chosen, list) or len(chosen) not in (1, 2):
-        raise RowError("chosen must be a list of 1 (DPO) or 2 (WRPO: source, target) responses")
+    if not isinstance(chosen, list) or not chosen:
+        raise RowError("chosen must be a list of 1 (DPO) or K + 1 (WRPO: K sources, then the target) responses")
+    if num_sources and len(chosen) > 1 and len(chosen) - 1 != num_sources:
+        raise RowError(f"chosen has {len(chosen) - 1} source response(s) before the target; num_sources is "
+                       f"{num_sources}", hint="every WRPO row needs num_sources sources: pass --num_sources=0 to allow"
+                                               " any number")
     if not isinstance(rejected, list) or len(rejected) != 1:
         raise RowError("rejected must be a list of exactly 1 response")
     texts = [_content(m, "chosen", i, "assistant") for i, m in enumerate(chosen)]
     texts.append(_content(rejected[0], "rejected", 0, "assistant"))
-    return messages, texts, len(chosen), prompt_id_text(row.get("prompt_id", ""))
+    weights = source_weights(row.get("source_weights"), max(1, len(chosen) - 1), len(chosen) > 1)
+    return messages, texts, len(chosen), prompt_id_text(row.get("prompt_id", "")), weights
+
+
+def source_weights(weights, k, wrpo):
+    """The K source responses' weights: uniform when not given; else K numbers >= 0 that sum to 1."""
+    if weights is None:
+        return [1 / k] * k
+    if not wrpo:
+        raise RowError("source_weights given, but a row with one chosen response (DPO) has no source response")
+    if not isinstance(weights, list) or len(weights) != k:
+        raise RowError(f"source_weights must be a list of {k} numbers, one per source response (chosen holds {k} "
+                       f"before the target), got {json.dumps(weights)[:80]}")
+    if not all(type(w) in (int, float) and 0 <= w <= 1 for w in weights):  # (not NaN, nor a bool)
+        raise RowError(f"source_weights must be numbers in [0, 1], got {json.dumps(weights)[:80]}")
+    if abs(math.fsum(weights) - 1) > 1e-6:
+        raise RowError(f"source_weights must sum to 1, they sum to {math.fsum(weights):.6g}")
+    return [float(w) for w in weights]
 
 
 def prompt_id_text(prompt_id):
@@ -247,7 +272,7 @@ def sft_messages(row):
     """SFT conversation of a row: a chat row's messages, or a WRPO row's prompt + chosen[0] (y_ws)."""
     if isinstance(row, dict) and "messages" in row:
         return validate_chat(row)
-    messages, texts, _, _ = validate_row(row)
+    messages, texts, *_ = validate_row(row)
     return messages + [{"role": "assistant", "content": texts[0]}]
 
 
@@ -379,8 +404,8 @@ def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on
 
 
 def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=1800, truncation="keep_end",
-                         recipe="default", skip_invalid=False, allow_special_tokens=False, report=print,
-                         hint=SKIP_HINT):
+                         recipe="default", num_sources=0, skip_invalid=False, allow_special_tokens=False,
+                         report=print, hint=SKIP_HINT):
     """Every row of `path` read, validated and tokenized as TokenRows of PreferenceRows (convert_all); truncation
     "keep_end": the paper's rule (`truncate`), "error": a bad row. So is text holding a special-token string."""
     if problems := settings_problems("preference", max_length, truncation, max_prompt_length, recipe=recipe,
@@ -390,7 +415,7 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
     end = turn_end(tokenizer)
 
     def convert(rec, where):
-        messages, texts, n_chosen, prompt_id = validate_row(rec)
+        messages, texts, n_chosen, prompt_id, weights = validate_row(rec, num_sources)
         if special:
             check_special_tokens(special, rec, [m["content"] for m in messages] + texts)
         prompt, responses = encode(tokenizer, messages, texts, end, recipe)
@@ -398,7 +423,7 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
         if truncation == "error" and length > max_length:
             raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
         prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
-        return PreferenceRow(prompt, responses, n_chosen, where, prompt_id)
+        return PreferenceRow(prompt, responses, n_chosen, where, prompt_id, weights)
 
     return convert_all(path, convert, "preference", skip_invalid, report, hint)
 

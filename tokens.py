@@ -23,10 +23,11 @@ class PreferenceRow:
     """A tokenized WRPO row (or DPO pair): one prompt and its responses."""
 
     prompt_ids: list  # chat-template tokens of the prompt, ending with the assistant header (authors' recipe: before)
-    responses: list  # token lists: chosen[0], (chosen[1]), rejected; each ends with end-of-turn (authors': then EOS)
-    n_chosen: int  # 2 for WRPO rows, 1 for DPO pairs
+    responses: list  # token lists: the chosen ones, then rejected; each ends with end-of-turn (authors': then EOS)
+    n_chosen: int  # K + 1 for WRPO rows (K sources, then the target), 1 for DPO pairs
     where: str  # "file:line", for error messages
     prompt_id: str = ""
+    source_weights: list = (1.0,)  # the K sources' weights (a DPO pair's chosen response is its own source)
 
 
 @dataclass
@@ -47,12 +48,13 @@ class TokenRows:
         offsets  int64 [n_pieces + 1]   where each piece starts: a preference row's prompt, then each response; an
                                         SFT example is one piece
         firsts   int64 [n_rows + 1]     the first piece of each row
+        weights  float64 [n_pieces]     preference rows only: a source response's weight, 0 for the other pieces
         scored   uint8 [n_tokens]       SFT only: 1 where the label is the token, 0 where it is IGNORE
     where: each row's file:line; skipped: the report of bad rows left out."""
 
     def __init__(self, kind, arrays, where, prompt_ids, skipped=""):
         self.kind, self.arrays, self.where, self.prompt_ids, self.skipped = kind, arrays, where, prompt_ids, skipped
-        self.tokens, self.scored = arrays["tokens"], arrays.get("scored")
+        self.tokens, self.scored, self.weights = arrays["tokens"], arrays.get("scored"), arrays.get("weights")
         self.offsets, self.firsts = arrays["offsets"], arrays["firsts"]
 
     def __len__(self):
@@ -67,14 +69,16 @@ class TokenRows:
         if self.kind == "sft":
             (s, e), = spans
             return Sequence(pieces[0], np.where(self.scored[s:e] != 0, pieces[0], IGNORE).tolist(), self.where[i])
-        return PreferenceRow(pieces[0], pieces[1:], len(pieces) - 2, self.where[i], self.prompt_ids[i])
+        k = max(1, len(pieces) - 3)  # sources: K, or a DPO pair's one chosen response
+        weights = self.weights[self.firsts[i] + 1 : self.firsts[i] + 1 + k].tolist()
+        return PreferenceRow(pieces[0], pieces[1:], len(pieces) - 2, self.where[i], self.prompt_ids[i], weights)
 
 
 def build_rows(kind, rows):
     """TokenRows of converted rows, an iterable of PreferenceRows or SFT Sequences: each row's lists live only while
     it is copied in."""
     tokens, scored, offsets, firsts = array("i"), array("B"), array("q", [0]), array("q", [0])
-    where, prompt_ids = [], []
+    where, prompt_ids, weights = [], [], array("d")
     for row in rows:
         if kind == "sft":
             pieces = [row.ids]
@@ -82,6 +86,7 @@ def build_rows(kind, rows):
         else:
             pieces = [row.prompt_ids, *row.responses]
             prompt_ids.append(row.prompt_id)
+            weights.extend([0.0, *row.source_weights] + [0.0] * (len(pieces) - 1 - len(row.source_weights)))
         for p in pieces:
             tokens.extend(p)
             offsets.append(len(tokens))
@@ -91,6 +96,8 @@ def build_rows(kind, rows):
                   firsts=np.frombuffer(firsts, np.int64))
     if kind == "sft":
         arrays["scored"] = np.frombuffer(scored, np.uint8)
+    else:
+        arrays["weights"] = np.frombuffer(weights, np.float64)
     return TokenRows(kind, arrays, where, prompt_ids)
 
 

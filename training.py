@@ -4,12 +4,14 @@ cache (load_cached). Each script's main holds its own loop and every decision in
 
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,9 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept, newest first (0: all); final/ is always kept
     save_dtype: str = "bfloat16"  # dtype of saved weights
     nonfinite: str = "stop"  # non-finite loss or gradient norm: stop (naming the step and rows) or skip the step
+    wandb_project: str = ""  # also log metrics and settings to Weights & Biases (WANDB_MODE=offline: to files)
+    wandb_run_name: str = ""  # its run's name (empty: wandb's); a resumed run continues its wandb run
+    wandb_tags: str = ""  # comma-separated
 
 
 # settings a resumed run may change: they decide speed, logging and output, not the math of the run (`data` is
@@ -72,7 +77,7 @@ class TrainConfig:
 RESUME_FREE = {"resume", "overwrite", "out_dir", "model", "data", "eval_data", "data_cache_dir", "micro_batch_size",
                "activation_checkpointing", "attn_implementation", "logps_impl", "compile", "dtype", "log_every",
                "eval_every", "save_every", "keep_last", "save_dtype", "nonfinite", "skip_invalid_rows",
-               "allow_special_tokens", "trust_remote_code"}
+               "allow_special_tokens", "trust_remote_code", "wandb_project", "wandb_run_name", "wandb_tags"}
 
 
 class ConfigError(ValueError):
@@ -153,6 +158,8 @@ def config_problems(cfg, world):
         problems.append(f"nonfinite must be 'stop' or 'skip', got '{cfg.nonfinite}'")
     if cfg.resume and cfg.overwrite:
         problems.append("resume and overwrite exclude each other: continue the run, or replace it")
+    if cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append("wandb_project needs wandb, which is not installed (pip install wandb)")
     if not attention.known(cfg.attn_implementation):
         problems.append(f"attn_implementation '{cfg.attn_implementation}' is not one transformers knows "
                         f"({attention.NAME}, sdpa, eager, flex_attention, flash_attention_2, ...)")
@@ -264,14 +271,16 @@ class MetricSum:
 
 
 class MetricsLog:
-    """Rank 0: one JSONL row per optimizer step, a tqdm bar on a terminal, a line every `log_every` steps. fields:
-    (metric key, label, format) shown in both. A resumed run (start > 0) keeps its first `start` steps' rows."""
+    """Rank 0: one JSONL row per optimizer step, a tqdm bar on a terminal, a line every `log_every` steps, and with
+    wandb_project the rows to wandb. fields: (metric key, label, format) shown in bar and line. A resumed run
+    (start > 0) keeps its first `start` steps' rows."""
 
     def __init__(self, run, total_steps, start, log_every, desc, fields):
         self.total, self.start, self.log_every, self.fields = total_steps, start, log_every, fields
-        self.file = self.bar = self.write_error = None
+        self.file = self.bar = self.write_error = self.wandb = None
         self.t_start = self.t_last = time.time()
         on_rank0(lambda: self._open(run.out_dir / "metrics.jsonl", desc))
+        on_rank0(lambda: setattr(self, "wandb", wandb_run(run, start > 0)))
 
     def _open(self, path, desc):
         """metrics.jsonl: a resumed run's rows up to its checkpoint's step kept (rows past it were never saved, and a
@@ -310,6 +319,8 @@ class MetricsLog:
             if self.write_error is None:
                 print0(f"warning: cannot write {self.file.name} ({e.strerror or e}); its rows are lost until it can")
             self.write_error = e
+        if self.wandb:
+            self.wandb.log(m, step=m["step"])
         if "step" not in m or "lr" not in m:  # an evaluation-only row
             return
         self.bar.update(1)
@@ -326,6 +337,27 @@ class MetricsLog:
             self.file.close()
             print0(f"trained steps {self.start + 1}-{self.total} in {self.t_last - self.t_start:.1f}s"
                    if self.start else f"trained {self.total} steps in {self.t_last - self.t_start:.1f}s")
+        if self.wandb:
+            self.wandb.finish()
+
+
+def wandb_run(run, resumed):
+    """The wandb run (wandb_project set) that gets the metrics rows, its config the run's settings; its id is kept in
+    out_dir/wandb_run_id, so a resumed run continues it. wandb is imported only here."""
+    s = run.settings
+    if not s["wandb_project"]:
+        return None
+    import wandb
+
+    id_file = run.out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:12]
+    write_atomic(id_file, run_id)
+    try:
+        return wandb.init(project=s["wandb_project"], name=s["wandb_run_name"] or None, id=run_id, resume="allow",
+                          tags=[t for t in s["wandb_tags"].split(",") if t] or None, config=s, dir=run.out_dir)
+    except Exception as e:  # wandb's errors (no login, no network in online mode) share no base but Exception
+        raise ConfigError(f"wandb: cannot start run {run_id} of project {s['wandb_project']} ({e}); WANDB_MODE="
+                          "offline logs to files for a later `wandb sync`") from None
 
 
 # dense bf16 peak FLOP/s by device name, for MFU

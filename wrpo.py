@@ -39,9 +39,11 @@ class Config(TrainConfig):
     # WRPO objective
     beta: float = 0.01  # scale of the implicit reward beta * log(pi / pi_ref)
     alpha: float = 0.1  # weight of the source response y_ws (the paper's alpha_max)
+    num_sources: int = 0  # K source responses each WRPO row must have (weighted: source_weights); 0: any K >= 1
     alpha_schedule: str = "linear"  # linear: 0 -> alpha over the run; constant: alpha throughout
     loss_type: str = "sigmoid"  # sigmoid (DPO-style, the paper's), ipo, simpo (no reference; set beta ~2, gamma)
     gamma: float = 0.0  # SimPO's target reward margin
+    length_normalize: bool = False  # sigmoid, ipo: log-probs averaged over response tokens (FuseChat-3.0's Llama)
     lr: float = 3e-7  # peak learning rate (AdamW)
     # sequences (global_batch_size counts rows; each row is 3 sequences)
     packing: bool = True  # all sequences of a micro-batch in one row, no padding; micro-batches by token budget
@@ -61,6 +63,9 @@ def wrpo_problems(cfg):
                f"alpha_schedule must be 'linear' or 'constant', got '{cfg.alpha_schedule}'"),
               (cfg.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{cfg.loss_type}'"),
               (cfg.gamma >= 0, f"gamma must be >= 0, got {cfg.gamma}"),
+              (cfg.num_sources >= 0, f"num_sources must be >= 0 (0: any), got {cfg.num_sources}"),
+              (not (cfg.length_normalize and cfg.loss_type == "simpo"), "length_normalize is for sigmoid and ipo: "
+               "simpo always averages the log-probs"),
               (cfg.ref_logps in ("precompute", "live"),
                f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'"),
               (cfg.max_tokens_per_micro_batch >= 0,
@@ -75,7 +80,8 @@ def wrpo_loss(policy_ws, policy_wt, policy_l, ref_ws, ref_wt, ref_l, *, alpha, b
     """Per-example WRPO losses and implicit rewards (Yang et al., arXiv 2412.03187, the WRPO objective).
 
     Inputs are [B] tensors of log pi(y|x) SUMMED over response tokens, for the policy and the frozen reference, on
-    y_ws (best source response), y_wt (best target response) and y_l (worst target response). With the implicit
+    y_ws (best source response; with K of them, their log-probs' weighted sum, so d(y_ws) is the weighted sum of
+    their d), y_wt (best target response) and y_l (worst target response). With the implicit
     reward r(y) = beta * d(y), d(y) = log pi_theta(y|x) - log pi_ref(y|x), the paper's weighted reward of the
     preferred side r(x, y_w) = alpha * r(y_ws) + (1 - alpha) * r(y_wt) goes into the Bradley-Terry likelihood of
     preferring it to y_l:
@@ -125,19 +131,25 @@ def get_alpha(step, total_steps, alpha, schedule, recipe="default"):
 
 def row_logps(model, batch, average=False):
     """Log-probs of each row's (source chosen, target chosen, rejected) responses [B, 3], summed over response tokens,
-    or with average=True (SimPO) divided by their count."""
+    or with average=True (SimPO, length_normalize) divided by their count. The source's is the weighted sum over the
+    row's K source responses: sum_k w_k log pi(y_ws_k|x) (K = 1: the one response's, bit for bit)."""
     logps, counts = model_sequence_logps(model, batch)
     if average:
         logps = logps / counts.clamp(min=1)
-    return torch.stack([logps[batch["ws"]], logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
+    source = (logps[batch["src"]] * batch["src_w"]).sum(-1)
+    return torch.stack([source, logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
+
+
+def averaged(cfg):
+    """Whether log-probs are averaged over response tokens: SimPO's, and sigmoid's and ipo's with length_normalize."""
+    return cfg.loss_type == "simpo" or cfg.length_normalize
 
 
 def preference_forward(policy, batch, ref_logps, alpha, cfg):
     """Policy log-probs (with grad) of every row's responses, then the loss against the reference's ref_logps [B, 3]:
     per-row losses, rewards and policy log-probs. SimPO's log-probs are length-averaged, with no reference."""
-    simpo = cfg.loss_type == "simpo"
-    pol = row_logps(policy, batch, average=simpo)
-    ref_logps = torch.zeros_like(pol) if simpo else ref_logps
+    pol = row_logps(policy, batch, average=averaged(cfg))
+    ref_logps = torch.zeros_like(pol) if cfg.loss_type == "simpo" else ref_logps
     losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=cfg.beta,
                                 loss_type=cfg.loss_type, gamma=cfg.gamma)
     return losses, rewards, dict(zip(("source_chosen", "target_chosen", "rejected"), pol.detach().unbind(-1)))
@@ -181,7 +193,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
         return {"logps": compute_reference(models[0], rows, batches, cfg, run, f"reference {name}").numpy()}, {}
 
     layout = f"{run.attn}|{run.varlen}|{resolve_impl(cfg.logps_impl, run.device)}|{run.world}|{run.shared_prompt}|" + (
-        f"packed {token_budget(cfg)}" if cfg.packing else f"padded {cfg.micro_batch_size}")
+        f"packed {token_budget(cfg)}" if cfg.packing else f"padded {cfg.micro_batch_size}") + f"|{averaged(cfg)}"
     for data_path, rows, train in [(cfg.data, train_rows, True), (cfg.eval_data, eval_rows, False)]:
         if not rows:
             tables.append(None)
@@ -214,7 +226,8 @@ def compute_reference(ref, rows, batches, cfg, run, desc):
     table, quiet = torch.zeros(len(rows), 3, device=run.device), not is_master() or not sys.stderr.isatty()
     for idx, weight in tqdm(batches, desc=desc, disable=quiet):
         keep = weight > 0
-        table[torch.tensor(idx)[keep]] = row_logps(ref, collate([rows[i] for i in idx], cfg, run)).float()[keep]
+        batch = collate([rows[i] for i in idx], cfg, run)
+        table[torch.tensor(idx)[keep]] = row_logps(ref, batch, averaged(cfg)).float()[keep]
     dist.all_reduce(table)
     return table.cpu()
 
@@ -251,7 +264,7 @@ def training_layout(rows, cfg, run):
     return out + [([left[i] for i in idx], w) for idx, w in no_grad_batches([lengths[i] for i in left], cfg, run)]
 
 
-def reference_logps(reference, idx, batch):
+def reference_logps(reference, idx, batch, cfg):
     """[B, 3] reference log-probs of a micro-batch (idx: its rows' indices, batch: the rows collated). reference
     (load_reference): a precomputed [n_rows, 3] table, the live frozen model, or None (SimPO)."""
     if reference is None:
@@ -259,7 +272,7 @@ def reference_logps(reference, idx, batch):
     if torch.is_tensor(reference):
         return reference[idx].to(batch["input_ids"].device)
     with torch.no_grad():
-        return row_logps(reference, batch)
+        return row_logps(reference, batch, averaged(cfg))
 
 
 def check_step_one(d, run):
@@ -282,7 +295,8 @@ def evaluate(policy, reference, rows, alpha, cfg, run):
     sums = MetricSum()
     for idx, weight in no_grad_batches(batching.row_lengths(rows, run.shared_prompt), cfg, run):
         batch = collate([rows[i] for i in idx], cfg, run)
-        losses, rewards, logps = preference_forward(policy, batch, reference_logps(reference, idx, batch), alpha, cfg)
+        ref_logps = reference_logps(reference, idx, batch, cfg)
+        losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
         sums.add(row_metrics(losses, rewards, logps), weight.to(run.device))
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
@@ -319,7 +333,7 @@ def load_rows(path, cfg, run):
         return []
     return load_cached(data.load_preference_rows, path, run.tokenizer, cfg.data_cache_dir, report=print0,
                        max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation,
-                       recipe=cfg.recipe, skip_invalid=cfg.skip_invalid_rows,
+                       recipe=cfg.recipe, num_sources=cfg.num_sources, skip_invalid=cfg.skip_invalid_rows,
                        allow_special_tokens=cfg.allow_special_tokens)
 
 
@@ -355,7 +369,7 @@ def main(argv):
             sums, seen, d = MetricSum(), [], []
             for mb in step_micro_batches(idx, packed_lengths, cfg, run):
                 batch = collate([train_rows[i] for i in mb], cfg, run)
-                ref_logps = reference_logps(train_reference, mb, batch)  # precomputed, the live model's, or None
+                ref_logps = reference_logps(train_reference, mb, batch, cfg)  # precomputed, the live model's, or None
                 losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
                 # FSDP averages gradients over ranks: dividing by this rank's rows gives the global mean's gradient
                 (losses.sum() / len(idx)).backward()

@@ -35,7 +35,8 @@ def test_template_rendering_and_loss_mask(tmp_path, tokenizer):
 
     batch = collate_preference([ex, ex], pad_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == 6
-    assert batch["ws"].tolist() == [0, 3] and batch["wt"].tolist() == [1, 4] and batch["rej"].tolist() == [2, 5]
+    assert batch["src"].tolist() == [[0], [3]] and batch["wt"].tolist() == [1, 4] and batch["rej"].tolist() == [2, 5]
+    assert batch["src_w"].tolist() == [[1.0], [1.0]]
     P = len(ex.prompt_ids)
     for i, r in enumerate(ex.responses * 2):
         lab, mask = batch["labels"][i], batch["attention_mask"][i]
@@ -52,7 +53,7 @@ def test_dpo_rows_score_their_one_chosen_as_both(tmp_path, tokenizer):
     (ex,) = load_preference_rows(write_jsonl(tmp_path / "d.jsonl", [row]), tokenizer)
     assert ex.n_chosen == 1 and len(ex.responses) == 2
     batch = collate_preference([ex], pad_id=0)
-    assert batch["ws"].tolist() == batch["wt"].tolist() == [0] and batch["rej"].tolist() == [1]
+    assert batch["src"].tolist() == [batch["wt"].tolist()] == [[0]] and batch["rej"].tolist() == [1]
 
 
 def test_plain_string_messages(tmp_path, tokenizer):
@@ -99,7 +100,17 @@ BAD_ROWS = [
     (json.dumps({"prompt": "x", "rejected": ["b"]}), "missing field 'chosen'"),
     (json.dumps({"prompt": "x", "chosen": ["a"]}), "missing field 'rejected'"),
     (json.dumps({"prompt": "x", "chosen": "a", "rejected": ["b"]}), "chosen must be a list of 1"),
-    (json.dumps({"prompt": "x", "chosen": ["a", "b", "c"], "rejected": ["b"]}), "chosen must be a list of 1"),
+    (json.dumps({"prompt": "x", "chosen": [], "rejected": ["b"]}), "chosen must be a list of 1"),
+    (json.dumps({"prompt": "x", "chosen": ["a", "b", "c"], "rejected": ["d"], "source_weights": [0.5, 0.4]}),
+     "source_weights must sum to 1, they sum to 0.9"),
+    (json.dumps({"prompt": "x", "chosen": ["a", "b", "c"], "rejected": ["d"], "source_weights": [1.0]}),
+     r"source_weights must be a list of 2 numbers, one per source response \(chosen holds 2 before the target\)"),
+    (json.dumps({"prompt": "x", "chosen": ["a", "b", "c"], "rejected": ["d"], "source_weights": [1.5, -0.5]}),
+     r"source_weights must be numbers in \[0, 1\]"),
+    (json.dumps({"prompt": "x", "chosen": ["a", "b"], "rejected": ["d"], "source_weights": [True]}),
+     r"source_weights must be numbers in \[0, 1\]"),
+    (json.dumps({"prompt": "x", "chosen": ["a"], "rejected": ["d"], "source_weights": [1.0]}),
+     r"source_weights given, but a row with one chosen response \(DPO\) has no source response"),
     (json.dumps({"prompt": "x", "chosen": ["a"], "rejected": ["b", "c"]}), "rejected must be a list of exactly 1"),
     (json.dumps({"prompt": "x", "chosen": [{"role": "user", "content": "a"}], "rejected": ["b"]}),
      r"chosen\[0\] has role 'user', expected 'assistant'"),

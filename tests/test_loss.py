@@ -131,7 +131,7 @@ def test_simpo_uses_length_averaged_logps_and_no_reference(monkeypatch):
 
     sums, counts = torch.tensor([-4.0, -6.0, -3.0]), torch.tensor([2, 3, 1])
     monkeypatch.setattr(wrpo, "model_sequence_logps", lambda model, batch: (sums, counts))
-    batch = {"ws": torch.tensor([0]), "wt": torch.tensor([1]), "rej": torch.tensor([2])}
+    batch = {"src": torch.tensor([[0]]), "src_w": torch.tensor([[1.0]]), "wt": torch.tensor([1]), "rej": torch.tensor([2])}
     simpo = wrpo.Config(beta=2.0, loss_type="simpo", gamma=0.5)
     losses, rewards, logps = wrpo.preference_forward(None, batch, None, 0.5, simpo)
     torch.testing.assert_close(losses, torch.tensor([math.log(1 + math.exp(-1.5))]))

@@ -36,7 +36,7 @@ def logps_and_grads(model, batch):
     """Each row's (ws, wt, rej) log-probs and counts [B, 3], and the parameters' gradients of a WRPO loss."""
     logps, counts = model_sequence_logps(model, batch)
     ref = logps.detach() - 1.0  # any fixed reference
-    i = batch["ws"], batch["wt"], batch["rej"]
+    i = batch["src"][:, 0], batch["wt"], batch["rej"]  # one source per row
     losses, _ = wrpo_loss(*(logps[j] for j in i), *(ref[j] for j in i), alpha=0.3, beta=0.5)
     losses.sum().backward()
     by_row = lambda t: torch.stack([t[j] for j in i], -1)  # noqa: E731  [B, 3], whatever the sequence order
@@ -166,8 +166,8 @@ def test_packed_rows_combine_sequences_and_index_them_right():
     width = batch["input_ids"].shape[1]
     assert width == 45 and batch["input_ids"].shape[0] < 12  # short sequences share rows
     for i, ex in enumerate(examples):
-        for key, response in zip(("ws", "wt", "rej"), ex.responses):
-            where = batch["segments"] == batch[key][i]
+        for key, response in zip(("src", "wt", "rej"), ex.responses):
+            where = batch["segments"] == batch[key][i].reshape(-1)[0]  # (src: one source per row)
             assert batch["input_ids"][where].tolist() == ex.prompt_ids + response
             assert (batch["position_ids"][where] == torch.arange(len(ex.prompt_ids) + len(response))).all()
 
@@ -182,8 +182,8 @@ def test_shared_prompt_rows_keep_each_rows_sequences_together():
     assert batch["input_ids"].shape[1] == 5 + 40 + 4 + 3  # the widest row: one whole example
     for i, ex in enumerate(examples):
         p = ex.prompt_ids
-        for key, response in zip(("ws", "wt", "rej"), [ex.responses[0]] * (3 - len(ex.responses)) + ex.responses):
-            where = batch["segments"] == batch[key][i]
+        for key, response in zip(("src", "wt", "rej"), [ex.responses[0]] * (3 - len(ex.responses)) + ex.responses):
+            where = batch["segments"] == batch[key][i].reshape(-1)[0]  # (src: one source per row)
             first = response is ex.responses[0]
             ids = p + response if first else p[-1:] + response
             assert batch["input_ids"][where].tolist() == ids
