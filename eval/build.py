@@ -2,11 +2,21 @@
 
     python -m eval.build --sources fusion/scored/*.jsonl --target=fusion/target_scored.jsonl --out=wrpo.jsonl
     python -m eval.build --sources fusion/scored/*.jsonl --prompts=split/sft.jsonl --out=sft.jsonl  # SFT rows
+    python -m eval.build --sources ... --target=... --top_k_sources=3 --source_weights=softmax --out=k3.jsonl
+    python -m eval.build --sources ... --pairs=same_source --min_gap=0.01 --max_gap=0.1 --out=dpo.jsonl
 
 Input: eval/score.py's rows ({"prompt_id", "prompt", "responses", "scores", "model"}), one file per
 source model and one for the SFT target's own samples. y_ws is the best-scored response over every
 source file; y_wt and y_l the best and worst of the target's. Prints the rows kept and dropped, the
 mean score of each role and how often each source model supplied y_ws.
+
+Beyond the paper:
+- --top_k_sources=K (FuseRL): the best response of each of the K source models whose best scores highest, best
+  first, then y_wt; their weights (`source_weights`) uniform, or a softmax of their scores / --temperature. Rows
+  list K source_model names and y_ws scores; a prompt with fewer than K source models is dropped.
+- --pairs=same_source (FuseChat-3.0): DPO rows from the sources alone, chosen the best and rejected the worst
+  sample of one source model, kept when their score gap is in [--min_gap, --max_gap]; of several models in the
+  band, the one whose best scores highest.
 
 A prompt_id names one prompt: rows (of any file, source or target) that give one prompt_id two different
 prompts are refused, by file:line, naming both texts; never a y_ws answering another prompt.
@@ -95,12 +105,28 @@ def read_prompt_ids(path):
     return set(convert_rows(path, checked, hint=HINT))
 
 
-def best_source(samples, stats):
-    """(score, text, model) of the best source sample (the first of the best on ties), counted in stats."""
-    score, text, model = max(samples, key=lambda s: s[0])
-    stats["wins"][model] = stats["wins"].get(model, 0) + 1
-    stats["scores"]["y_ws"] = stats["scores"].get("y_ws", 0.0) + score
-    return score, text, model
+def best_sources(samples, stats, k=1):
+    """[(score, text, model)] of the best sample of each of the k source models whose best scores highest, best
+    first (on ties the earlier sample, so k = 1 is the best sample of all), counted in stats; None below k models."""
+    best = {}  # model -> (its best sample, where it is in samples)
+    for i, (score, text, model) in enumerate(samples):
+        if model not in best or score > best[model][0][0]:
+            best[model] = (score, text, model), i
+    ranked = [sample for sample, _ in sorted(best.values(), key=lambda x: (-x[0][0], x[1]))][:k]
+    if len(ranked) < k:
+        return None
+    for score, _, model in ranked:
+        stats["wins"][model] = stats["wins"].get(model, 0) + 1
+        stats["scores"]["y_ws"] = stats["scores"].get("y_ws", 0.0) + score / k
+    return ranked
+
+
+def weights_of(scores, how, temperature):
+    """The source responses' weights: uniform, or softmax(score / temperature)."""
+    if how == "uniform":
+        return [1 / len(scores)] * len(scores)
+    exp = [math.exp((s - max(scores)) / temperature) for s in scores]
+    return [e / sum(exp) for e in exp]
 
 
 def sft_rows(source, keep, stats):
@@ -110,14 +136,14 @@ def sft_rows(source, keep, stats):
         if keep is not None and pid not in keep:
             stats["not_in_prompts"] += 1
             continue
-        score, text, model = best_source(samples, stats)
+        (score, text, model), = best_sources(samples, stats)
         messages = prompt_messages(prompt) + [{"role": "assistant", "content": text}]
         rows.append({"prompt_id": pid, "messages": messages, "source_model": model, "score": score})
     return rows
 
 
-def wrpo_rows(source, target, keep, stats):
-    """A WRPO row for each target prompt with source responses and a preference among its samples."""
+def wrpo_rows(source, target, keep, stats, k=1, weights="uniform", temperature=1.0):
+    """A WRPO row for each target prompt with (k) source responses and a preference among its samples."""
     rows = []
     for pid, (prompt, _, samples) in target.items():
         if keep is not None and pid not in keep:
@@ -133,18 +159,54 @@ def wrpo_rows(source, target, keep, stats):
         if hi[0] == lo[0]:
             stats["tied"] += 1
             continue
-        ws = best_source(source[pid][2], stats)
+        if (ws := best_sources(source[pid][2], stats, k)) is None:
+            stats["few_sources"] += 1
+            continue
         for role, score in (("y_wt", hi[0]), ("y_l", lo[0])):
             stats["scores"][role] = stats["scores"].get(role, 0.0) + score
+        scores, models = [s for s, _, _ in ws], [m for _, _, m in ws]
         rows.append({"prompt_id": pid, "prompt": prompt_messages(prompt),
-                     "chosen": [{"role": "assistant", "content": ws[1]}, {"role": "assistant", "content": hi[1]}],
+                     "chosen": [{"role": "assistant", "content": text} for _, text, _ in ws] +
+                               [{"role": "assistant", "content": hi[1]}],
                      "rejected": [{"role": "assistant", "content": lo[1]}],
-                     "source_model": ws[2], "scores": {"y_ws": ws[0], "y_wt": hi[0], "y_l": lo[0]}})
+                     "source_model": models if k > 1 else models[0],
+                     "scores": {"y_ws": scores if k > 1 else scores[0], "y_wt": hi[0], "y_l": lo[0]},
+                     **({"source_weights": weights_of(scores, weights, temperature)} if k > 1 else {})})
     return rows
 
 
-def build(sources, out, *, target=None, prompts=None, overwrite=False):
-    """WRPO rows (with `target`) or SFT rows (without) from scored samples; returns the summary.
+def same_source_rows(source, keep, stats, min_gap, max_gap):
+    """FuseChat-3.0's DPO pairs: for each prompt, the best and the worst sample of one source model, their score gap
+    in [min_gap, max_gap] (and > 0); of several models in the band, the one whose best scores highest."""
+    rows = []
+    for pid, (prompt, _, samples) in source.items():
+        if keep is not None and pid not in keep:
+            stats["not_in_prompts"] += 1
+            continue
+        pairs = []
+        for model in dict.fromkeys(m for _, _, m in samples):
+            own = [s for s in samples if s[2] == model]
+            hi, lo = max(own, key=lambda s: s[0]), min(own, key=lambda s: s[0])
+            if 0 < hi[0] - lo[0] and min_gap <= hi[0] - lo[0] <= max_gap:
+                pairs.append((hi, lo))
+        if not pairs:
+            stats["no_pair"] += 1
+            continue
+        hi, lo = max(pairs, key=lambda p: p[0][0])
+        stats["wins"][hi[2]] = stats["wins"].get(hi[2], 0) + 1
+        for role, score in (("chosen", hi[0]), ("rejected", lo[0])):
+            stats["scores"][role] = stats["scores"].get(role, 0.0) + score
+        rows.append({"prompt_id": pid, "prompt": prompt_messages(prompt),
+                     "chosen": [{"role": "assistant", "content": hi[1]}],
+                     "rejected": [{"role": "assistant", "content": lo[1]}],
+                     "source_model": hi[2], "scores": {"chosen": hi[0], "rejected": lo[0]}})
+    return rows
+
+
+def build(sources, out, *, target=None, prompts=None, overwrite=False, top_k_sources=1, source_weights="uniform",
+          temperature=1.0, pairs="target", min_gap=0.0, max_gap=math.inf):
+    """WRPO rows (with `target`) or SFT rows (without) from scored samples, or with pairs="same_source" DPO rows from
+    the sources alone (same_source_rows); returns the summary. The other settings: see the module's doc.
 
     y_ws = the best-scored response over every source file; y_wt and y_l = the best and worst
     of the target's non-empty samples. Prompts whose target samples all score the same (or
@@ -154,6 +216,8 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
     eval.split) restricts the output to those prompts.
     """
     out = Path(out)
+    if problem := settings_problem(target, top_k_sources, source_weights, temperature, pairs, min_gap, max_gap):
+        raise DataError(problem)
     if problem := outputs_problem([out], [*sources, target, prompts], overwrite, "--out is the .jsonl file to write"):
         raise DataError(problem)
     source = {}
@@ -165,10 +229,19 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
             same_prompt(pid, source[pid], prompt, where)
     source = {pid: entry for pid, entry in source.items() if entry[2]}  # (a prompt without a non-empty response)
     keep = None if prompts is None else read_prompt_ids(prompts)
-    stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "wins": {}, "scores": {}}
-    rows = wrpo_rows(source, own, keep, stats) if target else sft_rows(source, keep, stats)
-    dropped = (f"{stats['no_source']} without source responses, {stats['tied']} without a target preference "
-               f"(tied, or < 2 samples), {stats['not_in_prompts']} outside --prompts")
+    stats = {"rows": 0, "no_source": 0, "tied": 0, "not_in_prompts": 0, "few_sources": 0, "no_pair": 0, "wins": {},
+             "scores": {}}
+    if pairs == "same_source":
+        rows, kind = same_source_rows(source, keep, stats, min_gap, max_gap), "DPO"
+        dropped = (f"{stats['no_pair']} without a source model's pair in the gap band [{min_gap}, {max_gap}], "
+                   f"{stats['not_in_prompts']} outside --prompts")
+    else:
+        rows = wrpo_rows(source, own, keep, stats, top_k_sources, source_weights, temperature) if target else \
+            sft_rows(source, keep, stats)
+        kind = "WRPO" if target else "SFT"
+        dropped = (f"{stats['no_source']} without source responses, {stats['tied']} without a target preference "
+                   f"(tied, or < 2 samples), {stats['not_in_prompts']} outside --prompts" +
+                   (f", {stats['few_sources']} with fewer than {top_k_sources} source models" if target else ""))
     if not rows:
         raise DataError(f"no rows to write: {dropped}")
     try:
@@ -177,11 +250,23 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False):
         raise DataError(f"cannot write {out} ({e.strerror or e})") from None
     stats["rows"] = len(rows)
     stats["scores"] = {k: v / len(rows) for k, v in stats["scores"].items()}
-    print(f"{len(rows)} {'WRPO' if target else 'SFT'} rows -> {out}; dropped: {dropped}")
+    print(f"{len(rows)} {kind} rows -> {out}; dropped: {dropped}")
     print("mean scores: " + ", ".join(f"{k} {v:.4g}" for k, v in stats["scores"].items()))
-    print("best source response by model: " + ", ".join(
+    print(("pairs by model: " if kind == "DPO" else "best source response by model: ") + ", ".join(
         f"{m} {n} ({n / len(rows):.0%})" for m, n in sorted(stats["wins"].items(), key=lambda x: -x[1])))
     return stats
+
+
+def settings_problem(target, top_k, weights, temperature, pairs, min_gap, max_gap):
+    """What is wrong with build's settings, or ""."""
+    checks = [(top_k >= 1, f"--top_k_sources must be >= 1, got {top_k}"),
+              (top_k == 1 or target and pairs == "target", "--top_k_sources builds WRPO rows: it needs --target"),
+              (weights in ("uniform", "softmax"), f"--source_weights must be uniform or softmax, got {weights}"),
+              (temperature > 0, f"--temperature must be > 0, got {temperature}"),
+              (pairs in ("target", "same_source"), f"--pairs must be target or same_source, got {pairs}"),
+              (pairs == "target" or not target, "--pairs=same_source pairs the sources' own samples: drop --target"),
+              (0 <= min_gap <= max_gap, f"need 0 <= --min_gap <= --max_gap, got {min_gap}, {max_gap}")]
+    return next((problem for ok, problem in checks if not ok), "")
 
 
 def main(argv):
@@ -191,9 +276,19 @@ def main(argv):
     ap.add_argument("--prompts", help="only the prompts in this file (e.g. one part of eval.split)")
     ap.add_argument("--out", required=True, help="the .jsonl file to write")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--top_k_sources", type=int, default=1, help="K source responses per WRPO row (FuseRL): the best "
+                    "of each of the K best source models")
+    ap.add_argument("--source_weights", default="uniform", help="their weights: uniform or softmax (of the scores)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="the softmax's: weights ~ exp(score / temperature)")
+    ap.add_argument("--pairs", default="target", help="target: the paper's WRPO rows; same_source: FuseChat-3.0's "
+                    "DPO pairs, the best and worst sample of one source model")
+    ap.add_argument("--min_gap", type=float, default=0.0, help="same_source: the smallest score gap kept")
+    ap.add_argument("--max_gap", type=float, default=math.inf, help="same_source: the largest score gap kept")
     args = ap.parse_args(argv)
     try:
-        build(args.sources, args.out, target=args.target, prompts=args.prompts, overwrite=args.overwrite)
+        build(args.sources, args.out, target=args.target, prompts=args.prompts, overwrite=args.overwrite,
+              top_k_sources=args.top_k_sources, source_weights=args.source_weights, temperature=args.temperature,
+              pairs=args.pairs, min_gap=args.min_gap, max_gap=args.max_gap)
     except DataError as e:
         fail(str(e))
 

@@ -178,3 +178,83 @@ def test_chat_rows_without_ids_are_split_by_their_prompt(tmp_path):
     assert len(ids) == 61 and len(set(ids)) == 60 and parts["sft"] and parts["wrpo"]
     same = [r for part in parts.values() for r in part if r["messages"][0]["content"] == "question 0"]
     assert len(same) == 2 and same[0]["prompt_id"] == same[1]["prompt_id"]
+
+
+# -----------------------------------------------------------------------------
+# eval.build beyond the paper: K weighted sources (FuseRL), same-source pairs (FuseChat-3.0)
+
+def three_sources(tmp_path):
+    """p1: A's best 0.9, C's 0.8, B's 0.7; p2: only A. The target prefers t1 to t2 on both."""
+    srcs = [write(tmp_path / "a.jsonl", [scored("p1", "one?", ["a1", "a2"], [0.2, 0.9], "A"),
+                                         scored("p2", "two?", ["a3"], [0.5], "A")]),
+            write(tmp_path / "b.jsonl", [scored("p1", "one?", ["b1"], [0.7], "B")]),
+            write(tmp_path / "c.jsonl", [scored("p1", "one?", ["c1", "c2"], [0.8, 0.1], "C")])]
+    tgt = write(tmp_path / "t.jsonl", [scored("p1", "one?", ["t1", "t2"], [0.6, 0.3], "T"),
+                                       scored("p2", "two?", ["t1", "t2"], [0.6, 0.3], "T")])
+    return srcs, tgt
+
+
+def test_top_k_sources_take_each_best_models_best_with_uniform_or_softmax_weights(tmp_path, capsys):
+    import math
+
+    srcs, tgt = three_sources(tmp_path)
+    stats = build.build(srcs, tmp_path / "k2.jsonl", target=tgt, top_k_sources=2)
+    (row,) = read(tmp_path / "k2.jsonl")  # p2 has one source model: dropped
+    assert [m["content"] for m in row["chosen"]] == ["a2", "c1", "t1"] and row["rejected"][0]["content"] == "t2"
+    assert row["source_model"] == ["A", "C"] and row["scores"] == {"y_ws": [0.9, 0.8], "y_wt": 0.6, "y_l": 0.3}
+    assert row["source_weights"] == [0.5, 0.5]
+    assert stats["few_sources"] == 1 and stats["wins"] == {"A": 1, "C": 1}
+    assert "1 with fewer than 2 source models" in capsys.readouterr().out
+    build.build(srcs, tmp_path / "k3.jsonl", target=tgt, top_k_sources=3, source_weights="softmax", temperature=0.1)
+    (row,) = read(tmp_path / "k3.jsonl")
+    assert [m["content"] for m in row["chosen"]] == ["a2", "c1", "b1", "t1"]
+    z = 1 + math.exp(-1) + math.exp(-2)  # exp((0.9, 0.8, 0.7) - 0.9) / 0.1)
+    assert row["source_weights"] == pytest.approx([1 / z, math.exp(-1) / z, math.exp(-2) / z], abs=1e-12)
+    rows = data.load_preference_rows(tmp_path / "k3.jsonl", _tokenizer(), num_sources=3)  # training rows
+    assert rows[0].n_chosen == 4 and rows[0].source_weights == pytest.approx(row["source_weights"], abs=0)
+
+
+def test_one_top_source_is_the_papers_build_byte_for_byte(tmp_path):
+    srcs, tgt = three_sources(tmp_path)
+    build.build(srcs, tmp_path / "paper.jsonl", target=tgt)
+    build.build(srcs, tmp_path / "k1.jsonl", target=tgt, top_k_sources=1, source_weights="softmax")
+    assert (tmp_path / "paper.jsonl").read_bytes() == (tmp_path / "k1.jsonl").read_bytes()
+    assert [m["content"] for m in read(tmp_path / "paper.jsonl")[0]["chosen"]] == ["a2", "t1"]
+
+
+def test_same_source_pairs_keep_one_models_best_and_worst_within_the_gap_band(tmp_path, capsys):
+    a = write(tmp_path / "a.jsonl", [scored("p1", "one?", ["a1", "a2", "a3"], [0.50, 0.55, 0.52], "A"),
+                                     scored("p2", "two?", ["a4", "a5"], [0.5, 0.505], "A"),
+                                     scored("p3", "three?", ["a6", "a7"], [0.6, 0.65], "A")])
+    b = write(tmp_path / "b.jsonl", [scored("p1", "one?", ["b1", "b2"], [0.9, 0.3], "B"),
+                                     scored("p3", "three?", ["b3", "b4"], [0.62, 0.7], "B")])
+    stats = build.build([a, b], tmp_path / "dpo.jsonl", pairs="same_source", min_gap=0.01, max_gap=0.1)
+    rows = read(tmp_path / "dpo.jsonl")
+    assert [r["prompt_id"] for r in rows] == ["p1", "p3"]  # p2's gap 0.005 is below the band
+    assert [(r["chosen"][0]["content"], r["rejected"][0]["content"], r["source_model"]) for r in rows] == [
+        ("a2", "a1", "A"), ("b4", "b3", "B")]  # p1: B's gap 0.6 is above it; p3: both in it, B's best is higher
+    assert rows[0]["scores"] == {"chosen": 0.55, "rejected": 0.50} and len(rows[0]["chosen"]) == 1
+    assert stats["no_pair"] == 1 and stats["wins"] == {"A": 1, "B": 1}
+    assert "2 DPO rows" in capsys.readouterr().out
+    dpo = data.load_preference_rows(tmp_path / "dpo.jsonl", _tokenizer())
+    assert [r.n_chosen for r in dpo] == [1, 1]
+    build.main(["--sources", str(a), str(b), "--pairs=same_source", "--out", str(tmp_path / "all.jsonl")])
+    assert [r["source_model"] for r in read(tmp_path / "all.jsonl")] == ["B", "A", "B"]  # no band: the best pair
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top_k_sources=2"], "--top_k_sources builds WRPO rows: it needs --target"),
+    (["--top_k_sources=0", "--target=T"], "--top_k_sources must be >= 1"),
+    (["--source_weights=rank", "--target=T"], "--source_weights must be uniform or softmax"),
+    (["--temperature=0", "--target=T"], "--temperature must be > 0"),
+    (["--pairs=same_source", "--target=T"], "--pairs=same_source pairs the sources' own samples: drop --target"),
+    (["--pairs=same_source", "--min_gap=0.2", "--max_gap=0.1"], r"need 0 <= --min_gap <= --max_gap, got 0.2, 0.1"),
+    (["--pairs=best"], "--pairs must be target or same_source")])
+def test_build_settings_are_checked_before_reading(tmp_path, capsys, args, message):
+    src = write(tmp_path / "src.jsonl", [scored("p", "q", ["a", "b"], [0, 1], "S")])
+    tgt = write(tmp_path / "T", [scored("p", "q", ["c", "d"], [0, 1], "T")])
+    args = [a.replace("=T", f"={tgt}") for a in args]
+    with pytest.raises(SystemExit) as e:
+        build.main(["--sources", str(src), "--out", str(tmp_path / "o.jsonl"), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
