@@ -13,7 +13,11 @@ programs, each reliable on two tasks and sloppy on the others, so no single sour
 everywhere. Then, with the project's own scripts: eval.split, eval.build of SFT rows (prompt +
 y_ws), sft.py, eval.generate (the SFT target samples 5 answers per prompt), scoring, eval.build
 of WRPO rows, and wrpo.py three times from the same SFT checkpoint: DPO (alpha fixed at
-0), WRPO (alpha 0 -> alpha_max) and the constant-alpha ablation. Every model answers the
+0), WRPO (alpha 0 -> alpha_max) and the constant-alpha ablation. Beyond the paper, from the
+same checkpoint: WRPO with K = 3 source responses per row (one per source model, uniform or
+softmax weights: eval.build --top_k_sources=3), and DPO on FuseChat-3.0's same-source pairs
+(eval.build --pairs=same_source: one source model's best and worst sample of a WRPO prompt,
+their score gap in a band). Every model answers the
 held-out prompts greedily (eval.generate); the table is the mean reward per task. A second
 table shows the preference runs' implicit rewards beta * log(pi / pi_ref) of y_ws, y_wt and y_l
 over their last epoch: how far each objective moved the source responses' likelihood.
@@ -207,14 +211,25 @@ def one_seed(seed, folder, args, log):
     score_file(folder / "target_samples.jsonl", folder / "target_scored.jsonl")
     call("-m", "eval.build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
         f"--out={folder / 'wrpo_rows.jsonl'}", "--overwrite", log=log)
-    n_rows = len((folder / "wrpo_rows.jsonl").read_text().splitlines())
+    for weights in ("uniform", "softmax"):  # K = 3: each source model's best response
+        call("-m", "eval.build", "--sources", *scored, f"--target={folder / 'target_scored.jsonl'}",
+            "--top_k_sources=3", f"--source_weights={weights}", f"--temperature={args.temperature}",
+            f"--out={folder / f'wrpo_rows_k3_{weights}.jsonl'}", "--overwrite", log=log)
+    call("-m", "eval.build", "--sources", *scored, "--pairs=same_source", f"--min_gap={args.min_gap}",
+        f"--max_gap={args.max_gap}", f"--prompts={folder / 'split' / 'wrpo.jsonl'}",
+        f"--out={folder / 'same_source_rows.jsonl'}", "--overwrite", log=log)
 
     models, rewards = {"Target": target, "Target-SFT": sft}, {}
     variants = {"Target-SFT-DPO": ["--alpha=0"],
                 "Target-SFT-WRPO": [f"--alpha={args.alpha}"],
-                "Target-SFT-WRPO (constant alpha)": [f"--alpha={args.alpha}", "--alpha_schedule=constant"]}
+                "Target-SFT-WRPO (constant alpha)": [f"--alpha={args.alpha}", "--alpha_schedule=constant"],
+                "Target-SFT-WRPO K=3 uniform": [f"--alpha={args.alpha}", "--num_sources=3",
+                                                f"--data={folder / 'wrpo_rows_k3_uniform.jsonl'}"],
+                "Target-SFT-WRPO K=3 softmax": [f"--alpha={args.alpha}", "--num_sources=3",
+                                                f"--data={folder / 'wrpo_rows_k3_softmax.jsonl'}"],
+                "Target-SFT-DPO same-source pairs": ["--alpha=0", f"--data={folder / 'same_source_rows.jsonl'}"]}
     for name, extra in variants.items():
-        out = folder / name.replace(" ", "_").replace("(", "").replace(")", "")
+        out = folder / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
         call("wrpo.py", f"--model={sft}", f"--data={folder / 'wrpo_rows.jsonl'}", f"--out_dir={out}",
             f"--beta={args.beta}", f"--lr={args.lr}", "--global_batch_size=16", "--micro_batch_size=16",
             f"--epochs={args.wrpo_epochs}", f"--ref_cache_dir={folder}", "--max_prompt_length=32", *common, *extra,
@@ -222,6 +237,8 @@ def one_seed(seed, folder, args, log):
         models[name] = out / "final"
         rewards[name] = last_epoch_rewards(out / "metrics.jsonl")
     results = {name: evaluate(path, heldout_path, folder, name.replace(" ", "_"), log) for name, path in models.items()}
+    n_rows = {name: len((folder / f"{name}.jsonl").read_text().splitlines())
+              for name in ("wrpo_rows", "wrpo_rows_k3_uniform", "same_source_rows")}
     return results, rewards, n_rows
 
 
@@ -242,6 +259,9 @@ def main(argv):
     ap.add_argument("--alpha", type=float, default=0.5, help="alpha_max of WRPO and the constant-alpha ablation")
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=2e-4, help="DPO / WRPO learning rate")
+    ap.add_argument("--temperature", type=float, default=0.1, help="K = 3 softmax weights ~ exp(reward / this)")
+    ap.add_argument("--min_gap", type=float, default=0.05, help="same-source pairs: the smallest reward gap kept")
+    ap.add_argument("--max_gap", type=float, default=0.5, help="same-source pairs: the largest reward gap kept")
     args = ap.parse_args(argv)
     if args.quick:
         args.prompts, args.heldout, args.pretrain, args.wrpo_epochs = 120, 32, 320, 1
@@ -254,8 +274,9 @@ def main(argv):
             results, rewards, n_rows = one_seed(seed, out_dir / f"seed{seed}", args, log)
             per_seed.append(results)
             per_seed_rewards.append(rewards)
-            print(f"seed {seed}: {n_rows} WRPO rows; " + ", ".join(f"{m} {r['all']:.3f}" for m, r in results.items()),
-                  flush=True)
+            print(f"seed {seed}: {n_rows['wrpo_rows']} WRPO rows, {n_rows['wrpo_rows_k3_uniform']} with K = 3, "
+                  f"{n_rows['same_source_rows']} same-source pairs; " +
+                  ", ".join(f"{m} {r['all']:.3f}" for m, r in results.items()), flush=True)
     print(f"\nheld-out task score (mean reward 0..1, greedy answers), mean +- std over {args.seeds} seed(s); "
           f"{time.time() - t0:.0f}s")
     table = print_table(per_seed)

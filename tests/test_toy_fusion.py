@@ -16,7 +16,8 @@ def test_toy_fusion_pipeline_runs_end_to_end(tmp_path):
     import toy_fusion
 
     table = toy_fusion.main(["--seeds=1", "--quick", f"--out_dir={tmp_path}"])
-    models = ["Target", "Target-SFT", "Target-SFT-DPO", "Target-SFT-WRPO", "Target-SFT-WRPO (constant alpha)"]
+    models = ["Target", "Target-SFT", "Target-SFT-DPO", "Target-SFT-WRPO", "Target-SFT-WRPO (constant alpha)",
+              "Target-SFT-WRPO K=3 uniform", "Target-SFT-WRPO K=3 softmax", "Target-SFT-DPO same-source pairs"]
     assert list(table) == models
     for cols in table.values():
         assert set(cols) == {"all", "reverse", "shift", "sort", "upper"}
@@ -30,6 +31,15 @@ def test_toy_fusion_pipeline_runs_end_to_end(tmp_path):
                   if "alpha" in json.loads(x)]
         assert {"Target-SFT-DPO": alphas[-1] == 0.0, "Target-SFT-WRPO": alphas[0] == 0.0 < alphas[-1] == 0.5,
                 "Target-SFT-WRPO_constant_alpha": alphas[0] == alphas[-1] == 0.5}[name], (name, alphas)
+    for weights in ("uniform", "softmax"):  # one source response of each source model, weighted
+        rows = [json.loads(x) for x in (seed / f"wrpo_rows_k3_{weights}.jsonl").read_text().splitlines()]
+        assert rows and all(len(r["chosen"]) == 4 and sorted(r["source_model"]) == sorted(toy_fusion.SOURCES)
+                            for r in rows)
+        assert all(abs(sum(r["source_weights"]) - 1) < 1e-9 for r in rows)
+        uniform = all(r["source_weights"] == [1 / 3] * 3 for r in rows)
+        assert uniform == (weights == "uniform")
+    pairs = [json.loads(x) for x in (seed / "same_source_rows.jsonl").read_text().splitlines()]
+    assert pairs and all(0.05 <= r["scores"]["chosen"] - r["scores"]["rejected"] <= 0.5 for r in pairs)
     results = json.loads((tmp_path / "results.json").read_text())
     rewards = results["per_seed_rewards"][0]
     assert list(rewards) == models[2:] and all(set(r) == {"y_ws", "y_wt", "y_l"} for r in rewards.values())
