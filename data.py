@@ -219,8 +219,7 @@ def validate_row(row, num_sources=0):
         raise RowError("chosen must be a list of 1 (DPO) or K + 1 (WRPO: K sources, then the target) responses")
     if num_sources and len(chosen) > 1 and len(chosen) - 1 != num_sources:
         raise RowError(f"chosen has {len(chosen) - 1} source response(s) before the target; num_sources is "
-                       f"{num_sources}", hint="every WRPO row needs num_sources sources: pass --num_sources=0 to allow"
-                                               " any number")
+                       f"{num_sources}", hint="--num_sources=0 takes rows of any number of sources")
     if not isinstance(rejected, list) or len(rejected) != 1:
         raise RowError("rejected must be a list of exactly 1 response")
     texts = [_content(m, "chosen", i, "assistant") for i, m in enumerate(chosen)]
@@ -230,16 +229,15 @@ def validate_row(row, num_sources=0):
 
 
 def source_weights(weights, k, wrpo):
-    """The K source responses' weights: uniform when not given; else K numbers >= 0 that sum to 1."""
+    """The K source responses' weights: uniform when not given; else K numbers in [0, 1] that sum to 1."""
     if weights is None:
         return [1 / k] * k
     if not wrpo:
         raise RowError("source_weights given, but a row with one chosen response (DPO) has no source response")
-    if not isinstance(weights, list) or len(weights) != k:
-        raise RowError(f"source_weights must be a list of {k} numbers, one per source response (chosen holds {k} "
-                       f"before the target), got {json.dumps(weights)[:80]}")
-    if not all(type(w) in (int, float) and 0 <= w <= 1 for w in weights):  # (not NaN, nor a bool)
-        raise RowError(f"source_weights must be numbers in [0, 1], got {json.dumps(weights)[:80]}")
+    if not isinstance(weights, list) or len(weights) != k or not all(type(w) in (int, float) and 0 <= w <= 1
+                                                                     for w in weights):  # (not NaN, nor a bool)
+        raise RowError(f"source_weights must be a list of {k} numbers in [0, 1], one per source response before the "
+                       f"target, got {json.dumps(weights)[:80]}")
     if abs(math.fsum(weights) - 1) > 1e-6:
         raise RowError(f"source_weights must sum to 1, they sum to {math.fsum(weights):.6g}")
     return [float(w) for w in weights]

@@ -56,7 +56,7 @@ def test_num_sources_refuses_a_row_with_another_k(tmp_path, tokenizer):
     assert len(data.load_preference_rows(path, tokenizer)) == 4  # 0: any K
     assert len(data.load_preference_rows(path, tokenizer, num_sources=0)) == 4
     with pytest.raises(data.DataError, match=r"k\.jsonl:3: chosen has 3 source response\(s\) before the target; "
-                                             r"num_sources is 2[\s\S]*--num_sources=0"):
+                                             r"num_sources is 2[\s\S]*--num_sources=0 takes rows"):
         data.load_preference_rows(path, tokenizer, num_sources=2)
 
 
