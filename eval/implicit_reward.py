@@ -33,6 +33,8 @@ def parse_args(argv):
     ap.add_argument("--max_tokens_per_micro_batch", type=int, default=0,
                     help="tokens per forward pass and rank, rows packed with shared prompts (0: 3 x max_length)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--length_normalize", action="store_true",
+                    help="log-probs averaged over response tokens, as a run with --length_normalize trained")
     ap.add_argument("--out", default="", help="also write the metrics here (JSON)")
     ap.add_argument("--trust_remote_code", action="store_true", help="run code shipped with the models")
     ap.add_argument("--allow_special_tokens", action="store_true",
@@ -66,7 +68,7 @@ def main(argv):
     # the objective, the batching and the model setup as in training: WRPO's own settings
     cfg = wrpo.Config(beta=args.beta, alpha=args.alpha, max_tokens_per_micro_batch=args.max_tokens_per_micro_batch,
                       dtype=args.dtype, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
-                      max_prompt_length=args.max_prompt_length)
+                      max_prompt_length=args.max_prompt_length, length_normalize=args.length_normalize)
     attn, shared_prompt, varlen = resolve_attention(cfg, paths[0], device)  # this model's, as training resolves it
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(rank, world, device, mesh, None, paths[0], tokenizer, pad_id, attn=attn, shared_prompt=shared_prompt,
@@ -79,7 +81,7 @@ def main(argv):
            f"margin {m['rewards/margins']:.4g} (beta {args.beta})")
     if args.out and is_master():
         summary = {"model": args.model, "ref_model": args.ref_model, "data": args.data, "rows": len(rows),
-                   "beta": args.beta, "alpha": args.alpha, **m}
+                   "beta": args.beta, "alpha": args.alpha, "length_normalize": args.length_normalize, **m}
         try:
             write_output(args.out, json.dumps(summary, indent=1) + "\n")
         except OSError as e:  # e.g. a read-only folder

@@ -154,12 +154,15 @@ def test_every_layout_gives_the_same_weighted_logps_at_any_k(tmp_path, tokenizer
     lines = k_source_rows(7, [1, 2, 3])
     lines[6]["chosen"] = lines[6]["chosen"][-1:]
     lines[6].pop("source_weights", None)
-    rows = list(data.load_preference_rows(write_rows(tmp_path / "k.jsonl", lines), tokenizer))
-    out = {}
+    table = data.load_preference_rows(write_rows(tmp_path / "k.jsonl", lines), tokenizer)
+    rows, out = list(table), {}
     with torch.no_grad():
         for packed, shared in ((False, False), (True, False), (True, True)):
             batch = batching.collate_preference(rows, tokenizer.pad_token_id, packed, shared)
             assert batch["src"].shape == (7, 3)
+            if shared:  # each prompt once for its K + 2 responses (each later response repeats its last token)
+                n = sum(len(r.prompt_ids) + sum(map(len, r.responses)) + len(r.responses) - 1 for r in rows)
+                assert int((batch["segments"] >= 0).sum()) == n == sum(batching.row_lengths(table, True))
             out[packed, shared] = wrpo.row_logps(demo_policy, batch)
         for (packed, shared), got in out.items():
             torch.testing.assert_close(got, out[False, False], atol=1e-5, rtol=0)
@@ -203,19 +206,29 @@ def test_k_sources_train_the_same_packed_on_two_ranks_as_padded_on_one(tmp_path,
 @pytest.mark.slow
 def test_length_normalised_reference_is_cached_under_its_own_key(tmp_path):
     """A precomputed length-normalised reference gives the live one's losses; a run without length_normalize does not
-    read that cache."""
+    read that cache; eval.implicit_reward --length_normalize gives the run's own held-out metrics."""
     common = ["--config=demo/wrpo.json", "--eval_data=", "--max_steps=3", "--global_batch_size=8", "--lr=1e-3",
               "--beta=10", "--dtype=float32", f"--ref_cache_dir={tmp_path}", f"--data_cache_dir={tmp_path}"]
     losses = {}
-    for name, extra in (("precompute", ["--length_normalize"]), ("live", ["--length_normalize", "--ref_logps=live"]),
-                        ("summed", [])):
+    heldout = ["--eval_data=demo/data/heldout.jsonl", "--save_dtype=float32"]
+    for name, extra in (("precompute", ["--length_normalize", *heldout]),
+                        ("live", ["--length_normalize", "--ref_logps=live"]), ("summed", [])):
         stdout = torchrun(1, REPO / "wrpo.py", *common, *extra, f"--out_dir={tmp_path / name}")
         if name == "summed":
             assert "(cached)" not in stdout.split("reference log-probs:")[-1].splitlines()[0]
-        losses[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+        losses[name] = [r["loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "lr" in r]
     assert losses["precompute"] == pytest.approx(losses["live"], abs=1e-6)
     assert losses["precompute"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert losses["summed"][1:] != pytest.approx(losses["precompute"][1:], abs=1e-3)  # another objective
+    final = read_jsonl(tmp_path / "precompute" / "metrics.jsonl")[-1]
+    torchrun(1, "-m", "eval.implicit_reward", f"--model={tmp_path / 'precompute' / 'final'}",
+             f"--ref_model={DEMO_MODEL}", "--data=demo/data/heldout.jsonl", "--beta=10", "--alpha=0.1",
+             "--dtype=float32", "--max_length=128", "--max_prompt_length=96", "--length_normalize",
+             f"--out={tmp_path / 'ir.json'}")
+    got = json.loads((tmp_path / "ir.json").read_text())
+    assert got["length_normalize"] and got["rewards/accuracies"] != 0.5
+    for k in ("rewards/accuracies", "rewards/source_accuracies", "rewards/margins", "loss"):
+        assert got[k] == pytest.approx(final[f"eval/{k}"], abs=1e-5), k
 
 
 @pytest.mark.slow
@@ -247,3 +260,19 @@ def test_wandb_offline_gets_the_rows_and_settings_on_rank_0_and_a_resume_continu
     assert [r["step"] for r in resumed if "lr" in r] == [1, 2, 3, 4] and first_again == first
     for row in resumed[2:]:
         assert json.dumps(row["loss"]).encode() in second
+
+
+def test_wandb_is_imported_only_when_set_and_its_absence_is_a_settings_problem(monkeypatch):
+    import importlib.util
+    import subprocess
+    import sys
+
+    code = ("import sys, sft, wrpo, training; wrpo.wrpo_problems(wrpo.Config()); "
+            "training.config_problems(wrpo.Config(), 1); assert 'wandb' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    import training
+
+    assert not any("wandb" in p for p in training.config_problems(wrpo.Config(wandb_project="p"), 1))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "wandb_project needs wandb, which is not installed (pip install wandb)" in training.config_problems(
+        wrpo.Config(wandb_project="p"), 1)
