@@ -35,11 +35,9 @@ def init_distributed():
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if "RANK" in os.environ:
-            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        else:
-            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():  # under torchrun, from its environment; else a world of one, its store in memory
+        alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda and not alone else None, **alone)
     world = dist.get_world_size()
     return dist.get_rank(), world, device, init_device_mesh(device.type, (world,))
 
@@ -157,9 +155,11 @@ def load_sharded_weights(model, path):
                 continue  # shares storage with the embedding, filled through it
             raise KeyError(f"{path}: checkpoint has no tensor '{name}'")
         src = handles[files[name]].get_slice(name)
-        if isinstance(param, DTensor):
-            start, end = _shard_rows(param)
-            if end > start:
+        if isinstance(param, DTensor):  # this rank's rows of dim 0, which FSDP2 shards like torch.chunk
+            assert all(isinstance(p, Shard) and p.dim == 0 for p in param.placements), param.placements
+            rows, chunk = param.shape[0], math.ceil(param.shape[0] / param.device_mesh.size())
+            start = min(param.device_mesh.get_local_rank() * chunk, rows)
+            if (end := min(start + chunk, rows)) > start:
                 param.to_local().copy_(src[start:end])
         else:
             param.copy_(src[:])
@@ -179,19 +179,9 @@ def _checkpoint_tensors(path):
         return {name: single for name in f.keys()}
 
 
-def _shard_rows(dtensor):
-    """Row range [start, end) of dim 0 held by this rank (FSDP2 shards dim 0 like torch.chunk)."""
-    assert all(isinstance(p, Shard) and p.dim == 0 for p in dtensor.placements), dtensor.placements
-    mesh, rows = dtensor.device_mesh, dtensor.shape[0]
-    chunk = math.ceil(rows / mesh.size())
-    start = min(mesh.get_local_rank() * chunk, rows)
-    return start, min(start + chunk, rows)
-
-
 @torch.no_grad()
 def _init_nonpersistent_buffers(model):
-    """Recompute the buffers no checkpoint holds, which `to_empty` left uninitialised: rotary inverse frequencies, and
-    the scale of Gemma's scaled word embeddings (sqrt(hidden size))."""
+    """Recompute the buffers no checkpoint holds, left uninitialised by `to_empty`: rotary and Gemma's embed_scale."""
     for module in model.modules():
         names = getattr(module, "_non_persistent_buffers_set", set())
         if names and "RotaryEmbedding" in type(module).__name__:
@@ -231,10 +221,17 @@ def loading_problem(path, trust_remote_code=False):
         found = f" (it has {', '.join(pickles[:3])}: pickled weights, never loaded here)" if pickles else ""
         return (f"{path} has no safetensors weights (model.safetensors or model.safetensors.index.json){found}; "
                 "convert them to safetensors where you trust the files")
-    try:
-        return next(filter(None, (safetensors_problem(path / name) for name in weight_files(path))), None)
-    except ValueError as e:
+    try:  # each weight file whole: safetensors' reader checks its header against its size (here, not as it loads)
+        for file in (path / name for name in weight_files(path)):
+            if not file.is_file():
+                return f"{file} is missing (or not a regular file)"
+            with safe_open(file, framework="np"):
+                pass
+    except (OSError, SafetensorError) as e:
+        return f"{file} is not a whole safetensors file ({getattr(e, 'strerror', None) or e})"
+    except ValueError as e:  # an unreadable index, or one that maps tensors to a pickle
         return str(e)
+    return None
 
 
 def weight_files(path):
@@ -257,18 +254,6 @@ def _weight_map(index):
     return weight_map
 
 
-def safetensors_problem(file):
-    """Why `file` is not a whole safetensors file, or None: safetensors' own reader checks its header against its
-    size (a truncated file fails here, not as the model loads)."""
-    if not file.is_file():
-        return f"{file} is missing (or not a regular file)"
-    try:
-        with safe_open(file, framework="np"):
-            return None
-    except (OSError, SafetensorError) as e:
-        return f"{file} is not a whole safetensors file ({getattr(e, 'strerror', None) or e})"
-
-
 def resolve_model_path(path):
     """A local folder as is; otherwise download the hub snapshot's safetensors and configs."""
     if os.path.isdir(path):
@@ -278,8 +263,7 @@ def resolve_model_path(path):
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # never pickled *.bin weights
-    try:
-        # the first rank of each node downloads into the node's cache; the others then find it there
+    try:  # the first rank of each node downloads into the node's cache; the others then find it there
         if is_local_master():
             snapshot_download(path, allow_patterns=patterns)
         if dist.is_initialized():
