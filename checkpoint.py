@@ -43,8 +43,7 @@ class RunFinished(Exception):
 
 
 class SaveError(RuntimeError):
-    """A checkpoint or the final weights could not be written (e.g. the disk is full); the partial folder is gone
-    and older checkpoints are untouched. Raised on every rank."""
+    """A save failed (a full disk, say): its partial folder is gone, older checkpoints are untouched. On every rank."""
 
 
 # --- save and resume
@@ -123,10 +122,9 @@ def find_resume(resume, out_dir):
 
 
 def resume_state(run, cfg, free, fingerprint, eval_fingerprint):
-    """The trainer state of the checkpoint run.resume_from (None: a fresh run), unless a setting that decides the run's
-    math (any field of cfg not in `free`), the data's fingerprint or a model's weights (run.weights: {setting:
-    model_identity}) changed: then refused, naming each. Another held-out set may come in: the state has no
-    "eval_before" then (it was another set's). Reads JSON only."""
+    """The trainer state of the checkpoint run.resume_from (None: a fresh run), refused, naming each, if a setting that
+    decides the run's math (a field of cfg not in `free`), the data's fingerprint or a model's weights (run.weights)
+    changed. Another held-out set may come in: the state then has no "eval_before" (it was another set's)."""
     folder, config, weights = run.resume_from, dataclasses.asdict(cfg), run.weights  # (weights: collective)
     if folder is None:
         return None
@@ -152,12 +150,11 @@ def resume_state(run, cfg, free, fingerprint, eval_fingerprint):
 
 
 def restore(run, policy, optimizer, state):
-    """Load the checkpoint run.resume_from (its trainer `state`): weights, optimizer state, random generators.
-    Returns its step and skipped steps, or (0, 0) for a fresh run (state None). Collective."""
+    """Collective: load run.resume_from (trainer `state`: None for a fresh run) into the weights, the optimizer state
+    and the random generators; returns its step and skipped steps, or (0, 0)."""
     if state is None:
         return 0, 0
-    model_state, optim_state = get_state_dict(policy, optimizer)  # the shapes to fill, resharded to this world size
-    loaded = {"model": model_state, "optim": optim_state}
+    loaded = dict(zip(("model", "optim"), get_state_dict(policy, optimizer)))  # the shapes to fill, for this world size
     try:
         dcp.load(loaded, checkpoint_id=str(run.resume_from / "state"))
     except CheckpointException as e:
@@ -180,14 +177,12 @@ def export_settings(run, cfg, step):
 
 
 def save_state(model, optimizer, folder):
-    """The fp32 master weights and AdamW state, each rank writing its own shards into `folder` (they load on any
-    number of ranks, resharded). Collective."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    """Collective: the fp32 master weights and AdamW state, a shard per rank into `folder` (loadable on any world)."""
     writer = dcp.FileSystemWriter(folder)
     if type(getattr(writer, "fs", None)) is FileSystem:  # (another torch may write through something else)
         writer.fs = _ErrorKeepingFileSystem()
     try:
-        dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer)
+        dcp.save(dict(zip(("model", "optim"), get_state_dict(model, optimizer))), storage_writer=writer)
     except (Exception, CheckpointException) as e:  # (CheckpointException is a BaseException)
         if error := getattr(writer.fs, "error", None):  # torch.save's writer turns a full disk into "unexpected
             raise error from e  # pos": the OSError it met says what happened
@@ -196,8 +191,6 @@ def save_state(model, optimizer, folder):
 
 class _ErrorKeepingFileSystem(FileSystem):
     """torch.distributed.checkpoint's local file system, whose files keep the OSError a write met in `error`."""
-
-    error = None
 
     @contextmanager
     def create_stream(self, path, mode):
@@ -278,8 +271,7 @@ def read_state(folder):
 
 
 def checkpoint_problem(folder):
-    """None for a complete checkpoint folder (its state file sound, every file there at its size), else why not.
-    Quick: reads no weights (usable checks their content)."""
+    """None for a complete checkpoint folder (its state file sound, every file at its size), else why not: quick."""
     if not (Path(folder) / STATE_FILE).is_file():
         return f"no {STATE_FILE} (the save did not finish)"
     try:
@@ -326,9 +318,8 @@ def file_crcs(folder, names):
 
 
 def model_identity(path):
-    """What names the model in folder `path`, whatever its path: {file: "SIZE:CRC-32"} of its weight files and its
-    config.json, so that a resume (or eval.generate's) notices a model replaced under the same path. Collective: the
-    ranks share the reading."""
+    """{file: "SIZE:CRC-32"} of the weight files and config.json of model folder `path`: what names the model whatever
+    its path, so that a resume (or eval.generate's) notices another model under it. Collective: a shared reading."""
     names = weight_files(path) + (["config.json"] if (Path(path) / "config.json").is_file() else [])
     crcs = file_crcs(path, names)
     return {name: f"{(Path(path) / name).stat().st_size}:{crcs[name]}" for name in names}

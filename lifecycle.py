@@ -62,9 +62,8 @@ class Run:
 
 
 def start_run(cfg, problems=(), other_models=None):
-    """Process group, settings, out_dir (locked), the checkpoint to resume, the models (cfg.model, and other_models:
-    {setting: model}), the attention, the tokenizer: every user error surfaces here in seconds, before any data is read
-    or file written."""
+    """Process group, settings, out_dir (locked), checkpoint to resume, models (cfg.model, other_models: {setting:
+    model}), attention, tokenizer: every user error surfaces here in seconds, before data is read or a file written."""
     rank, world, device, mesh = init_distributed()
     exit_with_launcher()
     problems = list(problems) + config_problems(cfg, world) + unavailable(cfg, device)
@@ -108,9 +107,8 @@ def start_run(cfg, problems=(), other_models=None):
 
 
 def unavailable(cfg, device):
-    """The implementations asked for that cannot run here, each naming what can: checked at start, where they failed
-    when the model loaded (flash_attention_2 on CPU), at its first compile (flex_attention has no CPU backward) or at
-    the first step (triton without a GPU)."""
+    """The implementations asked for that cannot run here, each naming what can: caught at start, not as the model loads
+    (flash_attention_2 on CPU), compiles (flex_attention has no CPU backward) or steps (triton without a GPU)."""
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_triton_available
 
     problems, attn, here = [], cfg.attn_implementation, "a GPU" if device.type == "cuda" else device.type.upper()
@@ -129,8 +127,7 @@ def unavailable(cfg, device):
 
 def resolve_attention(cfg, model_path, device):
     """(the attn_implementation to load, whether responses share their prompt, whether packed batches take the flash
-    varlen path): "auto" made this model's; shared prompts need packing and packed_sdpa; varlen needs packed_sdpa in
-    half precision and a kernel that passes its self-check. Says why in one line where what was asked is not run."""
+    varlen path), "auto" made this model's. Says why in one line where what was asked is not run."""
     from transformers import AutoConfig
 
     attention.register()
@@ -147,10 +144,9 @@ def resolve_attention(cfg, model_path, device):
 
 
 def write_run_config(run, cfg):
-    """config.json: the run's settings, once the data has validated. --overwrite drops the old run's checkpoints here
-    (step ones and final/), so that --resume=auto can never pick one of them up."""
+    """config.json: the run's settings, once the data has validated; --overwrite drops the old run's checkpoints."""
     def write():
-        if cfg.overwrite:  # and final/: a rerun with --resume=auto must not take the old run for finished
+        if cfg.overwrite:  # step ones and final/: a rerun with --resume=auto must take up none of them
             for folder in [f for _, f in step_checkpoints(run.out_dir)] + [run.out_dir / "final"]:
                 shutil.rmtree(folder, ignore_errors=True)
         try:
@@ -207,16 +203,13 @@ def _lock(path):
 def lock_lost():
     """Why this process's out_dir lock no longer guards out_dir, or None: its file was removed or replaced (rm
     run.lock), so that a second run may be starting in out_dir. Checked every step (stop_requested)."""
-    for path, f in _locks.items():
-        if _same_file(path, f) is False:
-            return (f"{path} was removed or replaced while this run held it: another run may be writing into "
-                    f"{Path(path).parent}; stopped without saving (resume later from its newest checkpoint)")
-    return None
+    return next((f"{path} was removed or replaced while this run held it: another run may be writing into "
+                 f"{Path(path).parent}; stopped without saving (resume later from its newest checkpoint)"
+                 for path, f in _locks.items() if _same_file(path, f) is False), None)
 
 
 def _same_file(path, f):
-    """Whether `path` is still the open file f: True, False (gone or another), or None (a file system without
-    inode numbers to tell)."""
+    """Whether `path` is still the open file f: True, False (gone or another), or None (no inode numbers to tell)."""
     try:
         st, mine = os.stat(path), os.fstat(f.fileno())
     except (FileNotFoundError, NotADirectoryError):
@@ -260,17 +253,16 @@ def check_free_space(out_dir, model_path, cfg):
         params = count_parameters(model_path)
     except Exception as e:  # no safetensors files, or a damaged header: say so before any data is read
         raise ConfigError(f"model error: {model_path}: cannot read its safetensors weights ({e})") from None
-    save_bytes = DTYPES[cfg.save_dtype].itemsize
-    # resumable state: fp32 master weights and AdamW's two fp32 moments; plus the HF weights
-    checkpoint = params * (12 + save_bytes)
-    need = checkpoint + params * save_bytes  # one checkpoint (at least on SIGTERM) and final/
+    final = params * DTYPES[cfg.save_dtype].itemsize  # the HF weights
+    checkpoint = params * 12 + final  # and the resumable state: fp32 master weights and AdamW's two fp32 moments
+    need = checkpoint + final  # one checkpoint (at least on SIGTERM) and final/
     free = shutil.disk_usage(out_dir).free
     if free < need:
         raise ConfigError(f"out_dir {out_dir} has {human_bytes(free)} free; this model ({params / 1e6:.1f}M "
                           f"parameters) needs about {human_bytes(need)}: one resumable checkpoint "
                           f"({human_bytes(checkpoint)}: fp32 weights and AdamW state, and {cfg.save_dtype} weights) "
                           "and the final weights")
-    if cfg.save_every and cfg.keep_last and free < (cfg.keep_last + 1) * checkpoint + params * save_bytes:
+    if cfg.save_every and cfg.keep_last and free < (cfg.keep_last + 1) * checkpoint + final:
         print0(f"warning: out_dir {out_dir} has {human_bytes(free)} free; keep_last={cfg.keep_last} "
                f"checkpoints of {human_bytes(checkpoint)} each may not fit")
 
