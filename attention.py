@@ -8,9 +8,8 @@ at p > 0 continues its group, attending to the group's first p tokens too. That 
 (batching.row_sequences): [prompt, y1, prompt[-1], y2, prompt[-1], y3], y2 and y3 restarting at len(prompt) - 1.
 
 On CUDA in fp16/bf16, one flash varlen call per layer takes the whole micro-batch (its layout built by collate:
-batching.varlen_layout; `use_varlen` decides, after a self-check); otherwise causal sdpa runs on each sequence.
-
-No attention mask is used: rows carry their padding at the end, as this project's batches do."""
+batching.varlen_layout; `use_varlen` decides, after a self-check); otherwise causal sdpa runs on each sequence. No
+attention mask is used: rows carry their padding at the end, as this project's batches do."""
 
 import weakref
 
@@ -33,8 +32,7 @@ _use_varlen = {}  # device -> use_varlen's answer, decided once per process
 # --- varlen: one flash-attention call over all the micro-batch's sequences
 
 def _varlen_accepts(query):
-    """Whether the flash kernel takes these inputs: CUDA, half precision, head dims a multiple of 8 up to 256. (Tests
-    substitute one that takes CPU fp32 for their emulated kernel.)"""
+    """Whether the flash kernel takes these inputs: CUDA, fp16/bf16, head dims a multiple of 8, <= 256 (tests patch)."""
     D = query.shape[-1]
     return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
 
@@ -44,8 +42,7 @@ def _varlen_sdpa(query, key, value, scaling, layout):
     B, H, T, D = query.shape
     q = query.transpose(1, 2).reshape(B * T, H, D)  # the rows as one stream of tokens
     k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (key, value))
-    index = layout.get("varlen_k_index")
-    if index is not None:  # a prompt's keys, once more in front of each continuation of it
+    if (index := layout.get("varlen_k_index")) is not None:  # a prompt's keys, again before each continuation
         k, v = k.index_select(0, index), v.index_select(0, index)
     # window (-1, 0) is causal, aligned bottom-right where a range has more keys than queries: query j of a
     # continuation sees the p prefix keys and its own keys up to j
@@ -120,9 +117,8 @@ def varlen_self_check(device):
 def _check_against_per_sequence(device, dtype):
     """The varlen path in `dtype` against the per-sequence path in fp32 (outputs, q, k, v gradients): within 4x the
     per-sequence path's own error in `dtype` + 1e-2. bf16 moves these O(1) values by ~1e-2, a wrong layout by O(1)."""
-    row0 = list(range(12)) + list(range(7, 12)) + list(range(7, 11)) + list(range(3))  # 2 continuations, padding
-    row1 = list(range(15)) + list(range(9))
-    position_ids = torch.tensor([row0, row1])
+    # row 0: a group, 2 continuations of it, then padding; row 1: two groups
+    position_ids = torch.tensor([[*range(12), *range(7, 12), *range(7, 11), *range(3)], [*range(15), *range(9)]])
     layout = {k: v.to(device) if torch.is_tensor(v) else v for k, v in varlen_layout(position_ids).items()}
     (R, T), H, Hkv, D = position_ids.shape, 4, 2, 64
     g = torch.Generator().manual_seed(0)  # a generator of its own: the caller's random stream stays as it was
@@ -137,8 +133,7 @@ def _check_against_per_sequence(device, dtype):
         return [out.float()] + [x.grad.float() for x in leaves]
 
     per_sequence = lambda q, k, v: _per_sequence_sdpa(q, k, v, position_ids.to(device), D**-0.5, 0.0)  # noqa: E731
-    want = run(per_sequence, torch.float32)
-    baseline = run(per_sequence, dtype)
+    want, baseline = run(per_sequence, torch.float32), run(per_sequence, dtype)
     got = run(lambda q, k, v: _varlen_sdpa(q, k, v, D**-0.5, layout), dtype)
     for name, a, b, base in zip(("output", "query grad", "key grad", "value grad"), got, want, baseline):
         err, tol = (a - b).abs().max().item(), 4 * (base - b).abs().max().item() + 1e-2
@@ -148,8 +143,7 @@ def _check_against_per_sequence(device, dtype):
 
 
 def use_varlen(device):
-    """Whether batches on `device` should carry varlen_layout's entries: on CUDA when the self-check passes. Decided
-    once per process, with one line saying which path attention takes."""
+    """Whether batches on `device` carry varlen_layout's entries: CUDA, and the self-check passed (once per process)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
@@ -179,8 +173,7 @@ def known(name):
 
 def choose(name, config, max_length):
     """(the attn_implementation to load, a line saying why, or "" when it is the one asked). "auto": packed_sdpa where
-    the model takes it (no soft-capped attention logits as Gemma-2's, no sliding window under max_length, sdpa-style
-    attention), else sdpa or eager, under which packing stays exact too (masked by position ids)."""
+    the model takes it, else sdpa or eager, under which packing stays exact too (masked by position ids)."""
     from transformers import AutoModelForCausalLM
 
     if name != "auto":

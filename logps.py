@@ -12,6 +12,7 @@ fp32 and the readable path keeps several such tensors for backward. `token_logps
 matmul. Sequence log-probs are the per-token values SUMMED."""
 
 import types
+from contextlib import suppress
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +24,8 @@ POISON = False  # tests set it: outputs start as NaN, so an element that is neve
 
 
 def new_output(shape, dtype, device):
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON else out
 
 
 # --- the three implementations: hidden [N, H], weight [V, H], labels [N] -> log p(labels) [N] fp32
@@ -77,11 +77,10 @@ def naive_logps(hidden, weight, labels, chunk=None, head=PLAIN):  # chunk: unuse
 
 
 class ChunkedLogps(torch.autograd.Function):
-    """log p(labels), walking the vocabulary in chunks; logits are recomputed in backward, not stored. Forward: an
-    online log-sum-exp over the chunks, and the target logit from the chunk that holds it. Backward: with z = h W^T,
-    p = softmax(z) and upstream grad g, dz = g (onehot(y) - p); each chunk of columns gives its rows of grad_W = dz^T
-    h in one matmul and adds dz W to grad_h. One chunk spanning the vocabulary (few tokens) keeps its logits. A
-    Head's bias, scale and soft-cap apply to each chunk's logits, and their derivatives to its dz."""
+    """Forward: an online log-sum-exp over chunks of the vocabulary, and the target logit from the chunk that holds it.
+    Backward: with z = h W^T, p = softmax(z) and upstream grad g, dz = g (onehot(y) - p); each chunk's logits are
+    recomputed (kept when one chunk spans the vocabulary) and give its rows of grad_W = dz^T h in one matmul and dz W
+    to grad_h. A Head's bias, scale and soft-cap apply to each chunk's logits, and their derivatives to its dz."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk=None, lse_target=None, head=PLAIN, bias=None):
@@ -108,8 +107,7 @@ class ChunkedLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, labels, lse, kept = ctx.saved_tensors
-        head = ctx.head
+        (hidden, weight, labels, lse, kept), head = ctx.saved_tensors, ctx.head
         g = grad.to(lse.dtype)
         grad_h = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device)
         grad_w = new_output(weight.shape, weight.dtype, weight.device)
@@ -141,8 +139,7 @@ def triton_logps(hidden, weight, labels, chunk=None, head=PLAIN):
         return chunked_logps(hidden, weight, labels, chunk, head)
     from triton_logps import lse_and_target
 
-    lse = new_output((hidden.shape[0],), torch.float32, hidden.device)
-    target = new_output((hidden.shape[0],), torch.float32, hidden.device)
+    lse, target = (new_output((hidden.shape[0],), torch.float32, hidden.device) for _ in range(2))
     lse_and_target(hidden, weight, labels, lse, target)
     return ChunkedLogps.apply(hidden, weight, labels, chunk, (lse, target))
 
@@ -151,12 +148,9 @@ def resolve_impl(impl, device):
     if impl not in IMPLS:
         raise ValueError(f"logps_impl must be one of {', '.join(IMPLS)}, got '{impl}'")
     if impl == "auto" and device.type == "cuda":
-        try:
+        with suppress(ImportError):
             import triton  # noqa: F401
-
             return "triton"
-        except ImportError:
-            pass
     return "chunked" if impl == "auto" else impl
 
 
@@ -194,8 +188,7 @@ def attach_label_logps(model, impl="auto"):
         # attention_kwargs (batching.varlen_layout's entries) travel through the decoder to its attention function
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                       **attention_kwargs)
-        head = model_head(self)
-        if head is None:
+        if (head := model_head(self)) is None:
             return logits_token_logps(self(**kwargs).logits, labels)
         hidden = self.model(**kwargs).last_hidden_state
         return token_logps(hidden[:, :-1], self.lm_head.weight, labels[:, 1:], impl=impl, head=head)

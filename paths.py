@@ -9,10 +9,9 @@ BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which some editors write first
 
 
 def path_clash(outputs, inputs):
-    """Why writing `outputs` (files or folders) could destroy or feed on `inputs`, or None: an output that is an input
-    (by any path: links are followed), holds one in its folder, or lies inside an input folder. Checked before any
-    work. Paths that do not exist (yet) compare by their resolved names; one that names no file (a NUL byte in it)
-    clashes with nothing: its own checks refuse it."""
+    """Why writing `outputs` (files or folders) could destroy or feed on `inputs`, or None; checked before any work.
+    Links are followed; paths not there (yet) compare by their resolved names, and one that names no file (a NUL byte
+    in it) clashes with nothing: its own checks refuse it."""
     def resolved(paths):
         for p in map(Path, filter(None, paths)):
             with suppress(OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
@@ -30,7 +29,6 @@ def path_clash(outputs, inputs):
 
 
 def kind(mode):
-    """What a file of st_mode `mode` is, in words ("a FIFO", ...): what a path names when it is not the file or
-    folder a script needs."""
+    """What a file of st_mode `mode` is, in words ("a FIFO", ...), for a path that is not the file or folder wanted."""
     return "a file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
         else "a socket" if stat.S_ISSOCK(mode) else "a device"

@@ -64,14 +64,12 @@ LOG_FIELDS = [("loss", "loss", ".4f"), ("lr", "lr", ".3g"), ("grad_norm", "grad 
 
 
 def load_examples(path, cfg, run):
-    """(examples, their sequences): every row of `path` read, validated and tokenized, then packed into
-    sequences of up to max_length tokens (packing) or one each; ([], []) without a path."""
+    """(examples, sequences: packed into max_length tokens, or one each) of the rows of `path`; ([], []) if none."""
     if not path:
         return [], []
     examples = load_cached(data.load_sft_examples, path, run.tokenizer, cfg.data_cache_dir, report=print0,
-                           max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation,
-                           recipe=cfg.recipe, skip_invalid=cfg.skip_invalid_rows,
-                           allow_special_tokens=cfg.allow_special_tokens)
+                           max_length=cfg.max_length, loss_on=cfg.loss_on, truncation=cfg.truncation, recipe=cfg.recipe,
+                           skip_invalid=cfg.skip_invalid_rows, allow_special_tokens=cfg.allow_special_tokens)
     if cfg.recipe == "authors":  # sequences already
         examples = concatenated(examples, cfg.max_length, path)
     return examples, (batching.pack(batching.row_lengths(examples), cfg.max_length)
