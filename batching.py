@@ -4,7 +4,7 @@ into tensors (with the varlen attention layout of a packed batch). Measured by b
 - Exact order. Each epoch is a seeded permutation; step k takes its next global_batch_size rows, rank r the r-th
   slice of them, on any number of ranks. Packing only decides how a rank's rows of a step are cut into
   micro-batches, never which rows a step has, so a resumed run sees the rows it would have seen.
-- No cropping. The packer never cuts a sequence (a row is truncated once, by the paper's rule: data.truncate); one
+- No cropping. The packer never cuts a sequence (a row is truncated once, by the paper's rule: tokens.truncate); one
   longer than a bin gets a bin of its own.
 - Fill. `pack` is best-fit decreasing: 20,000 SFT examples of UltraFeedback-like lengths (median ~450 tokens) fill
   sequences of 2048 tokens 99.8% (5,250 sequences; next-fit in shuffled order: 82.7%, 6,333). A WRPO step's 16 rows
@@ -138,10 +138,9 @@ def collate_preference(rows, pad_id, packed=False, shared_prompt=False, varlen=F
     # units: what must stay whole in a packed row, a row's (number, sequence) pairs when they share a prompt, else each
     src, src_w, wt, rej, units, n = [], [], [], [], [], 0
     k = max(len(row.source_weights) for row in rows)
-    for row in rows:
-        pad = k - len(row.source_weights)
-        src.append([n + j for j in range(len(row.source_weights))] + [n] * pad)
-        src_w.append([*row.source_weights] + [0.0] * pad)
+    for row in rows:  # (a row with fewer sources: its first again, of weight 0)
+        src.append([n + j for j in range(len(row.source_weights))] + [n] * (k - len(row.source_weights)))
+        src_w.append([*row.source_weights] + [0.0] * (k - len(row.source_weights)))
         wt.append(n + row.n_chosen - 1)
         rej.append(n + row.n_chosen)
         seqs = list(enumerate(row_sequences(row, shared_prompt), n))

@@ -163,11 +163,9 @@ def _content(msg, field, i, want_role):
     elif isinstance(msg, dict):
         if "content" not in msg:
             raise RowError(f"{field}[{i}] has no 'content'")
-        role = msg.get("role", want_role)
-        if role != want_role:
+        if (role := msg.get("role", want_role)) != want_role:
             raise RowError(f"{field}[{i}] has role '{role}', expected '{want_role}'")
-        text = msg["content"]
-        if not isinstance(text, str):
+        if not isinstance(text := msg["content"], str):
             raise RowError(f"{field}[{i}].content must be a string, got {type(text).__name__}")
     else:
         raise RowError(f"{field}[{i}] must be a message dict or a string, got {type(msg).__name__}")
@@ -371,17 +369,6 @@ def encode_chat(tokenizer, messages, end):
     return ids, mask
 
 
-def truncate(prompt, responses, max_length, max_prompt_length):
-    """The reference code's rule, joint over the row's responses: if prompt + the longest response exceeds max_length,
-    keep the last max_prompt_length prompt tokens; if still too long, cut each response to the rest."""
-    longest = max(len(r) for r in responses)
-    if len(prompt) + longest > max_length:
-        prompt = prompt[-max_prompt_length:]
-    if len(prompt) + longest > max_length:
-        responses = [r[: max_length - max_prompt_length] for r in responses]
-    return prompt, responses
-
-
 # --- every row of a file, as TokenRows
 
 def settings_problems(kind, max_length, truncation, max_prompt_length=0, loss_on="assistant", recipe="default",
@@ -405,7 +392,7 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
                          recipe="default", num_sources=0, skip_invalid=False, allow_special_tokens=False,
                          report=print, hint=SKIP_HINT):
     """Every row of `path` read, validated and tokenized as TokenRows of PreferenceRows (convert_all); truncation
-    "keep_end": the paper's rule (`truncate`), "error": a bad row. So is text holding a special-token string."""
+    "keep_end": the paper's rule (tokens.truncate), "error": a bad row. So is text holding a special-token string."""
     if problems := settings_problems("preference", max_length, truncation, max_prompt_length, recipe=recipe,
                                      tokenizer=tokenizer):
         raise DataError("; ".join(problems))
@@ -420,7 +407,7 @@ def load_preference_rows(path, tokenizer, *, max_length=2048, max_prompt_length=
         length = len(prompt) + max(len(r) for r in responses)
         if truncation == "error" and length > max_length:
             raise RowError(f"prompt + longest response is {length} tokens, over max_length {max_length}")
-        prompt, responses = truncate(prompt, responses, max_length, max_prompt_length)
+        prompt, responses = tokens.truncate(prompt, responses, max_length, max_prompt_length)
         return PreferenceRow(prompt, responses, n_chosen, where, prompt_id, weights)
 
     return convert_all(path, convert, "preference", skip_invalid, report, hint)

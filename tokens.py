@@ -1,6 +1,6 @@
-"""The token table (TokenRows: a data file's tokenized rows in flat arrays, about 4 bytes per token where Python lists
-of ints take 25-45) and `cached`, the one procedure of both caches: the tokenized rows (training.load_cached) and the
-reference log-probs (wrpo.load_reference)."""
+"""Tokenized rows (a preference row's truncation, by the paper's rule), the token table (TokenRows: a data file's rows
+in flat arrays, about 4 bytes per token where Python lists of ints take 25-45) and `cached`, the one procedure of both
+caches: the tokenized rows (training.load_cached) and the reference log-probs (wrpo.load_reference)."""
 
 import hashlib
 import json
@@ -38,6 +38,17 @@ class Sequence:
     labels: list  # ids where the loss applies, IGNORE elsewhere (always IGNORE at position 0)
     where: str
     start: int = 0  # position id of the first token (> 0: continues a shared prompt, see attention.py)
+
+
+def truncate(prompt, responses, max_length, max_prompt_length):
+    """The reference code's rule, joint over the row's responses: if prompt + the longest response exceeds max_length,
+    keep the last max_prompt_length prompt tokens; if still too long, cut each response to the rest."""
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longest > max_length:
+        responses = [r[: max_length - max_prompt_length] for r in responses]
+    return prompt, responses
 
 
 # --- the token table

@@ -43,7 +43,7 @@ class Config(TrainConfig):
     alpha_schedule: str = "linear"  # linear: 0 -> alpha over the run; constant: alpha throughout
     loss_type: str = "sigmoid"  # sigmoid (DPO-style, the paper's), ipo, simpo (no reference; set beta ~2, gamma)
     gamma: float = 0.0  # SimPO's target reward margin
-    length_normalize: bool = False  # sigmoid, ipo: log-probs averaged over response tokens (FuseChat-3.0's Llama)
+    length_normalize: bool = False  # log-probs averaged over response tokens (FuseChat-3.0's Llama; simpo's always)
     lr: float = 3e-7  # peak learning rate (AdamW)
     # sequences (global_batch_size counts rows; each row is 3 sequences)
     packing: bool = True  # all sequences of a micro-batch in one row, no padding; micro-batches by token budget
@@ -64,8 +64,6 @@ def wrpo_problems(cfg):
               (cfg.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, got '{cfg.loss_type}'"),
               (cfg.gamma >= 0, f"gamma must be >= 0, got {cfg.gamma}"),
               (cfg.num_sources >= 0, f"num_sources must be >= 0 (0: any), got {cfg.num_sources}"),
-              (not (cfg.length_normalize and cfg.loss_type == "simpo"), "length_normalize is for sigmoid and ipo: "
-               "simpo always averages the log-probs"),
               (cfg.ref_logps in ("precompute", "live"),
                f"ref_logps must be 'precompute' or 'live', got '{cfg.ref_logps}'"),
               (cfg.max_tokens_per_micro_batch >= 0,
@@ -129,28 +127,29 @@ def get_alpha(step, total_steps, alpha, schedule, recipe="default"):
 
 # --- one micro-batch: log-probs, the loss, metrics
 
-def row_logps(model, batch, average=False):
+def row_logps(model, batch, cfg):
     """Log-probs of each row's (source chosen, target chosen, rejected) responses [B, 3], summed over response tokens,
-    or with average=True (SimPO, length_normalize) divided by their count. The source's is the weighted sum over the
-    row's K source responses: sum_k w_k log pi(y_ws_k|x) (K = 1: the one response's, bit for bit)."""
+    or divided by their count (SimPO's always, sigmoid's and ipo's with length_normalize). The source's is the
+    weighted sum over the row's K source responses: sum_k w_k log pi(y_ws_k|x) (K = 1: the one's, bit for bit)."""
     logps, counts = model_sequence_logps(model, batch)
-    if average:
+    if cfg.loss_type == "simpo" or cfg.length_normalize:
         logps = logps / counts.clamp(min=1)
     source = (logps[batch["src"]] * batch["src_w"]).sum(-1)
     return torch.stack([source, logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
 
 
-def averaged(cfg):
-    """Whether log-probs are averaged over response tokens: SimPO's, and sigmoid's and ipo's with length_normalize."""
-    return cfg.loss_type == "simpo" or cfg.length_normalize
-
-
-def preference_forward(policy, batch, ref_logps, alpha, cfg):
-    """Policy log-probs (with grad) of every row's responses, then the loss against the reference's ref_logps [B, 3]:
-    per-row losses, rewards and policy log-probs. SimPO's log-probs are length-averaged, with no reference."""
-    pol = row_logps(policy, batch, average=averaged(cfg))
-    ref_logps = torch.zeros_like(pol) if cfg.loss_type == "simpo" else ref_logps
-    losses, rewards = wrpo_loss(*pol.unbind(-1), *ref_logps.unbind(-1), alpha=alpha, beta=cfg.beta,
+def preference_forward(policy, batch, reference, idx, alpha, cfg):
+    """The reference's log-probs of a micro-batch's rows (idx: their indices; reference, load_reference's: a
+    precomputed [n_rows, 3] table, the live frozen model, or None for SimPO), the policy's (with grad), then the loss:
+    per-row losses, rewards and policy log-probs."""
+    if torch.is_tensor(reference):
+        ref = reference[idx].to(batch["wt"].device)
+    elif reference is not None:
+        with torch.no_grad():
+            ref = row_logps(reference, batch, cfg)
+    pol = row_logps(policy, batch, cfg)
+    ref = torch.zeros_like(pol) if reference is None else ref
+    losses, rewards = wrpo_loss(*pol.unbind(-1), *ref.unbind(-1), alpha=alpha, beta=cfg.beta,
                                 loss_type=cfg.loss_type, gamma=cfg.gamma)
     return losses, rewards, dict(zip(("source_chosen", "target_chosen", "rejected"), pol.detach().unbind(-1)))
 
@@ -193,7 +192,7 @@ def load_reference(cfg, run, train_rows, eval_rows):
         return {"logps": compute_reference(models[0], rows, batches, cfg, run, f"reference {name}").numpy()}, {}
 
     layout = f"{run.attn}|{run.varlen}|{resolve_impl(cfg.logps_impl, run.device)}|{run.world}|{run.shared_prompt}|" + (
-        f"packed {token_budget(cfg)}" if cfg.packing else f"padded {cfg.micro_batch_size}") + f"|{averaged(cfg)}"
+        f"packed {token_budget(cfg)}" if cfg.packing else f"padded {cfg.micro_batch_size}") + f"|{cfg.length_normalize}"
     for data_path, rows, train in [(cfg.data, train_rows, True), (cfg.eval_data, eval_rows, False)]:
         if not rows:
             tables.append(None)
@@ -226,8 +225,7 @@ def compute_reference(ref, rows, batches, cfg, run, desc):
     table, quiet = torch.zeros(len(rows), 3, device=run.device), not is_master() or not sys.stderr.isatty()
     for idx, weight in tqdm(batches, desc=desc, disable=quiet):
         keep = weight > 0
-        batch = collate([rows[i] for i in idx], cfg, run)
-        table[torch.tensor(idx)[keep]] = row_logps(ref, batch, averaged(cfg)).float()[keep]
+        table[torch.tensor(idx)[keep]] = row_logps(ref, collate([rows[i] for i in idx], cfg, run), cfg).float()[keep]
     dist.all_reduce(table)
     return table.cpu()
 
@@ -264,17 +262,6 @@ def training_layout(rows, cfg, run):
     return out + [([left[i] for i in idx], w) for idx, w in no_grad_batches([lengths[i] for i in left], cfg, run)]
 
 
-def reference_logps(reference, idx, batch, cfg):
-    """[B, 3] reference log-probs of a micro-batch (idx: its rows' indices, batch: the rows collated). reference
-    (load_reference): a precomputed [n_rows, 3] table, the live frozen model, or None (SimPO)."""
-    if reference is None:
-        return None
-    if torch.is_tensor(reference):
-        return reference[idx].to(batch["input_ids"].device)
-    with torch.no_grad():
-        return row_logps(reference, batch, averaged(cfg))
-
-
 def check_step_one(d, run):
     """After step 1 of a run whose reference has the policy's weights, every d(y) (d: this rank's [B] tensors of them)
     must be exactly 0 (accuracies 1/2, margins 0, the sigmoid loss ln 2); one line says whether it held. Collective."""
@@ -290,13 +277,12 @@ def check_step_one(d, run):
 @torch.no_grad()
 def evaluate(policy, reference, rows, alpha, cfg, run):
     """Held-out implicit-reward metrics (accuracy: the weighted chosen reward beats the rejected one),
-    over all ranks. reference: as for reference_logps; cfg: the objective's settings and the batching's."""
+    over all ranks. reference: as for preference_forward; cfg: the objective's settings and the batching's."""
     policy.eval()
     sums = MetricSum()
     for idx, weight in no_grad_batches(batching.row_lengths(rows, run.shared_prompt), cfg, run):
         batch = collate([rows[i] for i in idx], cfg, run)
-        ref_logps = reference_logps(reference, idx, batch, cfg)
-        losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
+        losses, rewards, logps = preference_forward(policy, batch, reference, idx, alpha, cfg)
         sums.add(row_metrics(losses, rewards, logps), weight.to(run.device))
     policy.train()
     return {f"eval/{k}": v for k, v in sums.mean().items()}
@@ -343,8 +329,7 @@ def main(argv):
     run = start_run(cfg, wrpo_problems(cfg), other_models={"ref_model": cfg.ref_model or cfg.model})
     train_rows, eval_rows = load_rows(cfg.data, cfg, run), load_rows(cfg.eval_data, cfg, run)
     total_steps = total_steps_for(len(train_rows), cfg, "rows")
-    fingerprint = tokens.fingerprint(train_rows)
-    eval_fingerprint = tokens.fingerprint(eval_rows) if eval_rows else ""
+    fingerprint, eval_fingerprint = tokens.fingerprint(train_rows), tokens.fingerprint(eval_rows) if eval_rows else ""
     state = resume_state(run, cfg, RESUME_FREE_WRPO, fingerprint, eval_fingerprint)
     lengths = batching.row_lengths(train_rows)  # tokens/s counts every sequence with its prompt
     packed_lengths = batching.row_lengths(train_rows, run.shared_prompt)  # the tokens a forward runs
@@ -369,8 +354,7 @@ def main(argv):
             sums, seen, d = MetricSum(), [], []
             for mb in step_micro_batches(idx, packed_lengths, cfg, run):
                 batch = collate([train_rows[i] for i in mb], cfg, run)
-                ref_logps = reference_logps(train_reference, mb, batch, cfg)  # precomputed, the live model's, or None
-                losses, rewards, logps = preference_forward(policy, batch, ref_logps, alpha, cfg)
+                losses, rewards, logps = preference_forward(policy, batch, train_reference, mb, alpha, cfg)
                 # FSDP averages gradients over ranks: dividing by this rank's rows gives the global mean's gradient
                 (losses.sum() / len(idx)).backward()
                 sums.add(row_metrics(losses, rewards, logps), torch.ones_like(losses))

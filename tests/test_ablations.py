@@ -75,13 +75,14 @@ def test_k3_loss_is_the_weighted_sum_of_the_sources_implicit_rewards(monkeypatch
     batch = {"src": torch.tensor([[0, 1, 2]]), "src_w": torch.tensor([[0.5, 0.3, 0.2]]), "wt": torch.tensor([3]),
              "rej": torch.tensor([4])}
     cfg = wrpo.Config(beta=2.0)
-    ref = wrpo.reference_logps("ref", [0], {**batch, "input_ids": torch.zeros(1)}, cfg)
+    ref = wrpo.row_logps("ref", batch, cfg)
     torch.testing.assert_close(ref, torch.tensor([[0.5 * -3 + 0.3 * -5 + 0.2 * -3, -4.0, -2.0]]))
-    losses, rewards, logps = wrpo.preference_forward("policy", batch, ref, 0.5, cfg)
-    torch.testing.assert_close(losses, torch.tensor([math.log(1 + math.exp(-0.4))]))
-    torch.testing.assert_close(rewards["source_chosen"], torch.tensor([-1.2]))
-    torch.testing.assert_close(rewards["chosen"], torch.tensor([2 * (0.5 * -0.6 + 0.5 * -1)]))
-    torch.testing.assert_close(logps["source_chosen"], torch.tensor([-4.2]))  # the weighted sum of the sources'
+    for reference in ("ref", ref):  # the live reference, and its precomputed table
+        losses, rewards, logps = wrpo.preference_forward("policy", batch, reference, [0], 0.5, cfg)
+        torch.testing.assert_close(losses, torch.tensor([math.log(1 + math.exp(-0.4))]))
+        torch.testing.assert_close(rewards["source_chosen"], torch.tensor([-1.2]))
+        torch.testing.assert_close(rewards["chosen"], torch.tensor([2 * (0.5 * -0.6 + 0.5 * -1)]))
+        torch.testing.assert_close(logps["source_chosen"], torch.tensor([-4.2]))  # the weighted sum of the sources'
     metrics = wrpo.row_metrics(losses, rewards, logps)
     assert metrics["rewards/source_accuracies"].item() == 1.0  # -1.2 beats the rejected's -2
     assert metrics["rewards/accuracies"].item() == 1.0  # -1.6 beats -2
@@ -96,22 +97,18 @@ def test_length_normalised_dpo_and_ipo(monkeypatch, loss_type, expected):
     fake_logps(monkeypatch, {"policy": (torch.tensor([-4.0, -3.0]), counts),
                              "ref": (torch.tensor([-3.0, -1.0]), counts)})
     batch = {"src": torch.tensor([[0]]), "src_w": torch.tensor([[1.0]]), "wt": torch.tensor([0]),
-             "rej": torch.tensor([1]), "input_ids": torch.zeros(1)}
+             "rej": torch.tensor([1])}
     cfg = wrpo.Config(beta=10.0, alpha=0.0, loss_type=loss_type, length_normalize=True)
-    ref = wrpo.reference_logps("ref", [0], batch, cfg)
-    torch.testing.assert_close(ref, torch.tensor([[-1.5, -1.5, -1.0]]))
-    losses, rewards, _ = wrpo.preference_forward("policy", batch, ref, 0.0, cfg)
+    torch.testing.assert_close(wrpo.row_logps("ref", batch, cfg), torch.tensor([[-1.5, -1.5, -1.0]]))
+    losses, rewards, _ = wrpo.preference_forward("policy", batch, "ref", [0], 0.0, cfg)
     torch.testing.assert_close(losses, torch.tensor([expected]))
     torch.testing.assert_close(rewards["chosen"] - rewards["rejected"], torch.tensor([15.0]))
     summed = wrpo.Config(beta=10.0, alpha=0.0, loss_type=loss_type)
-    _, rewards, _ = wrpo.preference_forward("policy", batch, wrpo.reference_logps("ref", [0], batch, summed), 0.0,
-                                            summed)
+    _, rewards, _ = wrpo.preference_forward("policy", batch, "ref", [0], 0.0, summed)
     torch.testing.assert_close(rewards["chosen"] - rewards["rejected"], torch.tensor([10.0]))
 
 
-def test_length_normalize_is_refused_for_simpo():
-    problems = wrpo.wrpo_problems(wrpo.Config(loss_type="simpo", length_normalize=True, beta=2.0))
-    assert any("length_normalize is for sigmoid and ipo" in p for p in problems)
+def test_num_sources_must_not_be_negative():
     assert any("num_sources must be >= 0" in p for p in wrpo.wrpo_problems(wrpo.Config(num_sources=-1)))
 
 
@@ -136,7 +133,7 @@ def test_one_source_is_bit_identical_to_the_papers_source_term(tmp_path, tokeniz
         assert batch["src"].shape == (6, 1) and (batch["src_w"] == 1).all()
         logps, _ = wrpo.model_sequence_logps(demo_policy, batch)
         old = torch.stack([logps[batch["src"][:, 0]], logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
-        assert torch.equal(wrpo.row_logps(demo_policy, batch), old)
+        assert torch.equal(wrpo.row_logps(demo_policy, batch, wrpo.Config()), old)
 
         def grads(source_term):
             demo_policy.zero_grad()
@@ -144,7 +141,7 @@ def test_one_source_is_bit_identical_to_the_papers_source_term(tmp_path, tokeniz
             return [p.grad.clone() for p in demo_policy.parameters()]
 
         old = grads(lambda: wrpo.model_sequence_logps(demo_policy, batch)[0][batch["src"][:, 0]])
-        new = grads(lambda: wrpo.row_logps(demo_policy, batch)[:, 0])
+        new = grads(lambda: wrpo.row_logps(demo_policy, batch, wrpo.Config())[:, 0])
         assert all(torch.equal(a, b) for a, b in zip(old, new))
 
 
@@ -163,7 +160,7 @@ def test_every_layout_gives_the_same_weighted_logps_at_any_k(tmp_path, tokenizer
             if shared:  # each prompt once for its K + 2 responses (each later response repeats its last token)
                 n = sum(len(r.prompt_ids) + sum(map(len, r.responses)) + len(r.responses) - 1 for r in rows)
                 assert int((batch["segments"] >= 0).sum()) == n == sum(batching.row_lengths(table, True))
-            out[packed, shared] = wrpo.row_logps(demo_policy, batch)
+            out[packed, shared] = wrpo.row_logps(demo_policy, batch, wrpo.Config())
         for (packed, shared), got in out.items():
             torch.testing.assert_close(got, out[False, False], atol=1e-5, rtol=0)
         for i, row in enumerate(rows):  # each row alone, each of its sources alone

@@ -6,7 +6,8 @@ import torch
 
 import data
 from batching import collate_preference, train_steps
-from data import IGNORE, DataError, load_preference_rows, truncate
+from data import IGNORE, DataError, load_preference_rows
+from tokens import truncate
 
 
 def wrpo_row(prompt="What is 2 + 2?", ws="Adding 2 and 2 gives 4.", wt="4", rej="5", **extra):

@@ -131,12 +131,14 @@ def test_simpo_uses_length_averaged_logps_and_no_reference(monkeypatch):
 
     sums, counts = torch.tensor([-4.0, -6.0, -3.0]), torch.tensor([2, 3, 1])
     monkeypatch.setattr(wrpo, "model_sequence_logps", lambda model, batch: (sums, counts))
-    batch = {"src": torch.tensor([[0]]), "src_w": torch.tensor([[1.0]]), "wt": torch.tensor([1]), "rej": torch.tensor([2])}
+    batch = {"src": torch.tensor([[0]]), "src_w": torch.tensor([[1.0]]), "wt": torch.tensor([1]),
+             "rej": torch.tensor([2])}
     simpo = wrpo.Config(beta=2.0, loss_type="simpo", gamma=0.5)
-    losses, rewards, logps = wrpo.preference_forward(None, batch, None, 0.5, simpo)
+    losses, rewards, logps = wrpo.preference_forward(None, batch, None, [0], 0.5, simpo)
     torch.testing.assert_close(losses, torch.tensor([math.log(1 + math.exp(-1.5))]))
     torch.testing.assert_close(logps["rejected"], torch.tensor([-3.0]))
     torch.testing.assert_close(rewards["source_chosen"], torch.tensor([-4.0]))  # beta x average log-prob
-    losses, _, _ = wrpo.preference_forward(None, batch, torch.tensor([[-1.0, -1.0, -1.0]]), 0.5, wrpo.Config(beta=2.0))
+    losses, _, _ = wrpo.preference_forward(None, batch, torch.tensor([[-1.0, -1.0, -1.0]]), [0], 0.5,
+                                           wrpo.Config(beta=2.0))
     # sigmoid: summed log-probs minus the reference: d = (-3, -5, -2), h = 0.5 (-3) + 0.5 (-5) + 2 = -2
     torch.testing.assert_close(losses, -F.logsigmoid(torch.tensor([2.0 * -2.0])))
