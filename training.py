@@ -9,9 +9,9 @@ import inspect
 import json
 import math
 import re
+import resource
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,15 +279,14 @@ class MetricsLog:
         self.total, self.start, self.log_every, self.fields = total_steps, start, log_every, fields
         self.file = self.bar = self.write_error = self.wandb = None
         self.t_start = self.t_last = time.time()
-        on_rank0(lambda: self._open(run.out_dir / "metrics.jsonl", desc))
-        on_rank0(lambda: setattr(self, "wandb", wandb_run(run, start > 0)))
+        on_rank0(lambda: self._open(run, desc))
 
-    def _open(self, path, desc):
+    def _open(self, run, desc):
         """metrics.jsonl: a resumed run's rows up to its checkpoint's step kept (rows past it were never saved, and a
         line that is not a JSON row, torn by a crash mid-append, is dropped with a note), then opened to append."""
         from tqdm import tqdm
 
-        kept, torn = [], 0
+        path, kept, torn = run.out_dir / "metrics.jsonl", [], 0
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if self.start and path.exists() else []
         for line in lines:
             try:
@@ -306,6 +305,7 @@ class MetricsLog:
             raise OSError(f"cannot write {path}: {e.strerror or e}") from None
         self.bar = tqdm(total=self.total, initial=self.start, desc=desc, dynamic_ncols=True,
                         disable=not sys.stderr.isatty())
+        self.wandb = wandb_run(run, self.start > 0)
 
     def log(self, m):
         if "lr" in m:
@@ -344,13 +344,12 @@ class MetricsLog:
 def wandb_run(run, resumed):
     """The wandb run (wandb_project set) that gets the metrics rows, its config the run's settings; its id is kept in
     out_dir/wandb_run_id, so a resumed run continues it. wandb is imported only here."""
-    s = run.settings
+    s, id_file = run.settings, run.out_dir / "wandb_run_id"
     if not s["wandb_project"]:
         return None
     import wandb
 
-    id_file = run.out_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if resumed and id_file.exists() else uuid.uuid4().hex[:12]
+    run_id = id_file.read_text().strip() if resumed and id_file.exists() else f"{time.time_ns():x}"
     write_atomic(id_file, run_id)
     try:
         return wandb.init(project=s["wandb_project"], name=s["wandb_run_name"] or None, id=run_id, resume="allow",
@@ -368,10 +367,7 @@ def peak_memory_gib(device):
     """This rank's peak so far: allocated GPU memory, or the CPU process's resident-set high-water mark."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines() if Path("/proc/self/status").exists() else []:
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # (in KiB on Linux)
 
 
 def throughput(tokens, t0, run, model, computed=None):
