@@ -114,14 +114,11 @@ def load_model(path, mesh, device, cfg, *, attn="sdpa", trainable=True):
     model.to_empty(device=device)  # 5) this rank's shards allocated on the device, uninitialised
     _init_nonpersistent_buffers(model)  # 6) the buffers no checkpoint holds, recomputed (rotary, Gemma's scale)
     load_sharded_weights(model, path)  # 7) this rank's rows of each tensor, from memory-mapped safetensors files
+    model.train(trainable).requires_grad_(trainable)  # frozen: eval mode (no dropout), no gradients
     if trainable:
-        model.train()
         print0(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, compute {cfg.dtype}, "
                f"activation checkpointing {'on' if checkpointing else 'off'}, "
                f"log-probs {resolve_impl(cfg.logps_impl, device)}")
-    else:
-        model.eval()
-        model.requires_grad_(False)
     return attach_label_logps(model, cfg.logps_impl)
 
 
@@ -130,9 +127,8 @@ def apply_fsdp(model, mesh, param_dtype, reshard_after_forward=True):
     optimizer's master weights); FSDP casts them to `param_dtype` for compute. Gradients are reduced in fp32: summing
     bf16 gradients over many ranks loses the low bits of small updates, which at lr 3e-7 are most of them."""
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for module in [*decoder_layers(model), model]:
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
 
 def decoder_layers(model):
@@ -305,10 +301,8 @@ def write_hf_weights(model, folder, *, tokenizer=None, train_config=None, dtype=
     config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
     config.dtype = dtype
     config.use_cache = True  # training turned it off; generation wants it
-    config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    for part in (config, getattr(model, "generation_config", None), tokenizer):  # (None: absent, or not given)
+        if part is not None:
+            part.save_pretrained(folder)
     if train_config is not None:
         (folder / "train_config.json").write_text(json.dumps(train_config, indent=2) + "\n")
