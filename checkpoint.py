@@ -285,10 +285,8 @@ def checkpoint_problem(folder):
 def usable(folder):
     """Collective: why checkpoint `folder` cannot be resumed from ([] if it can): rank 0's quick check
     (checkpoint_problem), then every file against its CRC-32, the ranks sharing the reading."""
-    box = [None, None]
-    if dist.get_rank() == 0:
-        box[0] = checkpoint_problem(folder)
-        box[1] = None if box[0] else read_state(folder)
+    problem = checkpoint_problem(folder) if dist.get_rank() == 0 else None
+    box = [problem, read_state(folder) if dist.get_rank() == 0 and not problem else None]
     dist.broadcast_object_list(box, src=0)  # every rank takes rank 0's view: there is a collective below
     problem, state = box
     if problem:
