@@ -17,7 +17,7 @@ import socket
 import sys
 import threading
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,9 +184,8 @@ def _lock(path):
                 f.close()
                 print0(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run into {path.parent}")
                 return
-            with suppress(FileNotFoundError):
-                if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                    break
+            if _same_file(path, f) is not False:
+                break
             f.close()  # its holder ended and removed it between our open and our lock: lock the new file
         f.seek(0)
         if stale := f.read().strip():
