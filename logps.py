@@ -210,10 +210,9 @@ def logits_token_logps(logits, labels):
 
 def model_sequence_logps(model, batch):
     """Summed label log-probs per sequence [N] and scored-token counts [N]: per row of a padded batch, or per segment of
-    a packed one (batching.collate_packed). The model needs attach_label_logps."""
-    layout = {k: v for k, v in batch.items() if k.startswith("varlen_")}  # batching.varlen_layout's, if any
+    a packed one (batching.collate_packed: its varlen_ entries go to attention). The model needs attach_label_logps."""
     logps = model.label_logps(batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                              batch.get("position_ids"), **layout)
+                              batch.get("position_ids"), **{k: v for k, v in batch.items() if k.startswith("varlen_")})
     scored = batch["labels"][:, 1:] != IGNORE
     if "segments" not in batch:  # one sequence per row
         return logps.sum(-1), scored.sum(-1)
