@@ -139,12 +139,11 @@ def config_problems(cfg, world):
         problems.append(f"need lr > 0 and 0 <= warmup_ratio < 1, got {cfg.lr}, {cfg.warmup_ratio}")
     if cfg.global_batch_size < 1 or cfg.global_batch_size % world:  # every rank takes as many rows a step
         problems.append(f"global_batch_size {cfg.global_batch_size} must be a multiple of the world size {world}")
-    for key in ("micro_batch_size", "epochs", "max_length", "log_every"):
-        if getattr(cfg, key) < 1:
-            problems.append(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("eval_every", "save_every", "keep_last", "grad_clip", "weight_decay"):
-        if getattr(cfg, key) < 0:
-            problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    least = {"micro_batch_size": 1, "epochs": 1, "max_length": 1, "log_every": 1, "eval_every": 0, "save_every": 0,
+             "keep_last": 0, "grad_clip": 0, "weight_decay": 0}
+    for key, low in least.items():
+        if getattr(cfg, key) < low:
+            problems.append(f"{key} must be >= {low}, got {getattr(cfg, key)}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         problems.append(f"max_steps must be -1 (all epochs) or >= 1, got {cfg.max_steps}")
     for key in ("adam_beta1", "adam_beta2"):
