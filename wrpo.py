@@ -45,7 +45,7 @@ class Config(TrainConfig):
     gamma: float = 0.0  # SimPO's target reward margin
     length_normalize: bool = False  # log-probs averaged over response tokens (FuseChat-3.0's Llama; simpo's always)
     lr: float = 3e-7  # peak learning rate (AdamW)
-    # sequences (global_batch_size counts rows; each row is 3 sequences)
+    # sequences (global_batch_size counts rows; each row is 3 sequences, K + 2 with K sources)
     packing: bool = True  # all sequences of a micro-batch in one row, no padding; micro-batches by token budget
     max_tokens_per_micro_batch: int = 0  # with packing: tokens per forward pass (0: 3 x max_length, one full row)
     shared_prompt: bool = True  # with packing and packed_sdpa attention: one copy of each prompt for its responses
