@@ -1,6 +1,6 @@
 """Implicit model fusion in miniature, on 2 CPU cores: the paper's pipeline with this project's scripts.
 
-    python benchmarks/toy_fusion.py                     # 3 seeds, the table (about 9 minutes)
+    python benchmarks/toy_fusion.py                     # 3 seeds, the table (about 20 minutes)
     python benchmarks/toy_fusion.py --seeds=1 --quick   # one short seed (what CI runs)
 
 Four string tasks with checkable answers (reverse, sort, upper-case, shift each letter to the
