@@ -173,7 +173,8 @@ def known(name):
 
 def choose(name, config, max_length):
     """(the attn_implementation to load, a line saying why, or "" when it is the one asked). "auto": packed_sdpa where
-    the model takes it, else sdpa or eager, under which packing stays exact too (masked by position ids)."""
+    the model takes it (no soft-capped attention logits as Gemma-2's, no sliding window under max_length, sdpa-style
+    attention), else sdpa or eager, under which packing stays exact too (masked by position ids)."""
     from transformers import AutoModelForCausalLM
 
     if name != "auto":

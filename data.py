@@ -215,7 +215,7 @@ def validate_row(row, num_sources=0):
     chosen, rejected = row["chosen"], row["rejected"]
     if not isinstance(chosen, list) or not chosen:
         raise RowError("chosen must be a list of 1 (DPO) or K + 1 (WRPO: K sources, then the target) responses")
-    if num_sources and len(chosen) > 1 and len(chosen) - 1 != num_sources:
+    if num_sources and len(chosen) - 1 != num_sources:  # (a DPO pair too: 0 sources)
         raise RowError(f"chosen has {len(chosen) - 1} source response(s) before the target; num_sources is "
                        f"{num_sources}", hint="--num_sources=0 takes rows of any number of sources")
     if not isinstance(rejected, list) or len(rejected) != 1:

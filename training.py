@@ -346,11 +346,11 @@ def wandb_run(run, resumed):
     s, id_file = run.settings, run.out_dir / "wandb_run_id"
     if not s["wandb_project"]:
         return None
-    import wandb
-
     run_id = id_file.read_text().strip() if resumed and id_file.exists() else f"{time.time_ns():x}"
     write_atomic(id_file, run_id)
     try:
+        import wandb
+
         return wandb.init(project=s["wandb_project"], name=s["wandb_run_name"] or None, id=run_id, resume="allow",
                           tags=[t for t in s["wandb_tags"].split(",") if t] or None, config=s, dir=run.out_dir)
     except Exception as e:  # wandb's errors (no login, no network in online mode) share no base but Exception

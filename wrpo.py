@@ -47,7 +47,7 @@ class Config(TrainConfig):
     lr: float = 3e-7  # peak learning rate (AdamW)
     # sequences (global_batch_size counts rows; each row is 3 sequences, K + 2 with K sources)
     packing: bool = True  # all sequences of a micro-batch in one row, no padding; micro-batches by token budget
-    max_tokens_per_micro_batch: int = 0  # with packing: tokens per forward pass (0: 3 x max_length, one full row)
+    max_tokens_per_micro_batch: int = 0  # with packing: tokens per forward pass (0: 3 x max_length, a paper row)
     shared_prompt: bool = True  # with packing and packed_sdpa attention: one copy of each prompt for its responses
     max_prompt_length: int = 1800  # prompt tokens kept (from the end) when a row is too long
     truncation: str = "keep_end"  # keep_end: the paper's rule; error: reject over-long rows
@@ -127,12 +127,12 @@ def get_alpha(step, total_steps, alpha, schedule, recipe="default"):
 
 # --- one micro-batch: log-probs, the loss, metrics
 
-def row_logps(model, batch, cfg):
+def row_logps(model, batch, average=False):
     """Log-probs of each row's (source chosen, target chosen, rejected) responses [B, 3], summed over response tokens,
-    or divided by their count (SimPO's always, sigmoid's and ipo's with length_normalize). The source's is the
+    or with average=True (SimPO; sigmoid and ipo with length_normalize) averaged over them. The source's is the
     weighted sum over the row's K source responses: sum_k w_k log pi(y_ws_k|x) (K = 1: the one's, bit for bit)."""
     logps, counts = model_sequence_logps(model, batch)
-    if cfg.loss_type == "simpo" or cfg.length_normalize:
+    if average:
         logps = logps / counts.clamp(min=1)
     source = (logps[batch["src"]] * batch["src_w"]).sum(-1)
     return torch.stack([source, logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
@@ -142,12 +142,13 @@ def preference_forward(policy, batch, reference, idx, alpha, cfg):
     """The reference's log-probs of a micro-batch's rows (idx: their indices; reference, load_reference's: a
     precomputed [n_rows, 3] table, the live frozen model, or None for SimPO), the policy's (with grad), then the loss:
     per-row losses, rewards and policy log-probs."""
+    average = cfg.loss_type == "simpo" or cfg.length_normalize
     if torch.is_tensor(reference):
         ref = reference[idx].to(batch["wt"].device)
     elif reference is not None:
         with torch.no_grad():
-            ref = row_logps(reference, batch, cfg)
-    pol = row_logps(policy, batch, cfg)
+            ref = row_logps(reference, batch, average)
+    pol = row_logps(policy, batch, average)
     ref = torch.zeros_like(pol) if reference is None else ref
     losses, rewards = wrpo_loss(*pol.unbind(-1), *ref.unbind(-1), alpha=alpha, beta=cfg.beta,
                                 loss_type=cfg.loss_type, gamma=cfg.gamma)
@@ -225,7 +226,8 @@ def compute_reference(ref, rows, batches, cfg, run, desc):
     table, quiet = torch.zeros(len(rows), 3, device=run.device), not is_master() or not sys.stderr.isatty()
     for idx, weight in tqdm(batches, desc=desc, disable=quiet):
         keep = weight > 0
-        table[torch.tensor(idx)[keep]] = row_logps(ref, collate([rows[i] for i in idx], cfg, run), cfg).float()[keep]
+        batch = collate([rows[i] for i in idx], cfg, run)
+        table[torch.tensor(idx)[keep]] = row_logps(ref, batch, cfg.length_normalize).float()[keep]  # (SimPO: none)
     dist.all_reduce(table)
     return table.cpu()
 

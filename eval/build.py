@@ -208,7 +208,8 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False, top_k_sou
     """WRPO rows (with `target`) or SFT rows (without) from scored samples, or with pairs="same_source" DPO rows from
     the sources alone (same_source_rows); returns the summary. The other settings: see the module's doc.
 
-    y_ws = the best-scored response over every source file; y_wt and y_l = the best and worst
+    y_ws = the best-scored response over every source file (top_k_sources: the best of each of the K best source
+    models, best_sources); y_wt and y_l = the best and worst
     of the target's non-empty samples. Prompts whose target samples all score the same (or
     with fewer than two non-empty ones) carry no preference and are dropped, as are prompts
     missing from the sources. Without a target, each prompt becomes a chat row prompt + y_ws
@@ -252,7 +253,8 @@ def build(sources, out, *, target=None, prompts=None, overwrite=False, top_k_sou
     stats["scores"] = {k: v / len(rows) for k, v in stats["scores"].items()}
     print(f"{len(rows)} {kind} rows -> {out}; dropped: {dropped}")
     print("mean scores: " + ", ".join(f"{k} {v:.4g}" for k, v in stats["scores"].items()))
-    print(("pairs by model: " if kind == "DPO" else "best source response by model: ") + ", ".join(
+    print(("pairs by model: " if kind == "DPO" else "best source response by model: " if top_k_sources == 1 else
+           f"source responses by model ({top_k_sources} per row): ") + ", ".join(
         f"{m} {n} ({n / len(rows):.0%})" for m, n in sorted(stats["wins"].items(), key=lambda x: -x[1])))
     return stats
 
@@ -265,7 +267,9 @@ def settings_problem(target, top_k, weights, temperature, pairs, min_gap, max_ga
               (temperature > 0, f"--temperature must be > 0, got {temperature}"),
               (pairs in ("target", "same_source"), f"--pairs must be target or same_source, got {pairs}"),
               (pairs == "target" or not target, "--pairs=same_source pairs the sources' own samples: drop --target"),
-              (0 <= min_gap <= max_gap, f"need 0 <= --min_gap <= --max_gap, got {min_gap}, {max_gap}")]
+              (0 <= min_gap <= max_gap, f"need 0 <= --min_gap <= --max_gap, got {min_gap}, {max_gap}"),
+              (pairs == "same_source" or (min_gap, max_gap) == (0, math.inf),
+               "--min_gap and --max_gap bound the same-source pairs: they need --pairs=same_source")]
     return next((problem for ok, problem in checks if not ok), "")
 
 

@@ -52,12 +52,49 @@ def test_k_source_rows_load_with_their_weights_and_keep_them_through_the_cache(t
 
 
 def test_num_sources_refuses_a_row_with_another_k(tmp_path, tokenizer):
-    path = write_rows(tmp_path / "k.jsonl", k_source_rows(4, [2, 2, 3, 2]))
-    assert len(data.load_preference_rows(path, tokenizer)) == 4  # 0: any K
-    assert len(data.load_preference_rows(path, tokenizer, num_sources=0)) == 4
-    with pytest.raises(data.DataError, match=r"k\.jsonl:3: chosen has 3 source response\(s\) before the target; "
-                                             r"num_sources is 2[\s\S]*--num_sources=0 takes rows"):
+    rows = k_source_rows(5, [2, 2, 3, 2, 2])
+    rows[4]["chosen"] = rows[4]["chosen"][-1:]  # a DPO pair: no source
+    rows[4].pop("source_weights")
+    path = write_rows(tmp_path / "k.jsonl", rows)
+    assert len(data.load_preference_rows(path, tokenizer)) == 5  # 0: any K
+    assert len(data.load_preference_rows(path, tokenizer, num_sources=0)) == 5
+    with pytest.raises(data.DataError, match=r"2 bad row[\s\S]*k\.jsonl:3: chosen has 3 source response\(s\) before "
+                       r"the target; num_sources is 2\n  \S*k\.jsonl:5: chosen has 0 source[\s\S]*--num_sources=0"):
         data.load_preference_rows(path, tokenizer, num_sources=2)
+
+
+def test_bad_source_weights_stop_the_trainer_with_exit_2_and_file_line(tmp_path):
+    import subprocess
+    import sys
+
+    rows = k_source_rows(16, [2])
+    rows[3]["source_weights"] = [0.7, 0.7]
+    path = write_rows(tmp_path / "bad.jsonl", rows)
+    proc = subprocess.run([sys.executable, "wrpo.py", "--config=demo/wrpo.json", f"--data={path}", "--eval_data=",
+                           f"--out_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "bad.jsonl:4: source_weights must sum to 1, they sum to 1.4" in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_wandb_run_that_cannot_start_is_a_config_error(tmp_path, monkeypatch):
+    import types
+
+    import wandb
+
+    import training
+
+    def refuse(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    run = types.SimpleNamespace(settings={"wandb_project": "p", "wandb_run_name": "", "wandb_tags": ""},
+                                out_dir=tmp_path)
+    with pytest.raises(training.ConfigError, match=r"wandb: cannot start run \w+ of project p \(api_key not "
+                                                   r"configured \(no-tty\)\); WANDB_MODE=offline"):
+        training.wandb_run(run, resumed=False)
+    assert (tmp_path / "wandb_run_id").exists()
+    assert training.wandb_run(types.SimpleNamespace(settings={"wandb_project": ""}, out_dir=tmp_path), False) is None
 
 
 def fake_logps(monkeypatch, tables):
@@ -75,7 +112,7 @@ def test_k3_loss_is_the_weighted_sum_of_the_sources_implicit_rewards(monkeypatch
     batch = {"src": torch.tensor([[0, 1, 2]]), "src_w": torch.tensor([[0.5, 0.3, 0.2]]), "wt": torch.tensor([3]),
              "rej": torch.tensor([4])}
     cfg = wrpo.Config(beta=2.0)
-    ref = wrpo.row_logps("ref", batch, cfg)
+    ref = wrpo.row_logps("ref", batch)
     torch.testing.assert_close(ref, torch.tensor([[0.5 * -3 + 0.3 * -5 + 0.2 * -3, -4.0, -2.0]]))
     for reference in ("ref", ref):  # the live reference, and its precomputed table
         losses, rewards, logps = wrpo.preference_forward("policy", batch, reference, [0], 0.5, cfg)
@@ -99,7 +136,7 @@ def test_length_normalised_dpo_and_ipo(monkeypatch, loss_type, expected):
     batch = {"src": torch.tensor([[0]]), "src_w": torch.tensor([[1.0]]), "wt": torch.tensor([0]),
              "rej": torch.tensor([1])}
     cfg = wrpo.Config(beta=10.0, alpha=0.0, loss_type=loss_type, length_normalize=True)
-    torch.testing.assert_close(wrpo.row_logps("ref", batch, cfg), torch.tensor([[-1.5, -1.5, -1.0]]))
+    torch.testing.assert_close(wrpo.row_logps("ref", batch, average=True), torch.tensor([[-1.5, -1.5, -1.0]]))
     losses, rewards, _ = wrpo.preference_forward("policy", batch, "ref", [0], 0.0, cfg)
     torch.testing.assert_close(losses, torch.tensor([expected]))
     torch.testing.assert_close(rewards["chosen"] - rewards["rejected"], torch.tensor([15.0]))
@@ -133,7 +170,7 @@ def test_one_source_is_bit_identical_to_the_papers_source_term(tmp_path, tokeniz
         assert batch["src"].shape == (6, 1) and (batch["src_w"] == 1).all()
         logps, _ = wrpo.model_sequence_logps(demo_policy, batch)
         old = torch.stack([logps[batch["src"][:, 0]], logps[batch["wt"]], logps[batch["rej"]]], dim=-1)
-        assert torch.equal(wrpo.row_logps(demo_policy, batch, wrpo.Config()), old)
+        assert torch.equal(wrpo.row_logps(demo_policy, batch), old)
 
         def grads(source_term):
             demo_policy.zero_grad()
@@ -141,7 +178,7 @@ def test_one_source_is_bit_identical_to_the_papers_source_term(tmp_path, tokeniz
             return [p.grad.clone() for p in demo_policy.parameters()]
 
         old = grads(lambda: wrpo.model_sequence_logps(demo_policy, batch)[0][batch["src"][:, 0]])
-        new = grads(lambda: wrpo.row_logps(demo_policy, batch, wrpo.Config())[:, 0])
+        new = grads(lambda: wrpo.row_logps(demo_policy, batch)[:, 0])
         assert all(torch.equal(a, b) for a, b in zip(old, new))
 
 
@@ -160,7 +197,7 @@ def test_every_layout_gives_the_same_weighted_logps_at_any_k(tmp_path, tokenizer
             if shared:  # each prompt once for its K + 2 responses (each later response repeats its last token)
                 n = sum(len(r.prompt_ids) + sum(map(len, r.responses)) + len(r.responses) - 1 for r in rows)
                 assert int((batch["segments"] >= 0).sum()) == n == sum(batching.row_lengths(table, True))
-            out[packed, shared] = wrpo.row_logps(demo_policy, batch, wrpo.Config())
+            out[packed, shared] = wrpo.row_logps(demo_policy, batch)
         for (packed, shared), got in out.items():
             torch.testing.assert_close(got, out[False, False], atol=1e-5, rtol=0)
         for i, row in enumerate(rows):  # each row alone, each of its sources alone

@@ -249,7 +249,8 @@ def test_same_source_pairs_keep_one_models_best_and_worst_within_the_gap_band(tm
     (["--temperature=0", "--target=T"], "--temperature must be > 0"),
     (["--pairs=same_source", "--target=T"], "--pairs=same_source pairs the sources' own samples: drop --target"),
     (["--pairs=same_source", "--min_gap=0.2", "--max_gap=0.1"], r"need 0 <= --min_gap <= --max_gap, got 0.2, 0.1"),
-    (["--pairs=best"], "--pairs must be target or same_source")])
+    (["--pairs=best"], "--pairs must be target or same_source"),
+    (["--target=T", "--min_gap=0.1"], "--min_gap and --max_gap bound the same-source pairs: they need --pairs")])
 def test_build_settings_are_checked_before_reading(tmp_path, capsys, args, message):
     src = write(tmp_path / "src.jsonl", [scored("p", "q", ["a", "b"], [0, 1], "S")])
     tgt = write(tmp_path / "T", [scored("p", "q", ["c", "d"], [0, 1], "T")])

@@ -145,6 +145,9 @@ def test_reference_cache_is_keyed_by_everything_it_depends_on(tmp_path, tokenize
     assert base == path() and base[0].parent == tmp_path / "cache" and base[0].name.startswith("rows.jsonl.ref-logps-")
     assert base[0].name.endswith(f"-{base[1][:20]}.safetensors")  # named by its key
     assert path(ex=tokens.build_rows("preference", examples[:-1])) != base  # other data
+    reweighted = [copy.copy(r) for r in examples]
+    reweighted[0].source_weights = [0.5]  # (no valid row has it: the key sees the weights)
+    assert path(ex=tokens.build_rows("preference", reweighted)) != base  # other source weights
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = tok.chat_template.replace("<|eot_id|>", "<|end_of_text|>")
     retokenized = data.load_preference_rows(tmp_path / "rows.jsonl", tok)
