@@ -129,13 +129,19 @@ def weights_of(scores, how, temperature):
     return [e / sum(exp) for e in exp]
 
 
+def in_prompts(table, keep, stats):
+    """The (prompt_id, entry) items of `table` whose prompt is in `keep` (all when keep is None); the others counted."""
+    for pid, entry in table.items():
+        if keep is None or pid in keep:
+            yield pid, entry
+        else:
+            stats["not_in_prompts"] += 1
+
+
 def sft_rows(source, keep, stats):
     """A chat row prompt + y_ws for each source prompt (in keep, unless keep is None)."""
     rows = []
-    for pid, (prompt, _, samples) in source.items():
-        if keep is not None and pid not in keep:
-            stats["not_in_prompts"] += 1
-            continue
+    for pid, (prompt, _, samples) in in_prompts(source, keep, stats):
         (score, text, model), = best_sources(samples, stats)
         messages = prompt_messages(prompt) + [{"role": "assistant", "content": text}]
         rows.append({"prompt_id": pid, "messages": messages, "source_model": model, "score": score})
@@ -145,10 +151,7 @@ def sft_rows(source, keep, stats):
 def wrpo_rows(source, target, keep, stats, k=1, weights="uniform", temperature=1.0):
     """A WRPO row for each target prompt with (k) source responses and a preference among its samples."""
     rows = []
-    for pid, (prompt, _, samples) in target.items():
-        if keep is not None and pid not in keep:
-            stats["not_in_prompts"] += 1
-            continue
+    for pid, (prompt, _, samples) in in_prompts(target, keep, stats):
         if pid not in source:
             stats["no_source"] += 1
             continue
@@ -179,10 +182,7 @@ def same_source_rows(source, keep, stats, min_gap, max_gap):
     """FuseChat-3.0's DPO pairs: for each prompt, the best and the worst sample of one source model, their score gap
     in [min_gap, max_gap] (and > 0); of several models in the band, the one whose best scores highest."""
     rows = []
-    for pid, (prompt, _, samples) in source.items():
-        if keep is not None and pid not in keep:
-            stats["not_in_prompts"] += 1
-            continue
+    for pid, (prompt, _, samples) in in_prompts(source, keep, stats):
         pairs = []
         for model in dict.fromkeys(m for _, _, m in samples):
             own = [s for s in samples if s[2] == model]
